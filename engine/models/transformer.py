@@ -1,0 +1,150 @@
+"""The transformer shared by LLaDA and Dream: plain modules over packed tokens.
+
+Both families are Llama-shaped (RMSNorm, RoPE, SwiGLU, optional GQA); they
+differ only in checkpoint names, q/k/v bias and the logits shift, which live in
+`llada.py` / `dream.py`. The model works on a flat batch of tokens and leaves
+attention to an `AttentionBackend`, so the same weights serve the paged engine
+(`engine.attention.PagedAttention`) and dense full-sequence training
+(`DenseAttention` below).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.models.config import ModelConfig
+
+
+class AttentionBackend(Protocol):
+    """Turns one layer's fresh q/k/v of the packed tokens into attention output."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, H, D], k/v: [T, KVH, D] -> [T, H, D]."""
+        ...
+
+
+class DenseAttention:
+    """Bidirectional attention over whole sequences of a [B, L] batch (training, references)."""
+
+    def __init__(self, batch: int, length: int):
+        self.batch, self.length = batch, length
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, n = self.batch, self.length
+        q, k, v = (t.view(b, n, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
+        return out.transpose(1, 2).reshape(b * n, q.shape[1], q.shape[3])
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: bf16 sums of squares lose the small components.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding, half-split ("rotate_half") layout as in Llama/LLaDA/Qwen2."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, D]; positions: [T] absolute positions within each sequence."""
+        angles = positions.float()[:, None] * self.inv_freq[None, :]
+        cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return rotated.to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, attention: AttentionBackend, layer: int
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = rotary(self.q_proj(x).view(t, self.num_heads, self.head_dim), positions)
+        k = rotary(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), positions)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        out = attention.attend(layer, q, k, v)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = SelfAttention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, attention: AttentionBackend, layer: int
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, rotary, attention, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class DiffusionTransformer(nn.Module):
+    """Embedding, `num_layers` blocks, final norm and LM head, over packed tokens."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, hidden] (normed)."""
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, self.rotary, attention, i)
+        return self.final_norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits in fp32 for the given hidden rows only (the engine asks for few rows)."""
+        return self.lm_head(hidden).float()
+
+    def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full bidirectional forward of a [B, L] batch -> logits [B, L, V] (unshifted)."""
+        b, n = input_ids.shape
+        positions = torch.arange(n, device=input_ids.device).repeat(b)
+        hidden = self.forward(input_ids.reshape(-1), positions, DenseAttention(b, n))
+        return self.compute_logits(hidden).view(b, n, -1)

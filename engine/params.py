@@ -1,0 +1,138 @@
+"""Sampling and denoising parameters of one request, validated in one place.
+
+Every policy combination is selectable per request; `EngineDefaults` holds the
+server-wide values a request inherits for the fields it leaves unset.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+CACHE_POLICIES = ("none", "prefix", "dual")
+UNMASK_POLICIES = ("low_confidence", "random", "threshold", "factor")
+CONFIDENCE_KINDS = ("prob", "margin", "entropy")
+
+
+class ParamError(ValueError):
+    """A request parameter is invalid; `param` names the offending field."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+@dataclass(frozen=True)
+class EngineDefaults:
+    """Server-wide defaults for the denoising fields a request may leave unset."""
+
+    block_length: int = 32
+    steps: int | None = None  # per block; None means one token per step
+    cache: str = "none"
+    unmask: str = "low_confidence"
+    threshold: float = 0.9
+    factor: float = 1.0
+    confidence: str = "prob"
+
+
+@dataclass
+class SamplingParams:
+    """What one request asks for.
+
+    `steps` counts denoising steps *per block* for the fixed-step policies
+    (`low_confidence`, `random`); `None` means one token per step. Fields left
+    `None` are filled from `EngineDefaults` by `resolve`.
+    """
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    block_length: int | None = None
+    steps: int | None = None
+    cache: str | None = None
+    unmask: str | None = None
+    threshold: float | None = None
+    factor: float | None = None
+    confidence: str | None = None
+    stream_blocks: bool = False
+
+    def resolve(self, defaults: EngineDefaults) -> "SamplingParams":
+        """Return a copy with every unset denoising field taken from `defaults`, validated."""
+        filled = replace(
+            self,
+            stop=list(self.stop),
+            block_length=_pick(self.block_length, defaults.block_length),
+            steps=_pick(self.steps, defaults.steps),
+            cache=_pick(self.cache, defaults.cache),
+            unmask=_pick(self.unmask, defaults.unmask),
+            threshold=_pick(self.threshold, defaults.threshold),
+            factor=_pick(self.factor, defaults.factor),
+            confidence=_pick(self.confidence, defaults.confidence),
+        )
+        filled.validate()
+        return filled
+
+    @property
+    def block_size(self) -> int:
+        """The block length actually used: never longer than the canvas."""
+        assert self.block_length is not None
+        return min(self.block_length, self.max_tokens)
+
+    @property
+    def steps_per_block(self) -> int:
+        """Denoising steps per full block for the fixed-step policies."""
+        return self.block_size if self.steps is None else self.steps
+
+    def validate(self) -> None:
+        """Raise `ParamError` naming the first invalid field."""
+        _check_int("max_tokens", self.max_tokens, low=1)
+        _check_float("temperature", self.temperature, low=0.0, high=100.0)
+        _check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        if self.seed is not None:
+            _check_int("seed", self.seed, low=0, high=2**63 - 1)
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ParamError("stop", "stop must be a list of non-empty strings")
+        _check_int("block_length", self.block_length, low=1)
+        _check_choice("cache", self.cache, CACHE_POLICIES)
+        _check_choice("unmask", self.unmask, UNMASK_POLICIES)
+        _check_choice("confidence", self.confidence, CONFIDENCE_KINDS)
+        _check_float("threshold", self.threshold, low=0.0, high=1.0, low_open=True)
+        _check_float("factor", self.factor, low=0.0, high=1e6, low_open=True)
+        if self.steps is not None:
+            _check_int("steps", self.steps, low=1)
+            if self.steps > self.block_size:
+                raise ParamError(
+                    "steps",
+                    f"steps ({self.steps}) cannot exceed the block length ({self.block_size}): "
+                    "each step commits at least one token",
+                )
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+def _check_int(name: str, value, low: int | None = None, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParamError(name, f"{name} must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise ParamError(name, f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ParamError(name, f"{name} must be <= {high}, got {value}")
+
+
+def _check_float(name: str, value, low: float, high: float, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ParamError(name, f"{name} must be a finite number, got {value!r}")
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high:
+        bracket = "(" if low_open else "["
+        raise ParamError(name, f"{name} must be in {bracket}{low}, {high}], got {value}")
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ParamError(name, f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
