@@ -9,8 +9,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-CACHE_POLICIES = ("none", "prefix", "dual")
-UNMASK_POLICIES = ("low_confidence", "random", "threshold", "factor")
+from engine.policies import CACHE_POLICIES as _CACHE_REGISTRY
+from engine.policies import UNMASK_POLICIES as _UNMASK_REGISTRY
+
+CACHE_POLICIES = tuple(_CACHE_REGISTRY)
+UNMASK_POLICIES = tuple(_UNMASK_REGISTRY)
 CONFIDENCE_KINDS = ("prob", "margin", "entropy")
 
 

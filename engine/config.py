@@ -1,0 +1,38 @@
+"""Engine-wide configuration, passed explicitly from the CLI or the offline API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.params import EngineDefaults
+
+DEFAULT_CPU_KV_BYTES = 512 * 2**20
+DEFAULT_GPU_MEMORY_FRACTION = 0.85
+
+
+@dataclass
+class EngineConfig:
+    """How the engine loads its model and bounds its work.
+
+    `kv_cache_memory` (bytes) sizes the page pool; by default 512 MiB on the CPU
+    and `gpu_memory_utilization` of the free GPU memory after loading weights.
+    `max_num_batched_tokens` caps the active positions packed into one step.
+    """
+
+    model_dir: str
+    dtype: str = "auto"
+    device: str = "auto"
+    page_size: int = 16
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_FRACTION
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 16384
+    max_waiting: int = 256
+    defaults: EngineDefaults = field(default_factory=EngineDefaults)
+
+    def __post_init__(self) -> None:
+        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

@@ -1,0 +1,254 @@
+"""The step loop: schedule, pick active positions, run the model, commit tokens, emit outputs.
+
+`LLMEngine` is synchronous and single-threaded; `AsyncEngine` drives it from
+its own thread for the server and `LLM` drives it for offline use.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Callable
+
+import torch
+
+from engine.config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from engine.detokenizer import TextStream
+from engine.kv_pool import KVPool
+from engine.models.loader import LoadedModel, load_model
+from engine.outputs import BlockView, FinishReason, RequestOutput, StepStats
+from engine.params import ParamError, SamplingParams
+from engine.policies import CACHE_POLICIES, UNMASK_POLICIES
+from engine.runner import ModelRunner, SequenceWork
+from engine.sampling import propose
+from engine.scheduler import Scheduler, SchedulerLimits
+from engine.sequence import Sequence
+
+log = logging.getLogger("unmask.engine")
+
+StepListener = Callable[[StepStats], None]
+
+
+def build_pool(loaded: LoadedModel, config: EngineConfig) -> KVPool:
+    """Size the page pool from the explicit budget, or from free memory on the device."""
+    budget = config.kv_cache_memory
+    if budget is None:
+        if loaded.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(loaded.device)
+            budget = int(free * config.gpu_memory_utilization)
+        else:
+            budget = DEFAULT_CPU_KV_BYTES
+    return KVPool.from_budget(loaded.config, budget, config.page_size, loaded.dtype, loaded.device)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        self.config = config
+        self.loaded = loaded or load_model(config.model_dir, config.dtype, config.device)
+        self.model_config = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.pool = build_pool(self.loaded, config)
+        self.runner = ModelRunner(self.loaded, self.pool)
+        limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)
+        self.scheduler = Scheduler(self.pool, limits)
+        self.streams: dict[str, TextStream] = {}
+        self.step_listeners: list[StepListener] = []
+
+    # --- requests -------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return min(self.model_config.max_position, self.pool.num_pages * self.pool.page_size)
+
+    def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
+        """Tokenize and validate a request without touching engine state (safe from any thread)."""
+        resolved = params.resolve(self.config.defaults)
+        prompt_ids = self._prompt_ids(prompt)
+        total = len(prompt_ids) + resolved.max_tokens
+        if total > self.max_model_len:
+            raise ParamError(
+                "max_tokens",
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({resolved.max_tokens}) = {total} exceeds "
+                f"the model's context of {self.max_model_len} tokens",
+            )
+        seed = resolved.seed if resolved.seed is not None else secrets.randbits(63)
+        seq = Sequence(request_id, prompt_ids, resolved, self.model_config.mask_token_id, self.model_config.eos_token_id, seed)
+        if self.loaded.device.type != "cpu":
+            seq.generator = torch.Generator(device=self.loaded.device).manual_seed(seed)
+        return seq
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise ParamError("prompt", f"token ids must be integers in [0, {vocab}); got {bad[:3]}")
+        if not ids:
+            raise ParamError("prompt", "the prompt is empty: a diffusion LM needs at least one prompt token")
+        if self.model_config.mask_token_id in ids:
+            raise ParamError("prompt", "the prompt contains the mask token")
+        return ids
+
+    def add_sequence(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
+        self.streams[seq.request_id] = TextStream(self.tokenizer, list(seq.params.stop))
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
+        seq = self.make_sequence(request_id, prompt, params)
+        self.add_sequence(seq)
+        return seq
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End a request now and free its pages; returns its final output, or None if unknown."""
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return None
+        return self._finish(seq, FinishReason.ABORT)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # --- the step ---------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one denoising step for the scheduled sequences; return their outputs."""
+        batch = self.scheduler.schedule(lambda s: CACHE_POLICIES[s.params.cache].active_positions(s).numel())
+        if not batch:
+            return []
+        start = time.perf_counter()
+        work = [self._work_for(seq) for seq in batch]
+        results = self._run_isolated(work)
+        outputs, committed, finished_blocks = [], 0, []
+        for w, result in zip(work, results):
+            if isinstance(result, Exception):
+                outputs.append(self._fail(w.seq, result))
+                continue
+            try:
+                n, block_steps = self._commit(w.seq, result)
+                committed += n
+                finished_blocks += block_steps
+                out = self._output(w.seq)
+            except Exception as exc:  # one request's failure must not take the batch down
+                out = self._fail(w.seq, exc)
+            if out is not None:
+                outputs.append(out)
+        self._publish(StepStats(
+            batch_size=len(batch),
+            active_tokens=sum(w.positions.numel() for w in work),
+            tokens_committed=committed,
+            step_seconds=time.perf_counter() - start,
+            pages_in_use=self.pool.num_used,
+            pages_total=self.pool.num_pages,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            policies=[(s.params.cache, s.params.unmask) for s in batch],
+            finished_blocks=finished_blocks,
+        ))
+        return outputs
+
+    def _work_for(self, seq: Sequence) -> SequenceWork:
+        targets = seq.masked_in_block()
+        sources = targets - self.model_config.logits_shift  # Dream reads position i from output i - 1
+        positions = CACHE_POLICIES[seq.params.cache].active_positions(seq)
+        if self.model_config.logits_shift:
+            positions = torch.unique(torch.cat([positions, sources]))
+        return SequenceWork(seq, positions, sources)
+
+    def _run_isolated(self, work: list[SequenceWork]) -> list[torch.Tensor | Exception]:
+        """Run the batch; if it fails, rerun each sequence alone so only the culprit fails."""
+        try:
+            return list(self.runner.run(work))
+        except Exception as exc:
+            if len(work) == 1:
+                return [exc]
+            log.warning("batched step failed (%s); isolating the failing request", exc)
+        results: list[torch.Tensor | Exception] = []
+        for w in work:
+            try:
+                results.append(self.runner.run([w])[0])
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    def _commit(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, list[int]]:
+        """Apply the unmask policy to one sequence; returns (tokens committed, steps of blocks finished)."""
+        policy = UNMASK_POLICIES[seq.params.unmask]
+        targets = seq.masked_in_block()
+        tokens, confidence = propose(logits, seq.params, seq.generator, seq.mask_id, policy.random_confidence)
+        chosen = policy.choose(seq, confidence).cpu()
+        seq.tokens[targets[chosen]] = tokens.cpu()[chosen]
+        seq.step += 1
+        seq.stats.forward_passes += 1
+        seq.stats.tokens_committed += chosen.numel()
+        seq.last_block = seq.block
+        finished_blocks = []
+        if not bool((seq.masked_in_block()).numel()):
+            seq.stats.steps_per_block.append(seq.step)
+            finished_blocks.append(seq.step)
+            seq.block, seq.step = seq.block + 1, 0
+        return chosen.numel(), finished_blocks
+
+    # --- outputs ----------------------------------------------------------------
+    def _output(self, seq: Sequence) -> RequestOutput | None:
+        stream = self.streams[seq.request_id]
+        delta = stream.update(seq.committed_prefix(), final=False)
+        reason = None
+        if stream.stopped or seq.hit_eos():
+            reason = FinishReason.STOP
+        elif seq.canvas_done:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            return self._finish(seq, reason, delta)
+        if not delta and not seq.params.stream_blocks:
+            return None
+        return self._make_output(seq, delta, stream.released)
+
+    def _make_output(self, seq: Sequence, delta: str, text: str, reason: FinishReason | None = None) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_ids,
+            text=text,
+            token_ids=seq.committed_prefix(),
+            delta_text=delta,
+            block=self._block_view(seq) if seq.params.stream_blocks else None,
+            finished=reason is not None,
+            finish_reason=reason,
+            error=seq.error,
+            stats=seq.stats,
+        )
+
+    def _block_view(self, seq: Sequence) -> BlockView:
+        """The block the last step worked on (so a finished block shows with no masks left)."""
+        index = seq.last_block
+        start, end = seq.block_bounds(index)
+        ids = seq.tokens[start:end].tolist()
+        masked = [t == seq.mask_id for t in ids]
+        pieces = ["" if m else self.tokenizer.decode([t], skip_special_tokens=True) for t, m in zip(ids, masked)]
+        steps = seq.step if index == seq.block else seq.stats.steps_per_block[index]
+        return BlockView(index=index, step=steps, token_ids=ids, masked=masked, pieces=pieces)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, delta: str = "") -> RequestOutput:
+        """Free the sequence's pages and build its final output (flushing held-back text)."""
+        stream = self.streams.pop(seq.request_id, None) or TextStream(self.tokenizer)
+        if reason in (FinishReason.STOP, FinishReason.LENGTH):
+            delta += stream.update(seq.committed_prefix(), final=True)
+            if stream.stopped:
+                reason = FinishReason.STOP
+        self.scheduler.finish(seq)
+        seq.finish_reason = reason
+        return self._make_output(seq, delta, stream.released, reason)
+
+    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+        log.exception("request %s failed in the engine", seq.request_id, exc_info=exc)
+        seq.error = f"{type(exc).__name__}: {exc}"
+        return self._finish(seq, FinishReason.ERROR)
+
+    def _publish(self, stats: StepStats) -> None:
+        for listener in self.step_listeners:
+            try:
+                listener(stats)
+            except Exception:  # metrics must never break generation
+                log.exception("step listener failed")

@@ -1,0 +1,78 @@
+"""The paged KV cache pool: page tensors, the free list, and slot arithmetic.
+
+Every layer's K and V live in one tensor each, [layers, pages, page_size,
+kv_heads, head_dim]. A sequence owns the pages listed in its page table;
+position p lives in page `pages[p // page_size]` at slot `p % page_size`.
+Pages for prompt + canvas are reserved at admission (a diffusion canvas is
+fixed-length, so a sequence never grows) and returned when it ends.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.models.config import ModelConfig
+
+
+class OutOfPagesError(RuntimeError):
+    """More pages were asked for than are free."""
+
+
+class KVPool:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_pages: int,
+        page_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        if num_pages < 1 or page_size < 1:
+            raise ValueError(f"the KV pool needs at least one page of one slot, got {num_pages} x {page_size}")
+        shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.page_size = page_size
+        self.num_pages = num_pages
+        # A stack: recently freed pages are reused first, which keeps them warm in cache.
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))
+
+    @staticmethod
+    def bytes_per_page(cfg: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * element
+
+    @classmethod
+    def from_budget(
+        cls, cfg: ModelConfig, memory_bytes: int, page_size: int, dtype: torch.dtype, device: torch.device
+    ) -> "KVPool":
+        """The largest pool that fits in `memory_bytes`."""
+        pages = memory_bytes // cls.bytes_per_page(cfg, page_size, dtype)
+        if pages < 1:
+            raise ValueError(f"a KV cache budget of {memory_bytes} bytes holds no page of {page_size} tokens")
+        return cls(cfg, int(pages), page_size, dtype, device)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_pages - len(self._free)
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def allocate(self, num_tokens: int) -> list[int]:
+        """Reserve the pages for `num_tokens` positions, or raise `OutOfPagesError`."""
+        n = self.pages_for(num_tokens)
+        if n > len(self._free):
+            raise OutOfPagesError(f"{n} pages needed, {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+
+    def slots(self, pages: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Flat slot index (page * page_size + offset) of each position, given a page table."""
+        return pages[positions // self.page_size] * self.page_size + positions % self.page_size

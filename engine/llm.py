@@ -1,0 +1,53 @@
+"""The offline API: `LLM(model_dir).generate(prompts, params)`."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import fields
+
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.params import SamplingParams
+
+
+class LLM:
+    """Synchronous batch generation with the same engine the server uses.
+
+    `LLM("models/unmask-tiny", max_num_seqs=8)` takes any `EngineConfig` field
+    as a keyword.
+    """
+
+    def __init__(self, model_dir: str, **config):
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = set(config) - known
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+        self.engine = LLMEngine(EngineConfig(model_dir=model_dir, **config))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | list[int] | list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
+        batch = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
+        per_prompt = params if isinstance(params, list) else [params or SamplingParams()] * len(batch)
+        if len(per_prompt) != len(batch):
+            raise ValueError(f"{len(per_prompt)} params for {len(batch)} prompts")
+        ids = [f"offline-{uuid.uuid4().hex}" for _ in batch]
+        for request_id, prompt, p in zip(ids, batch, per_prompt):
+            self.engine.add_request(request_id, prompt, p)
+        final: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished:
+            for out in self.engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
+        """One chat turn through the checkpoint's chat template."""
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        return self.generate(ids, params)[0]

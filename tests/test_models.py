@@ -1,0 +1,123 @@
+"""The checkpoint loader: both public layouts, sharding, dtypes, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from engine.models import CheckpointError, load_model
+from engine.models.checkpoint import INDEX_FILE, load_weights, read_config, save_checkpoint
+from engine.models.make_random import make_random_checkpoint
+
+LLADA_NAMES = [
+    "model.transformer.wte.weight",
+    "model.transformer.ln_f.weight",
+    "model.transformer.ff_out.weight",
+    *[f"model.transformer.blocks.0.{n}.weight" for n in
+      ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out", "attn_norm", "ff_norm")],
+]
+DREAM_NAMES = [
+    "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+    "model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.o_proj.weight",
+    "model.layers.0.mlp.gate_proj.weight", "model.layers.0.input_layernorm.weight",
+    "model.layers.0.post_attention_layernorm.weight",
+]
+
+
+def _tensor_names(model_dir) -> set[str]:
+    names = set()
+    for f in model_dir.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            names |= set(st.keys())
+    return names
+
+
+def test_llada_checkpoint_uses_the_public_tensor_names_and_config_fields(llada_dir):
+    assert set(LLADA_NAMES) <= _tensor_names(llada_dir)
+    hf = json.loads((llada_dir / "config.json").read_text())
+    for field in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size",
+                  "embedding_size", "rope_theta", "rms_norm_eps", "mask_token_id", "eos_token_id", "weight_tying"):
+        assert field in hf
+    assert hf["model_type"] == "llada"
+
+
+def test_dream_checkpoint_uses_the_qwen2_tensor_names(dream_dir):
+    assert set(DREAM_NAMES) <= _tensor_names(dream_dir)
+    loaded = load_model(dream_dir)
+    assert loaded.config.logits_shift == 1 and loaded.config.qkv_bias
+
+
+def test_round_trip_preserves_config_and_outputs(tmp_path, model_dir):
+    first = load_model(model_dir)
+    save_checkpoint(first.model, tmp_path, dtype=torch.float32)
+    assert read_config(tmp_path) == first.config
+    model = load_weights(tmp_path, torch.float32, "cpu")
+    ids = torch.tensor([[3, 7, 11, 5, 9]])
+    torch.testing.assert_close(model.forward_dense(ids), first.model.forward_dense(ids), rtol=0, atol=0)
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(tmp_path, llada_dir):
+    sharded = make_random_checkpoint(tmp_path, arch="llada", layers=2, hidden=64, heads=4, max_shard_bytes=100_000)
+    assert (sharded / INDEX_FILE).is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    ids = torch.tensor([[3, 7, 11, 5]])
+    a, b = load_model(sharded).model, load_model(llada_dir).model
+    torch.testing.assert_close(a.forward_dense(ids), b.forward_dense(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_checkpoints_load(tmp_path, dtype):
+    out = make_random_checkpoint(tmp_path, arch="llada", dtype=getattr(torch, dtype))
+    loaded = load_model(out, dtype=dtype)
+    assert loaded.model.embed.weight.dtype == getattr(torch, dtype)
+    assert loaded.model.forward_dense(torch.tensor([[1, 2, 3]])).isfinite().all()
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope")
+
+
+def test_directory_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_model(tmp_path)
+
+
+def test_unknown_model_type_is_a_clear_error(tmp_path, llada_dir):
+    for f in llada_dir.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    hf = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(hf | {"model_type": "gpt2"}))
+    with pytest.raises(CheckpointError, match="unknown model_type 'gpt2'"):
+        load_model(tmp_path)
+
+
+def test_missing_tensor_is_named_in_the_error(tmp_path, llada_dir):
+    from safetensors.torch import load_file, save_file
+
+    for f in llada_dir.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    del tensors["model.transformer.blocks.1.up_proj.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="blocks.1.up_proj.weight"):
+        load_model(tmp_path)
+
+
+def test_make_random_cli_writes_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "ckpt"
+    subprocess.run(
+        [sys.executable, "-m", "engine.models.make_random", str(out), "--arch", "dream",
+         "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--vocab", "300"],
+        check=True, capture_output=True,
+    )
+    loaded = load_model(out)
+    assert loaded.config.num_layers == 1 and loaded.config.num_kv_heads == 1
+    text = "What is 12 plus 30?"
+    assert loaded.tokenizer.decode(loaded.tokenizer.encode(text)) == text
+    assert loaded.tokenizer.mask_token_id == loaded.config.mask_token_id
