@@ -13,7 +13,6 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine, StepListener
@@ -118,7 +117,7 @@ class AsyncEngine:
             self.engine.step_listeners.append(listener)
 
     # --- requests -----------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> "RequestStream":
         """Validate now (raising ParamError / QueueFullError / EngineDeadError), then stream outputs."""
         if not self.accepting:
             raise EngineDeadError("the engine is shutting down" if self._draining else "the engine is not running")
@@ -132,19 +131,11 @@ class AsyncEngine:
         with self._pending_lock:
             self._pending += 1
         self._commands.put(_Add(seq))
-        return self._stream(request_id, out_queue)
+        return RequestStream(self, request_id, out_queue)
 
-    async def _stream(self, request_id: str, out_queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                out: RequestOutput = await out_queue.get()
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:  # the consumer left early (client gone): free the pages
-                self.abort(request_id)
-            self._queues.pop(request_id, None)
+    def _detach(self, request_id: str) -> None:
+        """Stop delivering outputs of a request (its stream is closed)."""
+        self._queues.pop(request_id, None)
 
     def abort(self, request_id: str) -> None:
         """Ask the engine thread to end a request and free its pages (idempotent)."""
@@ -202,6 +193,49 @@ class AsyncEngine:
         for request_id, (loop, out_queue) in list(self._queues.items()):
             out = RequestOutput(request_id, [], finished=True, finish_reason=FinishReason.ERROR, error=message)
             loop.call_soon_threadsafe(out_queue.put_nowait, out)
+
+
+class RequestStream:
+    """The outputs of one request, ending with a finished one.
+
+    Closing it before the end (or dropping it) aborts the request, so a client
+    that goes away frees its pages even if it never read an output.
+    """
+
+    def __init__(self, engine: AsyncEngine, request_id: str, out_queue: asyncio.Queue):
+        self.request_id = request_id
+        self._engine, self._queue = engine, out_queue
+        self._done = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            out: RequestOutput = await self._queue.get()
+        except BaseException:  # cancelled while waiting: the client is gone
+            await self.aclose()
+            raise
+        if out.finished:
+            self._close(abort=False)
+        return out
+
+    async def aclose(self) -> None:
+        self._close(abort=True)
+
+    def _close(self, abort: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        if abort:
+            self._engine.abort(self.request_id)
+        self._engine._detach(self.request_id)
+
+    def __del__(self) -> None:
+        if not self._done:
+            self._close(abort=True)
 
 
 def _error_output(seq: Sequence, exc: Exception) -> RequestOutput:

@@ -1,0 +1,107 @@
+"""The async engine: streaming outputs across threads, abort by leaving, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.errors import EngineDeadError, QueueFullError
+from engine.llm import LLM
+from engine.outputs import FinishReason
+from engine.params import ParamError, SamplingParams
+
+PROMPT = "What is 12 plus 30?"
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=120))
+
+
+async def _started(model_dir, **config) -> AsyncEngine:
+    engine = AsyncEngine(EngineConfig(model_dir=str(model_dir), kv_cache_memory=4 * 2**20, **config))
+    await engine.start()
+    return engine
+
+
+def test_streamed_deltas_concatenate_to_the_offline_text(llada_dir):
+    params = SamplingParams(max_tokens=48, block_length=16, seed=2, stream_blocks=True)
+    expected = LLM(str(llada_dir)).generate(PROMPT, params)[0]
+
+    async def go():
+        engine = await _started(llada_dir)
+        outs = [o async for o in engine.add_request("r1", PROMPT, params)]
+        await engine.shutdown()
+        return outs, engine
+
+    outs, engine = run(go())
+    assert "".join(o.delta_text for o in outs) == expected.text == outs[-1].text
+    assert outs[-1].finished and outs[-1].finish_reason is expected.finish_reason
+    # one output per denoising step when blocks are streamed; masks fall to zero in each block
+    assert len(outs) == expected.stats.forward_passes
+    for block in range(3):
+        masks = [o.block.num_masked for o in outs if o.block.index == block]
+        assert masks == sorted(masks, reverse=True) and masks[-1] == 0
+    assert not engine.is_alive
+
+
+def test_concurrent_requests_all_finish_and_pages_return(llada_dir):
+    async def go():
+        engine = await _started(llada_dir, max_num_seqs=3)
+
+        async def one(i):
+            p = SamplingParams(max_tokens=16 + 8 * i, block_length=8, cache=("none", "prefix", "dual")[i % 3])
+            return [o async for o in engine.add_request(f"r{i}", PROMPT, p)][-1]
+
+        finals = await asyncio.gather(*(one(i) for i in range(8)))
+        free = engine.kv_pages_free
+        await engine.shutdown()
+        return finals, free, engine.kv_pages_total
+
+    finals, free, total = run(go())
+    assert all(f.finished and f.finish_reason is FinishReason.LENGTH for f in finals)
+    assert free == total
+
+
+def test_leaving_the_stream_early_aborts_and_frees_pages(llada_dir):
+    async def go():
+        engine = await _started(llada_dir)
+        stream = engine.add_request("r", PROMPT, SamplingParams(max_tokens=256, block_length=8, stream_blocks=True))
+        async for _ in stream:
+            break
+        await stream.aclose()
+        for _ in range(100):
+            if engine.kv_pages_free == engine.kv_pages_total and engine.num_running == 0:
+                break
+            await asyncio.sleep(0.05)
+        state = engine.kv_pages_free, engine.kv_pages_total, engine.num_running
+        await engine.shutdown()
+        return state
+
+    free, total, running = run(go())
+    assert free == total and running == 0
+
+
+def test_invalid_requests_raise_before_streaming(llada_dir):
+    async def go():
+        engine = await _started(llada_dir, max_waiting=1)
+        with pytest.raises(ParamError):
+            engine.add_request("bad", PROMPT, SamplingParams(max_tokens=8, cache="nope"))
+        streams = []
+        with pytest.raises(QueueFullError):
+            for i in range(50):  # the first requests may already have been admitted
+                streams.append(engine.add_request(f"x{i}", PROMPT, SamplingParams(max_tokens=512)))
+        for stream in streams:  # closing unread streams aborts their requests
+            await stream.aclose()
+        for _ in range(100):
+            if engine.kv_pages_free == engine.kv_pages_total and engine.num_waiting == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.kv_pages_free == engine.kv_pages_total and engine.num_waiting == 0
+        await engine.shutdown(drain=False)
+        with pytest.raises(EngineDeadError):
+            engine.add_request("late", PROMPT, SamplingParams(max_tokens=8))
+
+    run(go())
