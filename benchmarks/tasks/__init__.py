@@ -1,0 +1,70 @@
+"""Procedurally generated tasks with exact-match answers, for training and evaluating Unmask's model.
+
+Families (see each module): `arithmetic` (word problems with worked steps),
+`recall` (key-value lookup in a long prompt), `lists` (sort / reverse),
+`count` (occurrences of a word). Every family generates `Example`s from a
+`random.Random`; the train/test split is a stable hash of each problem's
+canonical key, so held-out problems are never trained on.
+
+    from benchmarks.tasks import FAMILIES, test_set, is_correct
+    for ex in test_set("recall", 100):
+        ok = is_correct(model_text, ex.answer)
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Iterator
+
+from benchmarks.tasks import arithmetic, count, lists, recall
+from benchmarks.tasks.base import (
+    ANSWER_PREFIX,
+    Example,
+    Generator,
+    Split,
+    extract_answer,
+    is_correct,
+    split_of,
+    stream,
+)
+
+FAMILIES: dict[str, Generator] = {
+    arithmetic.FAMILY: arithmetic.generate,
+    recall.FAMILY: recall.generate,
+    lists.FAMILY: lists.generate,
+    count.FAMILY: count.generate,
+}
+
+# The held-out evaluation set is drawn from this seed; training streams use others.
+TEST_SEED = 0
+
+
+def generate(family: str, rng: random.Random) -> Example:
+    """One example of `family` (either split)."""
+    try:
+        return FAMILIES[family](rng)
+    except KeyError:
+        raise ValueError(f"unknown task family {family!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def test_set(family: str, n: int, seed: int = TEST_SEED) -> list[Example]:
+    """The first `n` held-out problems of `family` (the same list on every call and machine)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown task family {family!r}; known: {', '.join(FAMILIES)}")
+    return list(itertools.islice(stream(FAMILIES[family], "test", f"{family}:{seed}"), n))
+
+
+def train_stream(seed: int | str, families: tuple[str, ...] | None = None) -> Iterator[Example]:
+    """Endless training examples, families mixed uniformly, never a held-out problem."""
+    names = families or tuple(FAMILIES)
+    streams = {f: stream(FAMILIES[f], "train", f"{f}:{seed}") for f in names}
+    rng = random.Random(f"mix:{seed}")
+    while True:
+        yield next(streams[rng.choice(names)])
+
+
+__all__ = [
+    "ANSWER_PREFIX", "Example", "FAMILIES", "Split", "extract_answer", "generate", "is_correct",
+    "split_of", "test_set", "train_stream",
+]

@@ -1,0 +1,40 @@
+"""List manipulation: sort numbers (either direction), sort words alphabetically, reverse a list."""
+
+from __future__ import annotations
+
+import random
+
+from benchmarks.tasks.base import Example, join_items, with_answer
+from benchmarks.tasks.words import LIST_WORDS
+
+FAMILY = "lists"
+MIN_ITEMS, MAX_ITEMS = 4, 8
+
+
+def _items(rng: random.Random, words: bool) -> list[str]:
+    n = rng.randint(MIN_ITEMS, MAX_ITEMS)
+    if words:
+        return rng.sample(LIST_WORDS, n)
+    return [str(x) for x in rng.sample(range(1, 100), n)]
+
+
+def generate(rng: random.Random) -> Example:
+    """One of: numbers ascending/descending, words alphabetical, numbers or words reversed."""
+    op = rng.choice(("ascending", "descending", "alphabetical", "reverse"))
+    words = op == "alphabetical" or (op == "reverse" and rng.random() < 0.5)
+    items = _items(rng, words)
+    listed = join_items(items)
+    if op == "ascending":
+        prompt = f"Sort these numbers from smallest to largest: {listed}"
+        result = sorted(items, key=int)
+    elif op == "descending":
+        prompt = f"Sort these numbers from largest to smallest: {listed}"
+        result = sorted(items, key=int, reverse=True)
+    elif op == "alphabetical":
+        prompt = f"Sort these words in alphabetical order: {listed}"
+        result = sorted(items)
+    else:
+        prompt = f"Reverse this list: {listed}"
+        result = items[::-1]
+    answer = join_items(result)
+    return Example(FAMILY, prompt, with_answer([], answer), answer, f"{op}:{listed}")
