@@ -21,7 +21,7 @@ from engine.outputs import BlockView, FinishReason, RequestOutput, StepStats
 from engine.params import ParamError, SamplingParams
 from engine.policies import CACHE_POLICIES, UNMASK_POLICIES
 from engine.runner import ModelRunner, SequenceWork
-from engine.sampling import propose
+from engine.sampling import RowGroup, propose_batch
 from engine.scheduler import Scheduler, SchedulerLimits
 from engine.sequence import Sequence
 
@@ -72,10 +72,7 @@ class LLMEngine:
                 f"the model's context of {self.max_model_len} tokens",
             )
         seed = resolved.seed if resolved.seed is not None else secrets.randbits(63)
-        seq = Sequence(request_id, prompt_ids, resolved, self.model_config.mask_token_id, self.model_config.eos_token_id, seed)
-        if self.loaded.device.type != "cpu":
-            seq.generator = torch.Generator(device=self.loaded.device).manual_seed(seed)
-        return seq
+        return Sequence(request_id, prompt_ids, resolved, self.model_config.mask_token_id, self.model_config.eos_token_id, seed)
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -113,31 +110,34 @@ class LLMEngine:
         return self.scheduler.has_work
 
     # --- the step ---------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one denoising step for the scheduled sequences; return their outputs."""
         batch = self.scheduler.schedule(lambda s: CACHE_POLICIES[s.params.cache].active_positions(s).numel())
         if not batch:
             return []
         start = time.perf_counter()
-        work = [self._work_for(seq) for seq in batch]
-        results = self._run_isolated(work)
-        outputs, committed, finished_blocks = [], 0, []
-        for w, result in zip(work, results):
-            if isinstance(result, Exception):
-                outputs.append(self._fail(w.seq, result))
-                continue
-            try:
-                n, block_steps = self._commit(w.seq, result)
-                committed += n
-                finished_blocks += block_steps
-                out = self._output(w.seq)
-            except Exception as exc:  # one request's failure must not take the batch down
-                out = self._fail(w.seq, exc)
-            if out is not None:
-                outputs.append(out)
+        work, logits, failures = self._forward([self._work_for(seq) for seq in batch])
+        outputs = [self._fail(seq, exc) for seq, exc in failures]
+        committed, finished_blocks = 0, []
+        if work:
+            groups = [self._row_group(w) for w in work]
+            tokens, confidence = propose_batch(logits, groups, self.model_config.mask_token_id)
+            offsets = [0] + torch.tensor([g.rows for g in groups]).cumsum(0).tolist()
+            for i, w in enumerate(work):
+                rows = slice(offsets[i], offsets[i + 1])
+                try:
+                    n, block_steps = self._commit(w.seq, tokens[rows], confidence[rows])
+                    committed += n
+                    finished_blocks += block_steps
+                    out = self._output(w.seq)
+                except Exception as exc:  # one request's failure must not take the batch down
+                    out = self._fail(w.seq, exc)
+                if out is not None:
+                    outputs.append(out)
         self._publish(StepStats(
             batch_size=len(batch),
-            active_tokens=sum(w.positions.numel() for w in work),
+            active_tokens=sum(w.positions.numel() for w in work),  # of the sequences that ran
             tokens_committed=committed,
             step_seconds=time.perf_counter() - start,
             pages_in_use=self.pool.num_used,
@@ -155,37 +155,47 @@ class LLMEngine:
         positions = CACHE_POLICIES[seq.params.cache].active_positions(seq)
         if self.model_config.logits_shift:
             positions = torch.unique(torch.cat([positions, sources]))
+        seq.stats.active_positions += positions.numel()
         return SequenceWork(seq, positions, sources)
 
-    def _run_isolated(self, work: list[SequenceWork]) -> list[torch.Tensor | Exception]:
-        """Run the batch; if it fails, rerun each sequence alone so only the culprit fails."""
+    def _forward(
+        self, work: list[SequenceWork]
+    ) -> tuple[list[SequenceWork], torch.Tensor | None, list[tuple[Sequence, Exception]]]:
+        """Run the batch; if it fails, rerun each sequence alone so only the culprit fails.
+
+        Returns the work that ran, its logits (rows in work order) and the failures.
+        """
         try:
-            return list(self.runner.run(work))
+            return work, self.runner.run(work), []
         except Exception as exc:
             if len(work) == 1:
-                return [exc]
+                return [], None, [(work[0].seq, exc)]
             log.warning("batched step failed (%s); isolating the failing request", exc)
-        results: list[torch.Tensor | Exception] = []
+        ok, logits, failures = [], [], []
         for w in work:
             try:
-                results.append(self.runner.run([w])[0])
+                logits.append(self.runner.run([w]))
+                ok.append(w)
             except Exception as exc:
-                results.append(exc)
-        return results
+                failures.append((w.seq, exc))
+        return ok, (torch.cat(logits) if logits else None), failures
 
-    def _commit(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, list[int]]:
-        """Apply the unmask policy to one sequence; returns (tokens committed, steps of blocks finished)."""
-        policy = UNMASK_POLICIES[seq.params.unmask]
+    @staticmethod
+    def _row_group(w: SequenceWork) -> RowGroup:
+        policy = UNMASK_POLICIES[w.seq.params.unmask]
+        return RowGroup(w.seq.params, w.seq.generator, w.logit_positions.numel(), policy.random_confidence)
+
+    def _commit(self, seq: Sequence, tokens: torch.Tensor, confidence: torch.Tensor) -> tuple[int, list[int]]:
+        """Apply the unmask policy to one sequence's proposals; returns (tokens committed, steps of blocks finished)."""
         targets = seq.masked_in_block()
-        tokens, confidence = propose(logits, seq.params, seq.generator, seq.mask_id, policy.random_confidence)
-        chosen = policy.choose(seq, confidence).cpu()
-        seq.tokens[targets[chosen]] = tokens.cpu()[chosen]
+        chosen = UNMASK_POLICIES[seq.params.unmask].choose(seq, confidence)
+        seq.tokens[targets[chosen]] = tokens[chosen]
         seq.step += 1
+        seq.last_block = seq.block
         seq.stats.forward_passes += 1
         seq.stats.tokens_committed += chosen.numel()
-        seq.last_block = seq.block
         finished_blocks = []
-        if not bool((seq.masked_in_block()).numel()):
+        if not seq.masked_in_block().numel():
             seq.stats.steps_per_block.append(seq.step)
             finished_blocks.append(seq.step)
             seq.block, seq.step = seq.block + 1, 0

@@ -58,10 +58,9 @@ class ModelRunner:
         return moved, torch.cat(rows).to(self.device)
 
     @torch.inference_mode()
-    def run(self, work: list[SequenceWork]) -> list[torch.Tensor]:
-        """Logits [len(logit_positions), V] (fp32, on the model's device) for each sequence."""
+    def run(self, work: list[SequenceWork]) -> torch.Tensor:
+        """Logits [sum of len(logit_positions), V] (fp32, on the model's device), sequences in order."""
         batch, rows = self.pack(work)
         attention = PagedAttention(self.pool, batch, self.config.head_dim)
         hidden = self.model(batch.input_ids, batch.positions, attention)
-        logits = self.model.compute_logits(hidden[rows])
-        return list(logits.split([w.logit_positions.numel() for w in work]))
+        return self.model.compute_logits(hidden[rows])

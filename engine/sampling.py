@@ -2,16 +2,36 @@
 
 Follows LLaDA (ALGORITHMS.md): with temperature T > 0 the proposal is the
 Gumbel-max sample argmax(l - T log(-log u)) — the same ordering as LLaDA's
-exp(l) / (-log u)^T, computed in float64 without overflow — while the
-confidence is read from the softmax of the un-noised logits. Dream's
-`margin` and `entropy` confidences are offered as alternatives to `prob`.
+exp(l) / (-log u)^T, computed without overflow — while the confidence is read
+from the softmax of the un-noised logits. Dream's `margin` and `entropy`
+confidences are offered beside `prob`.
+
+All randomness of a request comes from its own generator, one seed per step,
+so a request samples the same tokens whether it runs alone or in a batch.
+The common case (`prob` confidence, no top-p) goes through one fused kernel
+for the whole step; the step then makes one host transfer of the results.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from engine.params import SamplingParams
+from kernels import fused_confidence
+
+_SEED_RANGE = 2**62
+
+
+@dataclass
+class RowGroup:
+    """The logit rows of one sequence in a step (consecutive, in group order)."""
+
+    params: SamplingParams
+    generator: torch.Generator  # the request's CPU generator
+    rows: int
+    random_confidence: bool = False
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -19,32 +39,61 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     if top_p >= 1.0:
         return logits
     ordered, order = torch.sort(logits, dim=-1, descending=True)
-    cumulative = ordered.softmax(-1).cumsum(-1)
-    drop_sorted = cumulative - ordered.softmax(-1) >= top_p  # mass before this token already reaches p
+    probs = ordered.softmax(-1)
+    drop_sorted = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches p
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
 
-def propose(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    generator: torch.Generator,
-    mask_id: int,
-    random_confidence: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [n, V] of the masked positions -> (proposed token ids [n], confidence [n])."""
-    logits = logits.float().clone()
+def propose_batch(logits: torch.Tensor, groups: list[RowGroup], mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, V] of all masked positions of a step -> (token ids [N], confidence [N]) on the CPU."""
     logits[:, mask_id] = float("-inf")  # a committed token must never be the mask itself
-    probs = logits.softmax(-1)
+    seeds = [int(torch.randint(_SEED_RANGE, (1,), generator=g.generator)) for g in groups]
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    confidence = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    fast_rows, temps, row_seeds = [], [], []
+    start = 0
+    for group, seed in zip(groups, seeds):
+        rows = slice(start, start + group.rows)
+        start += group.rows
+        p = group.params
+        if p.confidence == "prob" and p.top_p >= 1.0:
+            fast_rows.append(torch.arange(rows.start, rows.stop))
+            temps += [p.temperature] * group.rows
+            row_seeds += [seed + i for i in range(group.rows)]
+        else:
+            tokens[rows], confidence[rows] = _propose_general(logits[rows], p, seed)
+    if fast_rows:
+        index = torch.cat(fast_rows).to(logits.device)
+        temperature = torch.tensor(temps, dtype=torch.float32, device=logits.device)
+        seed_tensor = torch.tensor(row_seeds, dtype=torch.long, device=logits.device)
+        tokens[index], confidence[index] = fused_confidence(logits[index], temperature, seed_tensor)
+    tokens, confidence = tokens.cpu(), confidence.cpu()
+    _randomize_confidence(confidence, groups, seeds)
+    return tokens, confidence
+
+
+def _randomize_confidence(confidence: torch.Tensor, groups: list[RowGroup], seeds: list[int]) -> None:
+    """LLaDA's `random` remasking ranks positions by uniform noise instead of confidence."""
+    start = 0
+    for group, seed in zip(groups, seeds):
+        if group.random_confidence:
+            noise = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
+            confidence[start : start + group.rows] = torch.rand(group.rows, generator=noise)
+        start += group.rows
+
+
+def _propose_general(logits: torch.Tensor, params: SamplingParams, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Any confidence kind and top-p, in plain PyTorch (float64 Gumbel noise)."""
+    probs = logits.float().softmax(-1)
     if params.temperature > 0:
-        filtered = top_p_filter(logits, params.top_p).double()
-        u = torch.rand(filtered.shape, generator=generator, dtype=torch.float64, device=generator.device)
+        filtered = top_p_filter(logits.float(), params.top_p).double()
+        generator = torch.Generator(device=logits.device).manual_seed(seed)
+        u = torch.rand(filtered.shape, generator=generator, dtype=torch.float64, device=logits.device)
         u = u.clamp_min(torch.finfo(torch.float64).tiny)
         tokens = (filtered - params.temperature * torch.log(-torch.log(u))).argmax(-1)
     else:
         tokens = logits.argmax(-1)
-    if random_confidence:
-        return tokens, torch.rand(tokens.shape, generator=generator, device=generator.device).to(probs.device)
     return tokens, _confidence(probs, tokens, params.confidence or "prob")
 
 

@@ -35,9 +35,9 @@ def test_packed_forward_equals_each_sequence_alone(model_dir):
     for seq in seqs:
         _fill_canvas(seq, g, vocab)
     work = [SequenceWork(s, torch.arange(s.length), torch.arange(s.length)) for s in seqs]
-    packed = engine.runner.run(work)
+    packed = engine.runner.run(work).split([w.logit_positions.numel() for w in work])
     for w, logits in zip(work, packed):
-        alone = engine.runner.run([w])[0]
+        alone = engine.runner.run([w])
         torch.testing.assert_close(logits, alone, rtol=1e-5, atol=1e-5)
         dense = engine.loaded.model.forward_dense(w.seq.tokens[None])[0]
         torch.testing.assert_close(logits, dense, rtol=1e-4, atol=1e-4)
@@ -54,9 +54,9 @@ def test_partial_step_over_refreshed_pages_equals_the_full_forward(model_dir):
     seq.block = 1
     start, end = seq.block_bounds()
     block = torch.arange(start, end)
-    full = engine.runner.run([SequenceWork(seq, torch.arange(seq.length), block)])[0]
+    full = engine.runner.run([SequenceWork(seq, torch.arange(seq.length), block)])
     for active in (torch.arange(start, end), torch.arange(start, seq.length)):
-        partial = engine.runner.run([SequenceWork(seq, active, block)])[0]
+        partial = engine.runner.run([SequenceWork(seq, active, block)])
         torch.testing.assert_close(partial, full, rtol=1e-5, atol=1e-5)
 
 
