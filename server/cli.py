@@ -1,0 +1,160 @@
+"""The `unmask` command: `unmask serve [MODEL_DIR] [options]`.
+
+SIGTERM or Ctrl-C stops accepting connections, lets in-flight requests
+finish (streams included), stops the engine and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+
+from engine.params import CACHE_POLICIES, CONFIDENCE_KINDS, UNMASK_POLICIES, EngineDefaults, ParamError, SamplingParams
+from server.model_path import MODEL_ENV, resolve_model_dir
+from server.settings import ServerSettings
+
+API_KEY_ENV = "UNMASK_API_KEY"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '536870912', '512MiB', '512M', '2GB' or '1.5G' (binary units throughout)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512MiB, 2G, 1073741824)")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return int(number * 1024 ** "_KMGT".index(unit or "_"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unmask", description="Unmask: an OpenAI-compatible server for diffusion LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model over HTTP", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("model_dir", nargs="?", help=f"checkpoint directory (default: ${MODEL_ENV}, else the bundled model)")
+
+    http = serve.add_argument_group("HTTP")
+    http.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
+    http.add_argument("--port", type=int, default=8000, help="port to bind (0 picks a free one)")
+    http.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"require this Bearer token on /v1/* (or ${API_KEY_ENV})")
+    http.add_argument("--served-model-name", nargs="+", default=None, help="name(s) clients use in `model` (default: the directory name)")
+    http.add_argument("--max-request-bytes", type=parse_size, default=4 * 2**20, help="larger request bodies get 413")
+    http.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    eng = serve.add_argument_group("engine")
+    eng.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    eng.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    eng.add_argument("--max-num-seqs", type=int, default=64, help="most requests denoised together")
+    eng.add_argument("--max-waiting", type=int, default=256, help="most requests queued; beyond it clients get 429")
+    eng.add_argument("--kv-cache-memory", type=parse_size, default=None, help="KV pool size, e.g. 2GiB (default: 512MiB on CPU, most free GPU memory)")
+    eng.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    eng.add_argument("--max-num-batched-tokens", type=int, default=16384, help="most positions recomputed in one step")
+
+    den = serve.add_argument_group("denoising defaults (each request may override them)")
+    base = EngineDefaults()
+    den.add_argument("--cache", default=base.cache, choices=CACHE_POLICIES)
+    den.add_argument("--unmask", default=base.unmask, choices=UNMASK_POLICIES)
+    den.add_argument("--block-length", type=int, default=base.block_length)
+    den.add_argument("--steps", type=int, default=base.steps, help="steps per block (default: one token per step)")
+    den.add_argument("--threshold", type=float, default=base.threshold)
+    den.add_argument("--factor", type=float, default=base.factor)
+    den.add_argument("--confidence", default=base.confidence, choices=CONFIDENCE_KINDS)
+    return parser
+
+
+def engine_defaults(args: argparse.Namespace) -> EngineDefaults:
+    """The denoising defaults from the command line, validated as a request would be."""
+    defaults = EngineDefaults(
+        block_length=args.block_length, steps=args.steps, cache=args.cache, unmask=args.unmask,
+        threshold=args.threshold, factor=args.factor, confidence=args.confidence,
+    )
+    SamplingParams(max_tokens=defaults.block_length).resolve(defaults)  # raises ParamError naming the option
+    return defaults
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(args, parser)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        model_dir = resolve_model_dir(args.model_dir)
+        defaults = engine_defaults(args)
+    except FileNotFoundError as exc:
+        parser.error(str(exc))
+    except ParamError as exc:
+        parser.error(f"--{exc.param.replace('_', '-')}: {exc.message}")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    # Imported late so `unmask --help` stays fast (the engine pulls in torch).
+    from engine.async_engine import AsyncEngine
+    from engine.config import EngineConfig
+    from server.app import create_app
+
+    try:
+        config = EngineConfig(
+            model_dir=str(model_dir), dtype=args.dtype, device=args.device, page_size=args.page_size,
+            kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting, defaults=defaults,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    settings = ServerSettings(
+        served_model_names=args.served_model_name or [], api_key=args.api_key or None,
+        max_request_bytes=args.max_request_bytes, defaults=defaults,
+    )
+    app = create_app(AsyncEngine(config), settings)
+    sock = _bind(args.host, args.port)
+    return asyncio.run(_run(app, sock, args.log_level))
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind before loading the model, so a busy port fails fast and `--port 0` learns its port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sys.exit(f"unmask: cannot bind {host}:{port}: {exc.strerror}")
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = "127.0.0.1" if host == "0.0.0.0" else (f"[{host}]" if ":" in host else host)
+    return f"http://{shown}:{port}"
+
+
+async def _run(app, sock: socket.socket, log_level: str) -> int:
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_keep_alive=5)
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal it shut down for once it is done; a no-op handler
+    # underneath makes that a clean exit (status 0) after the drain.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        url = _url(sock)
+        print(f"Unmask is serving {app.state.unmask.model_name} at {url}/v1 (health: {url}/health, metrics: {url}/metrics)", flush=True)
+    await serving
+    return 0 if server.started else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

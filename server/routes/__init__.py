@@ -1,0 +1,1 @@
+"""HTTP routes: OpenAI generation endpoints and the operational ones."""

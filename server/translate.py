@@ -1,0 +1,177 @@
+"""Protocol <-> engine, in one place: requests become `SamplingParams` and prompts; outputs become choices.
+
+Nothing here does I/O; routes call these functions and stream or return the result.
+"""
+
+from __future__ import annotations
+
+from engine.outputs import BlockView, FinishReason, RequestOutput
+from engine.params import EngineDefaults, SamplingParams
+from server.errors import APIError, INVALID_REQUEST, unsupported, engine_failure, SERVER_ERROR
+from server.generation import ChoiceRequest
+from server.protocol import (
+    MAX_STOP_STRINGS,
+    BlockState,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    UsageInfo,
+)
+
+MASK_PLACEHOLDER = "\u2591"  # "░": one per still-masked token in a streamed block's text
+
+_DEFAULTS = SamplingParams()
+
+
+# --- requests -------------------------------------------------------------------------------------
+
+
+def check_supported(body: CompletionRequest | ChatCompletionRequest) -> None:
+    """Reject, with a 400 naming the field, every OpenAI feature this server does not implement."""
+    if body.presence_penalty not in (None, 0):
+        raise unsupported("presence_penalty", "presence_penalty is not supported by diffusion decoding; use 0.")
+    if body.frequency_penalty not in (None, 0):
+        raise unsupported("frequency_penalty", "frequency_penalty is not supported by diffusion decoding; use 0.")
+    if body.logit_bias:
+        raise unsupported("logit_bias", "logit_bias is not supported.")
+    if isinstance(body, CompletionRequest):
+        if body.logprobs is not None:
+            raise unsupported("logprobs", "logprobs are not supported: diffusion decoding has no left-to-right token probabilities.")
+        if body.best_of not in (None, body.n):
+            raise unsupported("best_of", "best_of is not supported; use n.")
+        if body.suffix is not None:
+            raise unsupported("suffix", "suffix (insertion) is not supported.")
+    else:
+        if body.logprobs or body.top_logprobs is not None:
+            raise unsupported("logprobs", "logprobs are not supported: diffusion decoding has no left-to-right token probabilities.")
+        if body.tools:
+            raise unsupported("tools", "tool calling is not supported.")
+        if body.tool_choice not in (None, "none"):
+            raise unsupported("tool_choice", "tool calling is not supported.")
+        if body.response_format not in (None, {"type": "text"}):
+            raise unsupported("response_format", "only response_format {'type': 'text'} is supported.")
+
+
+def stop_strings(stop: str | list[str] | None) -> list[str]:
+    strings = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(strings) > MAX_STOP_STRINGS:
+        raise APIError(400, f"At most {MAX_STOP_STRINGS} stop strings are allowed.", INVALID_REQUEST, "stop", "invalid_value")
+    if any(not s for s in strings):
+        raise APIError(400, "Stop strings must not be empty.", INVALID_REQUEST, "stop", "invalid_value")
+    return strings
+
+
+def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, choice: int) -> SamplingParams:
+    """The engine parameters of choice `choice` of a request (choice i samples with seed + i)."""
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_DEFAULTS.temperature if body.temperature is None else body.temperature,
+        top_p=_DEFAULTS.top_p if body.top_p is None else body.top_p,
+        seed=None if body.seed is None else body.seed + choice,
+        stop=stop_strings(body.stop),
+        block_length=body.block_length,
+        steps=body.steps,
+        cache=body.cache,
+        unmask=body.unmask,
+        threshold=body.threshold,
+        factor=body.factor,
+        confidence=body.confidence,
+        stream_blocks=body.stream and body.stream_blocks,  # per-step outputs are useless without a stream
+    )
+
+
+def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """The separate prompts of a completion request (a list of ints is one tokenized prompt)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty.", INVALID_REQUEST, "prompt", "invalid_value")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]  # type: ignore[arg-type]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
+    """Render the conversation with the checkpoint's chat template, ready for the assistant's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(
+            400, "This model has no chat template; use /v1/completions.", INVALID_REQUEST, "messages", "no_chat_template"
+        )
+    conversation = [{"role": _template_role(m.role), "content": _message_text(m)} for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # templates raise on conversations they do not accept (e.g. role order)
+        raise APIError(400, f"The chat template rejected the messages: {exc}", INVALID_REQUEST, "messages") from exc
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _template_role(role: str) -> str:
+    return "system" if role == "developer" else role  # chat templates predate the developer role
+
+
+def _message_text(message: ChatMessage) -> str:
+    if isinstance(message.content, str):
+        return message.content
+    return "\n".join(part.text for part in message.content)
+
+
+def chat_max_tokens(body: ChatCompletionRequest, prompt_len: int, max_model_len: int, default: int) -> int:
+    """The explicit limit, else the server default cut to the context the prompt leaves (at least 1)."""
+    explicit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if explicit is not None:
+        return explicit
+    return max(1, min(default, max_model_len - prompt_len))
+
+
+def choice_requests(
+    base_id: str,
+    prompts: list[str | list[int]],
+    body: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int,
+    defaults: EngineDefaults,
+) -> list[ChoiceRequest]:
+    """n engine requests per prompt; choice index = prompt index * n + i, as OpenAI numbers them."""
+    return [
+        ChoiceRequest(
+            request_id=f"{base_id}-{p * body.n + i}",
+            prompt=prompt,
+            params=sampling_params(body, max_tokens, i),
+            cache=body.cache or defaults.cache,
+            unmask=body.unmask or defaults.unmask,
+        )
+        for p, prompt in enumerate(prompts)
+        for i in range(body.n)
+    ]
+
+
+# --- outputs --------------------------------------------------------------------------------------
+
+
+def finish_reason(out: RequestOutput) -> str | None:
+    """'stop' or 'length' for a finished request; raises `APIError` if it ended in failure."""
+    if not out.finished:
+        return None
+    if out.finish_reason is FinishReason.ERROR:
+        raise engine_failure(out.error)
+    if out.finish_reason is FinishReason.ABORT:
+        raise APIError(503, "The request was aborted by the server (shutting down).", SERVER_ERROR, None, "aborted")
+    return "length" if out.finish_reason is FinishReason.LENGTH else "stop"
+
+
+def block_state(view: BlockView | None) -> BlockState | None:
+    if view is None:
+        return None
+    return BlockState(
+        index=view.index,
+        step=view.step,
+        text=view.text(MASK_PLACEHOLDER),
+        num_masked=view.num_masked,
+        placeholder=MASK_PLACEHOLDER,
+    )
+
+
+def usage(finals: list[RequestOutput], n: int) -> UsageInfo:
+    """Prompt tokens count once per prompt (not per choice); completion tokens sum over choices."""
+    prompt = sum(len(out.prompt_token_ids) for k, out in enumerate(finals) if k % n == 0)
+    completion = sum(len(out.token_ids) for out in finals)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)

@@ -1,0 +1,122 @@
+"""`unmask serve` as a user runs it: a subprocess that prints its URL and drains on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.cli import main, parse_size
+from server_fixtures import model_dir_for_tests
+
+REPO = Path(__file__).resolve().parent.parent
+URL_LINE = re.compile(r"Unmask is serving (\S+) at (http://\S+)/v1")
+
+
+def unmask(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("UNMASK_API_KEY", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "server", *args], cwd=REPO, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,
+    )
+
+
+def wait_for_url(proc: subprocess.Popen, timeout: float = 180) -> tuple[str, str]:
+    """Read stdout until the startup line; returns (model name, base URL)."""
+    found: list[tuple[str, str]] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            match = URL_LINE.search(line)
+            if match:
+                found.append((match.group(1), match.group(2)))
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not found:
+        proc.kill()
+        raise AssertionError(f"no startup line; stderr:\n{proc.stderr.read()}")
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return model_dir_for_tests(tmp_path_factory)
+
+
+def test_sizes_parse_with_binary_units():
+    assert parse_size("1073741824") == 2**30
+    assert parse_size("512MiB") == parse_size("512M") == parse_size("512mb") == 512 * 2**20
+    assert parse_size("1.5G") == int(1.5 * 2**30)
+
+
+def test_help_lists_the_serving_options(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--host", "--port", "--api-key", "--served-model-name", "--max-num-seqs", "--max-waiting",
+                   "--kv-cache-memory", "--dtype", "--device", "--cache", "--unmask", "--block-length", "--steps", "--threshold"):
+        assert option in out
+
+
+def test_invalid_default_is_refused_before_loading(model_dir, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", str(model_dir), "--block-length", "8", "--steps", "9"])
+    assert exit_.value.code == 2 and "--steps" in capsys.readouterr().err
+
+
+def test_unknown_policy_is_refused_by_the_parser(model_dir, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", str(model_dir), "--cache", "nope"])
+    assert exit_.value.code == 2 and "--cache" in capsys.readouterr().err
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", str(tmp_path / "nowhere")])
+    assert exit_.value.code == 2 and "no model checkpoint" in capsys.readouterr().err
+
+
+def test_serve_prints_its_url_serves_and_drains_in_flight_requests_on_sigterm(model_dir):
+    proc = unmask(
+        "serve", str(model_dir), "--port", "0", "--api-key", "k", "--served-model-name", "tiny", "tiny-alias",
+        "--kv-cache-memory", "64MiB", "--block-length", "16",
+    )
+    try:
+        name, url = wait_for_url(proc)
+        assert name == "tiny"
+        headers = {"Authorization": "Bearer k"}
+        assert httpx.get(f"{url}/health").status_code == 200
+        models = httpx.get(f"{url}/v1/models", headers=headers).json()["data"]
+        assert [m["id"] for m in models] == ["tiny", "tiny-alias"]
+
+        body = {"model": "tiny-alias", "prompt": "Hello", "max_tokens": 96, "block_length": 96, "steps": 96,
+                "unmask": "random", "seed": 1, "stream": True, "stream_blocks": True}
+        events = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=120) as response:
+            lines = response.iter_lines()
+            events.append(next(line for line in lines if line.startswith("data: ")))
+            proc.send_signal(signal.SIGTERM)
+            events += [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        last = json.loads(events[-2][len("data: "):])
+        assert last["choices"][0]["finish_reason"] in ("stop", "length")
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()

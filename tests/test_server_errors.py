@@ -1,0 +1,212 @@
+"""Every failure is an OpenAI-shaped error with the right status, and none of them hurts the server."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from engine.policies import UNMASK_POLICIES
+from server_fixtures import API_KEY, MAX_REQUEST_BYTES, MAX_WAITING, live_server  # noqa: F401  (pytest fixture)
+
+PROMPT = "The quick brown fox"
+
+
+def post(server, path: str, body=None, *, content: bytes | None = None, auth: bool = True, headers=None):
+    with server.http(auth=auth) as http:
+        if content is not None:
+            return http.post(path, content=content, headers={"content-type": "application/json", **(headers or {})})
+        return http.post(path, json=body, headers=headers)
+
+
+def completion(server, **fields) -> dict:
+    return {"model": server.model, "prompt": PROMPT, "max_tokens": 8, "block_length": 8, **fields}
+
+
+def assert_error(response, status: int, param: str | None = None, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+# --- 400: the request is wrong ---------------------------------------------------------------------
+
+
+def test_malformed_json_is_400(live_server):
+    assert_error(post(live_server, "/v1/completions", content=b'{"prompt": "x",'), 400, code="invalid_json")
+
+
+def test_missing_body_is_400(live_server):
+    assert_error(post(live_server, "/v1/chat/completions", content=b""), 400)
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"temperature": "hot"}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 0}, "n"),
+        ({"prompt": 3.5}, "prompt"),
+        ({"stop": 7}, "stop"),
+        ({"cache": "nope"}, "cache"),
+        ({"unmask": "nope"}, "unmask"),
+        ({"stream_blocks": "sometimes"}, "stream_blocks"),
+        ({"block_lenght": 8}, "block_lenght"),
+    ],
+)
+def test_invalid_completion_field_is_400_naming_it(live_server, fields, param):
+    assert_error(post(live_server, "/v1/completions", completion(live_server, **fields)), 400, param)
+
+
+@pytest.mark.parametrize(
+    "messages, param",
+    [
+        ([], "messages"),
+        ([{"role": "wizard", "content": "hi"}], "messages[0].role"),
+        ([{"role": "user"}], "messages[0].content"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages[0].content"),
+    ],
+)
+def test_invalid_chat_message_is_400_naming_it(live_server, messages, param):
+    body = {"model": live_server.model, "messages": messages, "max_tokens": 8}
+    assert_error(post(live_server, "/v1/chat/completions", body), 400, param)
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"steps": 9}, "steps"),  # more steps than the block has tokens
+    ],
+)
+def test_value_the_engine_rejects_is_400_naming_it(live_server, fields, param):
+    assert_error(post(live_server, "/v1/completions", completion(live_server, **fields)), 400, param)
+
+
+def test_prompt_plus_max_tokens_beyond_the_context_is_400(live_server):
+    too_many = live_server.engine.max_model_len
+    error = assert_error(post(live_server, "/v1/completions", completion(live_server, max_tokens=too_many)), 400, "max_tokens")
+    assert str(too_many) in error["message"]
+
+
+@pytest.mark.parametrize(
+    "path, fields, param",
+    [
+        ("/v1/completions", {"logprobs": 1}, "logprobs"),
+        ("/v1/completions", {"suffix": "x"}, "suffix"),
+        ("/v1/completions", {"presence_penalty": 0.5}, "presence_penalty"),
+        ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ],
+)
+def test_unsupported_openai_feature_is_a_clear_400(live_server, path, fields, param):
+    if path == "/v1/completions":
+        body = completion(live_server, **fields)
+    else:
+        body = {"model": live_server.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **fields}
+    error = assert_error(post(live_server, path, body), 400, param, "unsupported_parameter")
+    assert "not supported" in error["message"]
+
+
+def test_the_openai_client_raises_bad_request_with_the_param(live_server):
+    with pytest.raises(openai.BadRequestError) as caught:
+        live_server.openai().completions.create(
+            model=live_server.model, prompt=PROMPT, max_tokens=8, extra_body={"cache": "nope"}
+        )
+    assert caught.value.status_code == 400
+    assert caught.value.body["param"] == "cache"
+
+
+# --- 401, 404, 413, 429 ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {API_KEY}"}])
+def test_v1_without_the_right_key_is_401(live_server, headers):
+    with live_server.http(auth=False) as http:
+        for response in (http.get("/v1/models", headers=headers), http.post("/v1/completions", content=b"{bad", headers=headers)):
+            assert_error(response, 401, code="invalid_api_key")
+            assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_the_openai_client_with_a_wrong_key_gets_authentication_error(live_server):
+    client = openai.OpenAI(base_url=f"{live_server.base_url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+
+
+def test_health_and_metrics_need_no_key(live_server):
+    with live_server.http(auth=False) as http:
+        assert http.get("/health").status_code == 200
+        assert http.get("/metrics").status_code == 200
+
+
+def test_unknown_model_is_404(live_server):
+    error = assert_error(post(live_server, "/v1/completions", completion(live_server, model="gpt-9")), 404, "model")
+    assert error["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        live_server.openai().chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_unknown_route_is_an_openai_shaped_404(live_server):
+    with live_server.http() as http:
+        assert_error(http.get("/v1/engines"), 404)
+
+
+def test_body_over_the_limit_is_413(live_server):
+    huge = completion(live_server, prompt="x" * (MAX_REQUEST_BYTES + 1))
+    assert_error(post(live_server, "/v1/completions", huge), 413, code="request_too_large")
+
+
+def test_full_waiting_queue_is_429_with_retry_after(live_server):
+    body = completion(live_server, n=4 * MAX_WAITING, max_tokens=64, block_length=64)
+    response = post(live_server, "/v1/completions", body)
+    assert_error(response, 429, code="queue_full")
+    assert int(response.headers["retry-after"]) >= 1
+    assert post(live_server, "/v1/completions", completion(live_server)).status_code == 200  # nothing leaked
+
+
+# --- 500: the engine fails on one request ---------------------------------------------------------
+
+
+@pytest.fixture
+def failing_factor_policy(monkeypatch):
+    """Fault injection into the real engine: `unmask=factor` with factor 13 raises inside the engine step."""
+    policy = UNMASK_POLICIES["factor"]
+    original = policy.choose
+
+    def choose(seq, confidence):
+        if seq.params.factor == 13.0:
+            raise RuntimeError("injected failure")
+        return original(seq, confidence)
+
+    monkeypatch.setattr(policy, "choose", choose)
+
+
+def test_engine_failure_is_500_for_that_request_only(live_server, failing_factor_policy):
+    bad = completion(live_server, unmask="factor", factor=13.0)
+    good = completion(live_server, unmask="factor", factor=1.0, max_tokens=32)
+    with ThreadPoolExecutor(2) as pool:
+        bad_response, good_response = pool.map(lambda body: post(live_server, "/v1/completions", body), [bad, good])
+    error = assert_error(bad_response, 500, code="engine_error")
+    assert "injected failure" in error["message"]
+    assert good_response.status_code == 200
+    assert post(live_server, "/v1/completions", completion(live_server)).status_code == 200
+    with live_server.http() as http:
+        assert http.get("/health").status_code == 200
+
+
+def test_engine_failure_mid_stream_ends_the_stream_with_an_error_event(live_server, failing_factor_policy):
+    client = live_server.openai()
+    with pytest.raises(openai.APIError, match="injected failure"):
+        for _ in client.completions.create(
+            model=live_server.model, prompt=PROMPT, max_tokens=8, stream=True, extra_body={"unmask": "factor", "factor": 13.0}
+        ):
+            pass
