@@ -64,10 +64,13 @@ def propose_batch(logits: torch.Tensor, groups: list[RowGroup], mask_id: int) ->
         else:
             tokens[rows], confidence[rows] = _propose_general(logits[rows], p, seed)
     if fast_rows:
-        index = torch.cat(fast_rows).to(logits.device)
         temperature = torch.tensor(temps, dtype=torch.float32, device=logits.device)
         seed_tensor = torch.tensor(row_seeds, dtype=torch.long, device=logits.device)
-        tokens[index], confidence[index] = fused_confidence(logits[index], temperature, seed_tensor)
+        if len(temps) == logits.shape[0]:  # the common case: every row, no gather copy
+            tokens, confidence = fused_confidence(logits, temperature, seed_tensor)
+        else:
+            index = torch.cat(fast_rows).to(logits.device)
+            tokens[index], confidence[index] = fused_confidence(logits[index], temperature, seed_tensor)
     tokens, confidence = tokens.cpu(), confidence.cpu()
     _randomize_confidence(confidence, groups, seeds)
     return tokens, confidence

@@ -1,0 +1,161 @@
+"""Offline throughput of the engine against the physical floor of the GPU.
+
+    python benchmarks/throughput.py --arch llada-8b            # the full table on a GPU
+    python benchmarks/throughput.py --arch tiny --device cpu   # a smoke run anywhere
+
+Builds a model with random weights directly on the device (no checkpoint),
+admits `batch` requests of `prompt` random tokens and a 256-token canvas, and
+drives the real engine step by step. For every configuration it prints the
+milliseconds of a refresh step (whole sequence) and of a cached step, the
+steady-state generated tokens/s over a block cycle, and beside them the floor:
+max(weight + KV bytes / bandwidth, FLOPs / matrix rate) per step and the
+model-FLOP utilisation. The reference (`none`) and the caches run in the same
+process, so the ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.models.config import ModelConfig
+from engine.models.loader import LoadedModel
+from engine.models.make_random import build_tokenizer
+from engine.models.transformer import DiffusionTransformer
+from engine.params import SamplingParams
+
+ARCHS = {
+    # LLaDA-8B-Instruct's shapes (config.json of GSAI-ML/LLaDA-8B-Instruct)
+    "llada-8b": dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, intermediate_size=12288,
+                     vocab_size=126464, mask_token_id=126336, rope_theta=500000.0),
+    "tiny": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=384,
+                 vocab_size=512, mask_token_id=1, rope_theta=10000.0),
+}
+BANDWIDTH = 3.0e12  # H100 HBM3, measured device-to-device copy (bytes read + written)
+MATMUL_RATE = 790e12  # H100 bf16 dense, measured 8192^3 product
+
+
+@dataclass
+class Row:
+    batch: int
+    prompt: int
+    tokens_per_step: int
+    cache: str
+    refresh_ms: float
+    cached_ms: float
+    tokens_per_s: float
+    floor_refresh_ms: float
+    floor_cached_ms: float
+    mfu: float
+
+
+def build_model(arch: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    # eos_token_id -1: random weights know no end-of-text, so every request runs its whole canvas.
+    cfg = ModelConfig(arch="llada", eos_token_id=-1, max_position=8192, **ARCHS[arch])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = DiffusionTransformer(cfg).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    tokenizer = build_tokenizer(512, tempfile.mkdtemp())
+    return LoadedModel(model.eval(), cfg, tokenizer, device, dtype)
+
+
+def step_floor(cfg: ModelConfig, batch: int, tokens: int, keys: int, dtype_bytes: int) -> tuple[float, float]:
+    """(seconds, FLOPs) floor of one step: each of `batch` sequences computes `tokens` positions over `keys` keys.
+
+    Bytes: every weight once (the LM head too: it runs on the block's rows) plus
+    every cached K/V once. FLOPs: 2 per weight per computed position (the LM
+    head only on the block's rows, ignored) plus 4 * layers * tokens * keys * hidden
+    for QK^T and PV.
+    """
+    body = cfg.num_layers * (4 * cfg.hidden_size**2 + 3 * cfg.hidden_size * cfg.intermediate_size)
+    weight_bytes = (body + 2 * cfg.vocab_size * cfg.hidden_size) * dtype_bytes
+    kv_bytes = 2 * cfg.num_layers * batch * keys * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+    flops = 2 * batch * tokens * body + 4 * cfg.num_layers * batch * tokens * keys * cfg.hidden_size
+    return max((weight_bytes + kv_bytes) / BANDWIDTH, flops / MATMUL_RATE), flops
+
+
+def run_config(loaded: LoadedModel, batch: int, prompt: int, tps: int, cache: str, gen: int, block: int) -> Row:
+    cfg = loaded.config
+    seq_len = prompt + gen
+    engine = LLMEngine(
+        EngineConfig(model_dir="<random>", page_size=16, max_num_seqs=batch, max_num_batched_tokens=batch * seq_len,
+                     kv_cache_memory=int(batch * seq_len * 2 * cfg.num_layers * cfg.hidden_size * 2 * 1.05) + 2**24),
+        loaded=loaded,
+    )
+    times: list[tuple[int, float]] = []  # (active tokens, seconds)
+    engine.step_listeners.append(lambda s: times.append((s.active_tokens, s.step_seconds)))
+    generator = torch.Generator().manual_seed(batch * 1000 + prompt)
+    params = SamplingParams(max_tokens=gen, block_length=block, steps=block // tps, cache=cache)
+    for i in range(batch):
+        ids = torch.randint(2, cfg.vocab_size - 2, (prompt,), generator=generator).tolist()
+        engine.add_request(f"r{i}", [t if t != cfg.mask_token_id else 2 for t in ids], params)
+    steps_per_block = block // tps
+    # one warm-up step, then one whole block cycle (none: a few steps are enough, all alike)
+    n_steps = 1 + (3 if cache == "none" else steps_per_block + 1)
+    for _ in range(n_steps):
+        engine.step()
+    for i in range(batch):
+        engine.abort(f"r{i}")
+    measured = times[1:]
+    full = [t for a, t in measured if a == batch * seq_len]
+    partial = [t for a, t in measured if a != batch * seq_len]
+    refresh = statistics.median(full)
+    cached = statistics.median(partial) if partial else refresh
+    cycle = refresh + (steps_per_block - 1) * cached
+    dtype_bytes = torch.empty((), dtype=loaded.dtype).element_size()
+    floor_refresh, flops_refresh = step_floor(cfg, batch, seq_len, seq_len, dtype_bytes)
+    cached_tokens = {"none": seq_len, "prefix": gen, "dual": block}[cache]  # the first block's cached step
+    floor_cached, flops_cached = step_floor(cfg, batch, cached_tokens, seq_len, dtype_bytes)
+    flops_cycle = flops_refresh + (steps_per_block - 1) * flops_cached
+    return Row(batch, prompt, tps, cache, refresh * 1e3, cached * 1e3, batch * block / cycle,
+               floor_refresh * 1e3, floor_cached * 1e3, flops_cycle / cycle / MATMUL_RATE)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", choices=list(ARCHS), default="llada-8b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--prompt", type=int, nargs="+", default=[128, 1024])
+    p.add_argument("--tokens-per-step", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--cache", nargs="+", default=["none", "prefix", "dual"])
+    p.add_argument("--gen", type=int, default=256)
+    p.add_argument("--block", type=int, default=32)
+    a = p.parse_args()
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    loaded = build_model(a.arch, device, dtype)
+    run_config(loaded, 1, 16, 1, "dual", 64, 32)  # compile kernels and warm caches once
+    print(f"# {a.arch} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+          f"gen {a.gen}, block {a.block}, {dtype}")
+    header = ("batch", "prompt", "tok/step", "cache", "refresh ms", "cached ms", "gen tok/s",
+              "floor refresh ms", "floor cached ms", "x floor (cached)", "MFU", "speedup vs none")
+    print(" | ".join(header))
+    baseline: dict[tuple, float] = {}
+    for batch, prompt, tps, cache in itertools.product(a.batch, a.prompt, a.tokens_per_step, a.cache):
+        try:
+            r = run_config(loaded, batch, prompt, tps, cache, a.gen, a.block)
+        except torch.OutOfMemoryError:
+            print(f"{batch} | {prompt} | {tps} | {cache} | out of memory")
+            torch.cuda.empty_cache()
+            continue
+        key = (batch, prompt, tps)
+        baseline.setdefault(key, r.tokens_per_s if cache == "none" else float("nan"))
+        speedup = r.tokens_per_s / baseline[key]
+        print(f"{r.batch} | {r.prompt} | {r.tokens_per_step} | {r.cache} | {r.refresh_ms:.2f} | {r.cached_ms:.2f} | "
+              f"{r.tokens_per_s:.0f} | {r.floor_refresh_ms:.2f} | {r.floor_cached_ms:.2f} | "
+              f"{r.cached_ms / r.floor_cached_ms:.2f} | {r.mfu:.1%} | {speedup:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
