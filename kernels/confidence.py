@@ -1,0 +1,231 @@
+"""Fused confidence: the proposed token of each row of logits and the model's probability for it.
+
+For logits [N, V] (V = 126,464 for LLaDA-8B), without materialising the
+softmax:
+
+- greedy rows (no temperature, or temperature 0): token = argmax(l), and the
+  confidence softmax(l)[token] = 1 / sum(exp(l - max l));
+- sampled rows (temperature T > 0): Gumbel-max sampling,
+  token = argmax(l / T + g) with g ~ Gumbel(0, 1), which draws token i with
+  probability softmax(l / T)[i]; the confidence is still read from the
+  softmax of the un-noised logits, softmax(l)[token] (LLaDA's rule).
+
+The Triton kernel makes one pass over each row. The vocabulary is cut into
+chunks so that few rows still fill the GPU; each program keeps an online
+max / sum-of-exponentials and the best (noised) key of its chunk, and a tiny
+second kernel merges the chunks. Gumbel noise comes from Philox keyed by the
+row's seed and the column index, so a row's sample depends only on its logits,
+temperature and seed: not on the batch it runs in, nor on the chunking.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels._triton import next_power_of_2, num_sms, tl, triton, use_triton
+
+__all__ = ["fused_confidence", "fused_confidence_reference", "fused_confidence_triton"]
+
+_LOG2E = 1.4426950408889634
+_BLOCK_V = 4096
+
+
+def _check(logits: torch.Tensor, temperature: torch.Tensor | None, seeds: torch.Tensor | None) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, V], got {tuple(logits.shape)}")
+    rows = logits.shape[0]
+    if temperature is not None:
+        if temperature.shape != (rows,):
+            raise ValueError(f"temperature must be [N] = [{rows}], got {tuple(temperature.shape)}")
+        if seeds is None or seeds.shape != (rows,):
+            raise ValueError("sampling with a temperature needs one int64 seed per row")
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _gumbel(seed: int, size: int, device: torch.device) -> torch.Tensor:
+    """Gumbel(0, 1) noise of one row, from a generator seeded with the row's seed."""
+    generator = torch.Generator(device=device).manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+    u = torch.rand(size, generator=generator, device=device, dtype=torch.float64)
+    u = u.clamp(torch.finfo(torch.float64).tiny, 1.0 - torch.finfo(torch.float64).eps)
+    return -torch.log(-torch.log(u))
+
+
+def fused_confidence_reference(
+    logits: torch.Tensor, temperature: torch.Tensor | None = None, seeds: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch `fused_confidence` (same promise; its Gumbel noise comes from torch's generator,
+    so sampled tokens follow the same distribution as the kernel's, not the same draws)."""
+    _check(logits, temperature, seeds)
+    x = logits.float()
+    tokens = x.argmax(-1)
+    if temperature is not None:
+        # One generator per sampled row keeps each row's draw independent of the batch; host loop is fine on CPU.
+        for row in (temperature > 0).nonzero().flatten().tolist():
+            noise = _gumbel(int(seeds[row]), x.shape[1], x.device)
+            tokens[row] = (x[row].double() / float(temperature[row]) + noise).argmax()
+    log_norm = torch.logsumexp(x, -1)
+    confidence = torch.exp(x.gather(1, tokens[:, None]).squeeze(1) - log_norm)
+    return tokens, confidence
+
+
+# ----------------------------------------------------------------------------- Triton
+
+
+@triton.jit
+def _gumbel_keys(x, inv_temp, seed, cols):
+    """l / T + g for one block, g ~ Gumbel(0, 1) = -log(E), E = -log(u) ~ Exp(1), from Philox(seed, column)."""
+    # 23 random bits give u = (b + 0.5) / 2^23 and w = 1 - u, both exact in fp32 and strictly inside (0, 1).
+    bits = (tl.randint(seed, cols).to(tl.uint32, bitcast=True) >> 9).to(tl.float32)
+    u = (bits + 0.5) * (1.0 / 8388608.0)
+    w = (8388607.5 - bits) * (1.0 / 8388608.0)
+    # Near u = 1 the fast log loses E = -log(u) ~ w to rounding, and E is what the top of the Gumbel
+    # tail (the likely winners) is made of: there use the series -log(1 - w) = w + w^2/2 + w^3/3 + w^4/4.
+    series = w * (1.0 + w * (0.5 + w * (0.3333333333 + w * 0.25)))
+    e = tl.where(w < 0.015625, series, -tl.log(u))
+    return x * inv_temp - tl.log(e)
+
+
+@triton.jit
+def _confidence_chunk_kernel(
+    logits_ptr, temp_ptr, seed_ptr,
+    m_ptr, s_ptr, key_ptr, idx_ptr, logit_ptr,
+    tokens_ptr, conf_ptr,
+    vocab, chunk, stride_row, num_chunks,
+    HAS_TEMPERATURE: tl.constexpr, SINGLE_CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    lo = c * chunk
+    hi = tl.minimum(lo + chunk, vocab)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    sampled = False
+    inv_temp = 1.0
+    seed = 0
+    if HAS_TEMPERATURE:
+        temp = tl.load(temp_ptr + row)
+        sampled = temp > 0.0
+        inv_temp = 1.0 / tl.where(sampled, temp, 1.0)
+        seed = tl.load(seed_ptr + row)
+
+    # Online softmax normaliser (max m, sum s of exp(l - m)) and the running best key.
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.full([], 0.0, tl.float32)
+    best_key = tl.full([], float("-inf"), tl.float32)
+    best_idx = lo
+    best_logit = tl.full([], float("-inf"), tl.float32)
+    offs = tl.arange(0, BLOCK_V)
+    for start in range(lo, hi, BLOCK_V):
+        cols = start + offs
+        x = tl.load(row_ptr + cols, mask=cols < hi, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid inf - inf
+        s = s * tl.exp2((m - m_safe) * 1.4426950408889634) + tl.sum(tl.exp2((x - m_safe) * 1.4426950408889634), 0)
+        m = m_new
+        if sampled:
+            keys = tl.where(cols < hi, _gumbel_keys(x, inv_temp, seed, cols), float("-inf"))
+        else:
+            keys = x
+        # Strictly greater keeps the first maximum, as torch.argmax does.
+        block_best = tl.max(keys, 0)
+        block_arg = tl.argmax(keys, 0, tie_break_left=True)
+        block_logit = tl.sum(tl.where(offs == block_arg, x, 0.0), 0)
+        better = block_best > best_key
+        best_key = tl.where(better, block_best, best_key)
+        best_idx = tl.where(better, start + block_arg, best_idx)
+        best_logit = tl.where(better, block_logit, best_logit)
+
+    if SINGLE_CHUNK:
+        tl.store(tokens_ptr + row, best_idx.to(tl.int64))
+        tl.store(conf_ptr + row, tl.exp2((best_logit - m) * 1.4426950408889634) / s)
+    else:
+        at = row * num_chunks + c
+        tl.store(m_ptr + at, m)
+        tl.store(s_ptr + at, s)
+        tl.store(key_ptr + at, best_key)
+        tl.store(idx_ptr + at, best_idx)
+        tl.store(logit_ptr + at, best_logit)
+
+
+@triton.jit
+def _confidence_merge_kernel(
+    m_ptr, s_ptr, key_ptr, idx_ptr, logit_ptr, tokens_ptr, conf_ptr,
+    num_chunks, BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0)
+    c = tl.arange(0, BLOCK_C)
+    ok = c < num_chunks
+    at = row * num_chunks + c
+    m = tl.load(m_ptr + at, mask=ok, other=float("-inf"))
+    s = tl.load(s_ptr + at, mask=ok, other=0.0)
+    keys = tl.load(key_ptr + at, mask=ok, other=float("-inf"))
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    total = tl.sum(s * tl.exp2((m - m_safe) * 1.4426950408889634), 0)
+    # Chunks are in column order, so the leftmost best chunk holds the first maximum.
+    best = tl.argmax(keys, 0, tie_break_left=True)
+    token = tl.load(idx_ptr + row * num_chunks + best)
+    logit = tl.load(logit_ptr + row * num_chunks + best)
+    tl.store(tokens_ptr + row, token.to(tl.int64))
+    tl.store(conf_ptr + row, tl.exp2((logit - m_safe) * 1.4426950408889634) / total)
+
+
+def _choose_chunks(rows: int, vocab: int, device: torch.device) -> int:
+    """Enough chunks per row for about four programs per SM, each at least one block wide."""
+    target = 4 * num_sms(device)
+    return max(1, min(-(-target // rows), -(-vocab // _BLOCK_V)))
+
+
+def fused_confidence_triton(
+    logits: torch.Tensor,
+    temperature: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    num_chunks: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton `fused_confidence` (same promise). `num_chunks` overrides the vocabulary split (tests, tuning)."""
+    _check(logits, temperature, seeds)
+    rows, vocab = logits.shape
+    tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    conf = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    if rows == 0:
+        return tokens, conf
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    chunks = min(num_chunks or _choose_chunks(rows, vocab, logits.device), -(-vocab // _BLOCK_V))
+    chunk = -(-(-(-vocab // chunks)) // _BLOCK_V) * _BLOCK_V  # whole blocks per chunk
+    chunks = -(-vocab // chunk)
+    # Per (row, chunk): max, sum of exponentials, best key, its column and its logit.
+    m, s, key, logit = torch.empty(4, rows * chunks, dtype=torch.float32, device=logits.device)
+    idx = torch.empty(rows * chunks, dtype=torch.int32, device=logits.device)
+    has_temp = temperature is not None
+    _confidence_chunk_kernel[(rows, chunks)](
+        logits,
+        temperature.float() if has_temp else conf,
+        seeds.long() if has_temp else tokens,
+        m, s, key, idx, logit, tokens, conf,
+        vocab, chunk, logits.stride(0), chunks,
+        HAS_TEMPERATURE=has_temp, SINGLE_CHUNK=chunks == 1, BLOCK_V=_BLOCK_V,
+        num_warps=8,
+    )
+    if chunks > 1:
+        _confidence_merge_kernel[(rows,)](m, s, key, idx, logit, tokens, conf, chunks, BLOCK_C=next_power_of_2(chunks), num_warps=1)
+    return tokens, conf
+
+
+def fused_confidence(
+    logits: torch.Tensor, temperature: torch.Tensor | None = None, seeds: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token_ids int64 [N], confidence fp32 [N]) for logits [N, V] of any float dtype.
+
+    temperature: fp32 [N] or None. Rows with temperature 0 (or all rows, when
+    None) are greedy: token = argmax (the first, on ties). Rows with T > 0 draw
+    token ~ softmax(logits / T) by Gumbel-max with noise from `seeds` (int64
+    [N], required with a temperature); the same logits, T and seed give the
+    same token whatever else is in the batch. confidence = softmax(logits)[token]
+    of the un-noised logits. Runs the Triton kernel on CUDA (no host
+    synchronisation) and the PyTorch reference elsewhere.
+    """
+    if use_triton(logits):
+        return fused_confidence_triton(logits, temperature, seeds)
+    return fused_confidence_reference(logits, temperature, seeds)
