@@ -162,21 +162,19 @@ def test_dockerfile_healthcheck_probes_health_on_the_container_port():
     assert f"127.0.0.1:{CONTAINER_PORT}/health" in command
 
 
-def test_dockerfile_copies_the_bundled_model_where_an_installed_server_finds_it():
-    from server.model_path import BUNDLED_NAME
+def test_dockerfile_copies_the_bundled_model_where_an_installed_server_finds_it(monkeypatch):
+    from server.model_path import BUNDLED_NAME, MODEL_ENV, default_model_candidates
 
-    stage = _final_stage()
-    copies = [a.split() for kw, a in stage if kw == "COPY"]
+    copies = [a.split() for kw, a in _final_stage() if kw == "COPY"]
     model_copies = [c for c in copies if c[0].rstrip("/") == "models"]
     assert model_copies, "the bundled models/ directory is not copied into the image"
-    dest = model_copies[0][-1].rstrip("/")
-    venvs = re.findall(r"python3 -m venv (\S+)", (REPO / "Dockerfile").read_text())
-    assert venvs and len(set(venvs)) == 1
-    # server/model_path.py looks in <sys.prefix>/share/unmask/models/<BUNDLED_NAME>; in the
-    # image sys.prefix is the venv.
-    assert dest == f"{venvs[0]}/share/unmask/models"
-    assert (REPO / "models").is_dir()
-    assert BUNDLED_NAME == "unmask-tiny"
+    assert (REPO / "models" / BUNDLED_NAME).is_dir()
+    (venv,) = set(re.findall(r"python3 -m venv (\S+)", (REPO / "Dockerfile").read_text()))
+    # In the image the server is installed into the venv, so sys.prefix is the venv.
+    monkeypatch.setattr(sys, "prefix", venv)
+    monkeypatch.delenv(MODEL_ENV, raising=False)
+    image_model = f"{model_copies[0][-1].rstrip('/')}/{BUNDLED_NAME}"
+    assert Path(image_model) in default_model_candidates()
 
 
 def test_dockerfile_installs_dependencies_before_copying_the_source():
@@ -502,6 +500,67 @@ def test_k8s_autoscalers_target_the_deployment_on_the_waiting_metric():
     scaled = docs["ScaledObject"]
     assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert METRIC_NAME.findall(scaled["spec"]["triggers"][0]["metadata"]["query"]) == ["unmask_requests_waiting"]
+
+
+_K8S_MODELS = {("apps/v1", "Deployment"): "V1Deployment", ("v1", "Service"): "V1Service",
+               ("autoscaling/v2", "HorizontalPodAutoscaler"): "V2HorizontalPodAutoscaler"}
+_SCALARS = {"str": str, "int": int, "bool": bool, "float": (int, float), "datetime": str, "date": str, "object": object}
+
+
+def _k8s_schema_errors(value, type_name: str, path: str) -> list[str]:
+    """Every field of `value` against the Kubernetes OpenAPI models of the official Python client:
+    unknown (misspelt or misplaced) fields and wrong scalar types are errors."""
+    import kubernetes.client as models
+
+    if type_name.startswith("List["):
+        if not isinstance(value, list):
+            return [f"{path}: expected a list"]
+        return [e for i, item in enumerate(value) for e in _k8s_schema_errors(item, type_name[5:-1], f"{path}[{i}]")]
+    if type_name.startswith("Dict["):
+        if not isinstance(value, dict):
+            return [f"{path}: expected a mapping"]
+        inner = type_name[type_name.index(",") + 1 : -1].strip()
+        if path.endswith((".limits", ".requests")):
+            inner = "object"  # resource quantities: 1, 0.5 and "8Gi" are all valid
+        return [e for key, item in value.items() for e in _k8s_schema_errors(item, inner, f"{path}.{key}")]
+    if type_name in _SCALARS:
+        ok = isinstance(value, _SCALARS[type_name]) and not (type_name == "int" and isinstance(value, bool))
+        return [] if ok else [f"{path}: expected {type_name}, got {value!r}"]
+    model = getattr(models, type_name)
+    if not isinstance(value, dict):
+        return [f"{path}: expected an object ({type_name})"]
+    fields = {json_name: attr for attr, json_name in model.attribute_map.items()}
+    errors = []
+    for key, item in value.items():
+        if key not in fields:
+            errors.append(f"{path}.{key}: not a field of {type_name}")
+        else:
+            errors.extend(_k8s_schema_errors(item, model.openapi_types[fields[key]], f"{path}.{key}"))
+    return errors
+
+
+def test_k8s_core_manifests_match_the_kubernetes_api_schema():
+    pytest.importorskip("kubernetes", reason="the kubernetes Python client (a test dependency) is not installed")
+    checked = 0
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in _load_yaml_docs(path):
+            model = _K8S_MODELS.get((doc.get("apiVersion"), doc.get("kind")))
+            if model:
+                errors = _k8s_schema_errors(doc, model, f"{path.name}:{doc['kind']}")
+                assert not errors, "\n".join(errors)
+                checked += 1
+    assert checked == 3
+
+
+def test_k8s_schema_check_catches_a_misspelt_field():
+    pytest.importorskip("kubernetes", reason="the kubernetes Python client (a test dependency) is not installed")
+    deployment = _k8s()["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    pod["terminationGracePeriodSecond"] = pod.pop("terminationGracePeriodSeconds")
+    pod["containers"][0]["livenessProbe"]["periodSeconds"] = "10"
+    errors = _k8s_schema_errors(deployment, "V1Deployment", "d")
+    assert any("terminationGracePeriodSecond: not a field" in e for e in errors)
+    assert any("periodSeconds: expected int" in e for e in errors)
 
 
 # --------------------------------------------------------------------------- real Prometheus + server

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Runs a built Unmask image the way a user would and checks it end to end:
+#   deploy/docker/smoke_test.sh [IMAGE] [HOST_PORT]      (defaults: unmask:cpu 18000)
+# 1. `docker run -d -p HOST_PORT:8000 IMAGE` (no arguments: the bundled model)
+# 2. the image's own HEALTHCHECK turns "healthy"
+# 3. a completion answers 200 and /metrics counts it
+# 4. the process runs as a non-root user
+# 5. `docker stop` (SIGTERM) drains and the container exits 0
+# Extra `docker run` options (e.g. --gpus all) can be passed in DOCKER_RUN_ARGS.
+set -euo pipefail
+
+image=${1:-unmask:cpu}
+port=${2:-18000}
+name=unmask-smoke-$$
+base=http://127.0.0.1:$port
+
+cleanup() { docker rm -f "$name" >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+
+# shellcheck disable=SC2086
+docker run -d --name "$name" -p "$port:8000" ${DOCKER_RUN_ARGS:-} "$image" >/dev/null
+echo "started $name from $image on $base"
+
+for _ in $(seq 1 120); do
+    status=$(docker inspect --format '{{.State.Health.Status}}' "$name")
+    [ "$status" = healthy ] && break
+    if [ "$(docker inspect --format '{{.State.Running}}' "$name")" != true ]; then
+        docker logs "$name"; echo "FAIL: container exited"; exit 1
+    fi
+    sleep 2
+done
+[ "$status" = healthy ] || { docker logs "$name"; echo "FAIL: health status $status"; exit 1; }
+echo "ok: HEALTHCHECK reports healthy"
+
+model=$(curl -sf "$base/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')
+curl -sf "$base/v1/completions" -H 'Content-Type: application/json' \
+    -d "{\"model\": \"$model\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}" \
+    | python3 -c 'import json,sys; r=json.load(sys.stdin); print("ok: completion:", repr(r["choices"][0]["text"]))'
+
+curl -sf "$base/metrics" | grep -q '^unmask_http_requests_total{endpoint="/v1/completions",status="200"} 1.0$' \
+    || { echo "FAIL: /metrics does not count the completion"; exit 1; }
+echo "ok: /metrics counts the request"
+
+uid=$(docker exec "$name" id -u)
+[ "$uid" != 0 ] || { echo "FAIL: runs as root"; exit 1; }
+echo "ok: runs as uid $uid"
+
+docker stop --time 60 "$name" >/dev/null
+code=$(docker inspect --format '{{.State.ExitCode}}' "$name")
+[ "$code" = 0 ] || { docker logs "$name" | tail -20; echo "FAIL: exit code $code after docker stop"; exit 1; }
+echo "ok: docker stop drains and exits 0"
+echo "PASS: $image"
