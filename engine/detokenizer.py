@@ -20,12 +20,17 @@ class TextStream:
     stop: list[str] = field(default_factory=list)
     released: str = ""
     stopped: bool = False
+    _seen_tokens: int = -1  # finalized tokens at the last update; committed text only grows
+
 
     def update(self, token_ids: list[int], final: bool) -> str:
         """Given all finalized token ids so far, return the newly releasable text.
 
         Sets `stopped` when a stop string appears; the text then ends before it.
         """
+        if not final and len(token_ids) == self._seen_tokens:
+            return ""  # nothing new was finalized: skip the decode (it runs every step)
+        self._seen_tokens = len(token_ids)
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         cut = self._first_stop(text)
         if cut is not None:

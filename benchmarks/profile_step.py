@@ -1,0 +1,92 @@
+"""Where the time of one engine step goes: GPU kernels by kind, and the host's share.
+
+    python benchmarks/profile_step.py --batch 64 --prompt 128 --cache dual --tokens-per-step 4
+
+Runs the same engine and random LLaDA-8B-shaped model as `throughput.py`,
+profiles a few steady-state cached steps with torch.profiler, and prints the
+GPU time per kernel family, the total GPU busy time per step and the wall time
+per step: their difference is host overhead (Python, launches, copies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.throughput import build_model
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.params import SamplingParams
+
+FAMILIES = (
+    ("gemm", ("gemm", "cutlass", "sm90", "nvjet", "cublas")),
+    ("attention", ("attn_fwd", "merge_splits")),
+    ("kv write", ("write_kv",)),
+    ("confidence", ("confidence",)),
+    ("norm/rope/elementwise", ("elementwise", "vectorized", "reduce", "cat", "copy", "fill", "index")),
+)
+
+
+def family(name: str) -> str:
+    lowered = name.lower()
+    for label, keys in FAMILIES:
+        if any(k in lowered for k in keys):
+            return label
+    return "other"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="llada-8b")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--gen", type=int, default=256)
+    p.add_argument("--block", type=int, default=32)
+    p.add_argument("--tokens-per-step", type=int, default=4)
+    p.add_argument("--cache", default="dual")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs (kernels of graph replays may not be traced)")
+    a = p.parse_args()
+    loaded = build_model(a.arch, torch.device("cuda"), torch.bfloat16)
+    cfg = loaded.config
+    seq_len = a.prompt + a.gen
+    engine = LLMEngine(
+        EngineConfig(model_dir="<random>", max_num_seqs=a.batch, max_num_batched_tokens=a.batch * seq_len,
+                     cuda_graph_max_tokens=0 if a.eager else 2048,
+                     kv_cache_memory=int(a.batch * seq_len * 4 * cfg.num_layers * cfg.hidden_size * 1.05) + 2**24),
+        loaded=loaded,
+    )
+    params = SamplingParams(max_tokens=a.gen, block_length=a.block, steps=a.block // a.tokens_per_step, cache=a.cache)
+    g = torch.Generator().manual_seed(0)
+    for i in range(a.batch):
+        engine.add_request(f"r{i}", torch.randint(2, 126000, (a.prompt,), generator=g).tolist(), params)
+    walls: list[float] = []
+    engine.step_listeners.append(lambda s: walls.append(s.step_seconds))
+    for _ in range(3):  # refresh + two cached steps: graphs captured, kernels compiled
+        engine.step()
+    walls.clear()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(a.steps):
+            engine.step()
+    per_family: dict[str, float] = collections.defaultdict(float)
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_family[family(event.key)] += event.device_time_total / 1e3 / a.steps
+    gpu = sum(per_family.values())
+    wall = sum(walls) / len(walls) * 1e3
+    print(f"# {a.arch} batch {a.batch} prompt {a.prompt} cache {a.cache} {a.tokens_per_step} tok/step, "
+          f"{torch.cuda.get_device_name()}")
+    print("kernel family | ms per step | share of wall")
+    for label, ms in sorted(per_family.items(), key=lambda kv: -kv[1]):
+        print(f"{label} | {ms:.2f} | {ms / wall:.0%}")
+    print(f"GPU busy | {gpu:.2f} | {gpu / wall:.0%}")
+    print(f"wall (engine step) | {wall:.2f} | 100%")
+    print(f"host overhead (wall - GPU busy) | {wall - gpu:.2f} | {(wall - gpu) / wall:.0%}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
