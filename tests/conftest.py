@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# One intra-op thread per process: the suite runs servers, clients and engines side by
+# side on two cores, where OpenMP's spinning threads slow a small op tenfold.
+# Servers started by tests inherit it through the environment.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
 
 from engine.models.make_random import make_random_checkpoint
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED_MODEL = REPO / "models" / "unmask-tiny"
