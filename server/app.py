@@ -16,7 +16,7 @@ from server.errors import install_error_handlers
 from server.http_metrics import HTTPMetricsMiddleware
 from server.metrics import Metrics
 from server.protocol import ChatCompletionChunk, CompletionChunk
-from server.routes import chat, completions, system
+from server.routes import chat, completions, playground, system
 from server.settings import ServerSettings
 from server.state import ServerState
 
@@ -39,10 +39,12 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
         description="OpenAI-compatible inference server for diffusion language models (LLaDA, Dream).",
         lifespan=_lifespan(engine),
     )
-    state = ServerState(engine, settings, Metrics(settings.served_model_names[0] if settings.served_model_names else engine.model_name))
+    state = ServerState(
+        engine, settings, Metrics(settings.served_model_names[0] if settings.served_model_names else engine.model_name)
+    )
     state.metrics.bind_engine(engine)
     app.state.unmask = state
-    routers = [completions.router, chat.router, system.router]
+    routers = [completions.router, chat.router, system.router, playground.router]
     for router in routers:
         app.include_router(router)
     install_error_handlers(app)
@@ -84,7 +86,10 @@ async def _start_with_progress(engine) -> None:
     task.result()
     log.info(
         "model %s loaded in %.1f s: context %d tokens, %d KV pages",
-        engine.model_name, time.perf_counter() - start, engine.max_model_len, engine.kv_pages_total,
+        engine.model_name,
+        time.perf_counter() - start,
+        engine.max_model_len,
+        engine.kv_pages_total,
     )
 
 

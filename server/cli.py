@@ -14,8 +14,17 @@ import re
 import signal
 import socket
 import sys
+from dataclasses import fields
 
-from engine.params import CACHE_POLICIES, CONFIDENCE_KINDS, UNMASK_POLICIES, EngineDefaults, ParamError, SamplingParams
+import engine.params as engine_params
+from engine.params import (
+    CACHE_POLICIES,
+    CONFIDENCE_KINDS,
+    UNMASK_POLICIES,
+    EngineDefaults,
+    ParamError,
+    SamplingParams,
+)
 from server.model_path import MODEL_ENV, resolve_model_dir
 from server.settings import ServerSettings
 
@@ -32,17 +41,35 @@ def parse_size(text: str) -> int:
     return int(number * 1024 ** "_KMGT".index(unit or "_"))
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the None/False ones whose help already says what unset means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unmask", description="Unmask: an OpenAI-compatible server for diffusion LMs.")
+    parser = argparse.ArgumentParser(
+        prog="unmask", description="Unmask: an OpenAI-compatible server for diffusion LMs."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve a model over HTTP", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    serve.add_argument("model_dir", nargs="?", help=f"checkpoint directory (default: ${MODEL_ENV}, else the bundled model)")
+    serve = sub.add_parser("serve", help="serve a model over HTTP", formatter_class=_HelpFormatter)
+    serve.add_argument(
+        "model_dir", nargs="?", help=f"checkpoint directory (default: ${MODEL_ENV}, else the bundled model)"
+    )
 
     http = serve.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
     http.add_argument("--port", type=int, default=8000, help="port to bind (0 picks a free one)")
-    http.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"require this Bearer token on /v1/* (or ${API_KEY_ENV})")
-    http.add_argument("--served-model-name", nargs="+", default=None, help="name(s) clients use in `model` (default: the directory name)")
+    http.add_argument("--api-key", default=None, help=f"require this Bearer token on /v1/* (or ${API_KEY_ENV})")
+    http.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="name(s) clients use in `model` (default: the directory name)",
+    )
     http.add_argument("--max-request-bytes", type=parse_size, default=4 * 2**20, help="larger request bodies get 413")
     http.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -51,28 +78,55 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     eng.add_argument("--max-num-seqs", type=int, default=64, help="most requests denoised together")
     eng.add_argument("--max-waiting", type=int, default=256, help="most requests queued; beyond it clients get 429")
-    eng.add_argument("--kv-cache-memory", type=parse_size, default=None, help="KV pool size, e.g. 2GiB (default: 512MiB on CPU, most free GPU memory)")
+    eng.add_argument(
+        "--kv-cache-memory",
+        type=parse_size,
+        default=None,
+        help="KV pool size, e.g. 2GiB (default: 512MiB on CPU, most free GPU memory)",
+    )
     eng.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     eng.add_argument("--max-num-batched-tokens", type=int, default=16384, help="most positions recomputed in one step")
 
+    eng.add_argument(
+        "--feature-cache", action="store_true", help="add feature pages to the KV pool (needed by cache=dllm-cache)"
+    )
+    eng.add_argument(
+        "--guide-model",
+        default=None,
+        help="directory of the small causal LM behind unmask=guided (default: the bundled guide, if it fits)",
+    )
+
     den = serve.add_argument_group("denoising defaults (each request may override them)")
-    base = EngineDefaults()
-    den.add_argument("--cache", default=base.cache, choices=CACHE_POLICIES)
-    den.add_argument("--unmask", default=base.unmask, choices=UNMASK_POLICIES)
-    den.add_argument("--block-length", type=int, default=base.block_length)
-    den.add_argument("--steps", type=int, default=base.steps, help="steps per block (default: one token per step)")
-    den.add_argument("--threshold", type=float, default=base.threshold)
-    den.add_argument("--factor", type=float, default=base.factor)
-    den.add_argument("--confidence", default=base.confidence, choices=CONFIDENCE_KINDS)
+    for f in fields(EngineDefaults):
+        _add_default_option(den, f.name, getattr(EngineDefaults(), f.name))
     return parser
+
+
+_CHOICES = {"cache": CACHE_POLICIES, "unmask": UNMASK_POLICIES, "confidence": CONFIDENCE_KINDS}
+_HELP = {
+    "cache": "cache policy: which positions each step recomputes",
+    "unmask": "unmask policy: how many tokens each step commits",
+    "confidence": "how a masked position's confidence is measured",
+    "block_length": "tokens per block",
+    "steps": "steps per block for the fixed-step unmask policies (default: one token per step)",
+    "threshold": "confidence threshold of unmask=threshold",
+    "factor": "factor of unmask=factor",
+}
+
+
+def _add_default_option(group, name: str, default) -> None:
+    """`--NAME` for one `EngineDefaults` field (so every engine default is settable from the CLI)."""
+    owner = getattr(engine_params, "METHOD_FIELDS", {}).get(name)
+    help_text = _HELP.get(name) or (f"for {owner[0]}={owner[1]}" if owner else "")
+    kind = int if default is None or isinstance(default, int) else type(default)
+    group.add_argument(
+        f"--{name.replace('_', '-')}", dest=name, type=kind, default=default, choices=_CHOICES.get(name), help=help_text
+    )
 
 
 def engine_defaults(args: argparse.Namespace) -> EngineDefaults:
     """The denoising defaults from the command line, validated as a request would be."""
-    defaults = EngineDefaults(
-        block_length=args.block_length, steps=args.steps, cache=args.cache, unmask=args.unmask,
-        threshold=args.threshold, factor=args.factor, confidence=args.confidence,
-    )
+    defaults = EngineDefaults(**{f.name: getattr(args, f.name) for f in fields(EngineDefaults)})
     SamplingParams(max_tokens=defaults.block_length).resolve(defaults)  # raises ParamError naming the option
     return defaults
 
@@ -103,15 +157,25 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     try:
         config = EngineConfig(
-            model_dir=str(model_dir), dtype=args.dtype, device=args.device, page_size=args.page_size,
-            kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting, defaults=defaults,
+            model_dir=str(model_dir),
+            dtype=args.dtype,
+            device=args.device,
+            page_size=args.page_size,
+            kv_cache_memory=args.kv_cache_memory,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_waiting=args.max_waiting,
+            feature_cache=args.feature_cache,
+            guide_model=args.guide_model,
+            defaults=defaults,
         )
     except ValueError as exc:
         parser.error(str(exc))
     settings = ServerSettings(
-        served_model_names=args.served_model_name or [], api_key=args.api_key or None,
-        max_request_bytes=args.max_request_bytes, defaults=defaults,
+        served_model_names=args.served_model_name or [],
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        max_request_bytes=args.max_request_bytes,
+        defaults=defaults,
     )
     app = create_app(AsyncEngine(config), settings)
     sock = _bind(args.host, args.port)
@@ -151,7 +215,8 @@ async def _run(app, sock: socket.socket, log_level: str) -> int:
         await asyncio.sleep(0.05)
     if server.started:
         url = _url(sock)
-        print(f"Unmask is serving {app.state.unmask.model_name} at {url}/v1 (health: {url}/health, metrics: {url}/metrics)", flush=True)
+        name = app.state.unmask.model_name
+        print(f"Unmask is serving {name} at {url}/v1 (health: {url}/health, metrics: {url}/metrics)", flush=True)
     await serving
     return 0 if server.started else 3
 

@@ -34,6 +34,18 @@ UNAVAILABLE = "service_unavailable_error"
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
+class _ErrorJSONResponse(JSONResponse):
+    """JSON with non-ASCII characters escaped.
+
+    Error messages may quote the client's input (a model name, a field name), and
+    JSON input can carry lone surrogates (`"\\ud800"`): valid JSON escapes, but not
+    encodable as UTF-8, so the default renderer would turn a 4xx into a 500.
+    """
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 class APIError(Exception):
     """An error response: raise it anywhere in a route and the client gets it, OpenAI-shaped."""
 
@@ -59,7 +71,7 @@ class APIError(Exception):
         return ErrorResponse(error=detail).model_dump()
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        return _ErrorJSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
     def sse_event(self) -> bytes:
         """The error as one SSE event, for failures after a stream has started."""
@@ -75,7 +87,9 @@ def unsupported(param: str, message: str) -> APIError:
 
 
 def engine_failure(detail: str | None) -> APIError:
-    return APIError(500, f"The engine failed on this request: {detail or 'unknown error'}", SERVER_ERROR, None, "engine_error")
+    return APIError(
+        500, f"The engine failed on this request: {detail or 'unknown error'}", SERVER_ERROR, None, "engine_error"
+    )
 
 
 def from_engine_exception(exc: Exception, retry_after_seconds: int) -> APIError:
@@ -109,14 +123,20 @@ def validation_error(exc: RequestValidationError) -> APIError:
     kind = first.get("type", "")
     if kind == "json_invalid":
         reason = first.get("ctx", {}).get("error", "")
-        return APIError(400, f"The request body is not valid JSON: {reason}".rstrip(": "), INVALID_REQUEST, None, "invalid_json")
+        return APIError(
+            400, f"The request body is not valid JSON: {reason}".rstrip(": "), INVALID_REQUEST, None, "invalid_json"
+        )
     if kind == "missing" and not loc:
         return APIError(400, "The request needs a JSON body.", INVALID_REQUEST, None, "missing_body")
     param = _param_path(loc)
     if kind == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: {param}", INVALID_REQUEST, param, "unknown_parameter")
+        return APIError(
+            400, f"Unrecognized request argument supplied: {param}", INVALID_REQUEST, param, "unknown_parameter"
+        )
     if kind == "missing":
-        return APIError(400, f"Missing required parameter: '{param}'.", INVALID_REQUEST, param, "missing_required_parameter")
+        return APIError(
+            400, f"Missing required parameter: '{param}'.", INVALID_REQUEST, param, "missing_required_parameter"
+        )
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     return APIError(400, f"Invalid value for '{param}': {message}", INVALID_REQUEST, param or None, "invalid_value")
 

@@ -18,7 +18,7 @@ from starlette.requests import Request
 
 from engine.outputs import FinishReason, RequestOutput
 from engine.params import SamplingParams
-from server.errors import from_engine_exception
+from server.errors import engine_failure, from_engine_exception
 from server.metrics import Metrics
 
 
@@ -73,7 +73,9 @@ class Generation:
     _last: dict[int, RequestOutput] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, engine, choices: list[ChoiceRequest], metrics: Metrics, arrival: float, retry_after: int) -> "Generation":
+    def start(
+        cls, engine, choices: list[ChoiceRequest], metrics: Metrics, arrival: float, retry_after: int
+    ) -> "Generation":
         """Add every choice to the engine, or none: on the first refusal, abort the rest and raise `APIError`."""
         gen = cls(engine, choices, metrics, arrival)
         streams = []
@@ -120,11 +122,18 @@ class Generation:
             self.metrics.observe_finished(out, choice.cache, choice.unmask, now - self.arrival)
 
     async def collect(self, watcher: DisconnectWatcher) -> list[RequestOutput]:
-        """Wait for every choice's final output (in choice order)."""
+        """Wait for every choice's final output (in choice order).
+
+        Raises the 500 `APIError` as soon as one choice fails in the engine: the
+        response is an error anyway, so the rest are aborted rather than awaited.
+        """
         finals: list[RequestOutput | None] = [None] * len(self.choices)
         async for index, out in self.events(watcher):
             if out.finished:
                 finals[index] = out
+                if out.finish_reason is FinishReason.ERROR:
+                    self.close()
+                    raise engine_failure(out.error)
         return finals  # type: ignore[return-value]
 
     def close(self) -> None:

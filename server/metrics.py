@@ -37,7 +37,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from engine.outputs import RequestOutput, StepStats
@@ -62,41 +68,70 @@ class Metrics:
             "unmask_http_requests", "HTTP requests by route and status.", ["endpoint", "status"], registry=r
         )
         self.http_duration = Histogram(
-            "unmask_http_request_duration_seconds", "HTTP request arrival to last byte sent.", ["endpoint"],
-            buckets=_LATENCY, registry=r,
+            "unmask_http_request_duration_seconds",
+            "HTTP request arrival to last byte sent.",
+            ["endpoint"],
+            buckets=_LATENCY,
+            registry=r,
         )
         self.finished = Counter(
             "unmask_requests_finished", "Engine requests by finish reason.", ["model", "finish_reason"], registry=r
         )
         self.prompt_tokens = Counter("unmask_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
-        self.generation_tokens = Counter("unmask_generation_tokens", "Finalized tokens generated.", ["model"], registry=r)
+        self.generation_tokens = Counter(
+            "unmask_generation_tokens", "Finalized tokens generated.", ["model"], registry=r
+        )
         self.e2e = Histogram(
-            "unmask_e2e_request_latency_seconds", "HTTP arrival to the end of an engine request.", ["model"],
-            buckets=_LATENCY, registry=r,
+            "unmask_e2e_request_latency_seconds",
+            "HTTP arrival to the end of an engine request.",
+            ["model"],
+            buckets=_LATENCY,
+            registry=r,
         )
         self.ttft = Histogram(
-            "unmask_time_to_first_token_seconds", "HTTP arrival to the first finalized text.", ["model"],
-            buckets=_LATENCY, registry=r,
+            "unmask_time_to_first_token_seconds",
+            "HTTP arrival to the first finalized text.",
+            ["model"],
+            buckets=_LATENCY,
+            registry=r,
         )
         self.tokens_per_step = Histogram(
-            "unmask_request_tokens_per_step", "Tokens committed per denoising step, per request.",
-            ["model", "cache", "unmask"], buckets=_PER_STEP, registry=r,
+            "unmask_request_tokens_per_step",
+            "Tokens committed per denoising step, per request.",
+            ["model", "cache", "unmask"],
+            buckets=_PER_STEP,
+            registry=r,
         )
         self.steps_per_block = Histogram(
-            "unmask_steps_per_block", "Denoising steps each finished block took.", ["model", "cache", "unmask"],
-            buckets=_COUNTS, registry=r,
+            "unmask_steps_per_block",
+            "Denoising steps each finished block took.",
+            ["model", "cache", "unmask"],
+            buckets=_COUNTS,
+            registry=r,
         )
         self.step_seconds = Histogram(
-            "unmask_step_duration_seconds", "Wall time of one engine step.", ["model"], buckets=_STEP_SECONDS, registry=r
+            "unmask_step_duration_seconds",
+            "Wall time of one engine step.",
+            ["model"],
+            buckets=_STEP_SECONDS,
+            registry=r,
         )
         self.step_committed = Histogram(
-            "unmask_step_tokens_committed", "Tokens committed in one engine step.", ["model"], buckets=_COUNTS, registry=r
+            "unmask_step_tokens_committed",
+            "Tokens committed in one engine step.",
+            ["model"],
+            buckets=_COUNTS,
+            registry=r,
         )
         self.step_batch = Histogram(
             "unmask_step_batch_size", "Sequences in one engine step.", ["model"], buckets=_COUNTS, registry=r
         )
         self.step_active = Histogram(
-            "unmask_step_active_tokens", "Positions recomputed in one engine step.", ["model"], buckets=_TOKENS, registry=r
+            "unmask_step_active_tokens",
+            "Positions recomputed in one engine step.",
+            ["model"],
+            buckets=_TOKENS,
+            registry=r,
         )
         self._gauges = {
             name: Gauge(name, doc, ["model"], registry=r).labels(model)

@@ -10,11 +10,26 @@ generation endpoints; the OpenAI SDK sends them through `extra_body`.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_serializer,
+)
 
-from engine.params import CACHE_POLICIES, CONFIDENCE_KINDS, UNMASK_POLICIES
+import engine.params as engine_params
+from engine.params import (
+    CACHE_POLICIES,
+    CONFIDENCE_KINDS,
+    UNMASK_POLICIES,
+    EngineDefaults,
+)
 
 MAX_CHOICES = 16
 MAX_STOP_STRINGS = 16
@@ -62,7 +77,39 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="Send a last chunk with `usage` and no choices.")
 
 
-class DiffusionFields(_Request):
+def _method_fields() -> dict[str, Any]:
+    """One optional request field per parameter of a single cache/unmask method (`dkv_refresh`, ...).
+
+    Derived from `EngineDefaults`, so a method the engine adds is accepted here
+    (and documented in /openapi.json) without a server change.
+    """
+    declared = {"block_length", "steps", "cache", "unmask", "threshold", "factor", "confidence"}
+    owners = getattr(engine_params, "METHOD_FIELDS", {})
+    result = {}
+    for f in fields(EngineDefaults):
+        if f.name in declared:
+            continue
+        default = getattr(EngineDefaults(), f.name)
+        kind = (
+            bool
+            if isinstance(default, bool)
+            else int
+            if isinstance(default, int)
+            else float
+            if isinstance(default, float)
+            else str
+        )
+        owner = owners.get(f.name)
+        applies = f"For {owner[0]}={owner[1]!r}. " if owner else ""
+        result[f.name] = (kind | None, Field(None, description=f"{applies}Server default: {default}."))
+    return result
+
+
+_MethodFields = create_model("_MethodFields", __base__=_Request, **_method_fields())
+METHOD_FIELD_NAMES = tuple(_MethodFields.model_fields)
+
+
+class DiffusionFields(_MethodFields):
     """Per-request denoising controls; unset fields take the server's CLI defaults."""
 
     block_length: int | None = Field(None, ge=1, description="Tokens per block; blocks are denoised left to right.")
@@ -115,7 +162,9 @@ class CompletionRequest(_SamplingFields):
     @classmethod
     def _prompt_shape(cls, value, handler):
         return _wrap_union(
-            value, handler, "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists"
+            value,
+            handler,
+            "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists",
         )
 
 

@@ -6,11 +6,18 @@ Nothing here does I/O; routes call these functions and stream or return the resu
 from __future__ import annotations
 
 from engine.outputs import BlockView, FinishReason, RequestOutput
-from engine.params import EngineDefaults, SamplingParams
-from server.errors import APIError, INVALID_REQUEST, unsupported, engine_failure, SERVER_ERROR
+from engine.params import EngineDefaults, ParamError, SamplingParams, check_text
+from server.errors import (
+    INVALID_REQUEST,
+    SERVER_ERROR,
+    APIError,
+    engine_failure,
+    unsupported,
+)
 from server.generation import ChoiceRequest
 from server.protocol import (
     MAX_STOP_STRINGS,
+    METHOD_FIELD_NAMES,
     BlockState,
     ChatCompletionRequest,
     ChatMessage,
@@ -36,14 +43,18 @@ def check_supported(body: CompletionRequest | ChatCompletionRequest) -> None:
         raise unsupported("logit_bias", "logit_bias is not supported.")
     if isinstance(body, CompletionRequest):
         if body.logprobs is not None:
-            raise unsupported("logprobs", "logprobs are not supported: diffusion decoding has no left-to-right token probabilities.")
+            raise unsupported(
+                "logprobs", "logprobs are not supported: diffusion decoding has no left-to-right token probabilities."
+            )
         if body.best_of not in (None, body.n):
             raise unsupported("best_of", "best_of is not supported; use n.")
         if body.suffix is not None:
             raise unsupported("suffix", "suffix (insertion) is not supported.")
     else:
         if body.logprobs or body.top_logprobs is not None:
-            raise unsupported("logprobs", "logprobs are not supported: diffusion decoding has no left-to-right token probabilities.")
+            raise unsupported(
+                "logprobs", "logprobs are not supported: diffusion decoding has no left-to-right token probabilities."
+            )
         if body.tools:
             raise unsupported("tools", "tool calling is not supported.")
         if body.tool_choice not in (None, "none"):
@@ -55,7 +66,9 @@ def check_supported(body: CompletionRequest | ChatCompletionRequest) -> None:
 def stop_strings(stop: str | list[str] | None) -> list[str]:
     strings = [stop] if isinstance(stop, str) else list(stop or [])
     if len(strings) > MAX_STOP_STRINGS:
-        raise APIError(400, f"At most {MAX_STOP_STRINGS} stop strings are allowed.", INVALID_REQUEST, "stop", "invalid_value")
+        raise APIError(
+            400, f"At most {MAX_STOP_STRINGS} stop strings are allowed.", INVALID_REQUEST, "stop", "invalid_value"
+        )
     if any(not s for s in strings):
         raise APIError(400, "Stop strings must not be empty.", INVALID_REQUEST, "stop", "invalid_value")
     return strings
@@ -77,6 +90,7 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
         factor=body.factor,
         confidence=body.confidence,
         stream_blocks=body.stream and body.stream_blocks,  # per-step outputs are useless without a stream
+        **{name: getattr(body, name) for name in METHOD_FIELD_NAMES},
     )
 
 
@@ -95,9 +109,18 @@ def chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
     """Render the conversation with the checkpoint's chat template, ready for the assistant's turn."""
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(
-            400, "This model has no chat template; use /v1/completions.", INVALID_REQUEST, "messages", "no_chat_template"
+            400,
+            "This model has no chat template; use /v1/completions.",
+            INVALID_REQUEST,
+            "messages",
+            "no_chat_template",
         )
     conversation = [{"role": _template_role(m.role), "content": _message_text(m)} for m in messages]
+    for i, turn in enumerate(conversation):
+        try:
+            check_text(f"messages[{i}].content", turn["content"])
+        except ParamError as exc:
+            raise APIError(400, exc.message, INVALID_REQUEST, exc.param, "invalid_value") from None
     try:
         text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     except Exception as exc:  # templates raise on conversations they do not accept (e.g. role order)

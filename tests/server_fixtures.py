@@ -90,7 +90,9 @@ def serve_in_thread(model_dir: Path, settings: ServerSettings, **engine_options)
         time.sleep(0.05)
     port = sock.getsockname()[1]
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", settings.api_key or "", app.state.unmask.model_name, engine, server)
+        yield LiveServer(
+            f"http://127.0.0.1:{port}", settings.api_key or "", app.state.unmask.model_name, engine, server
+        )
     finally:
         server.should_exit = True
         thread.join(60)
@@ -106,6 +108,7 @@ def live_server(tmp_path_factory) -> Iterator[LiveServer]:
         max_num_seqs=MAX_NUM_SEQS,
         max_waiting=MAX_WAITING,
         kv_cache_memory=64 * 2**20,
+        feature_cache=True,  # so that every cache policy is servable
     )
 
 
@@ -120,7 +123,7 @@ def sse_data(raw: str) -> list[str]:
     for event in events:
         assert event.startswith("data: "), f"not a data event: {event!r}"
         assert "\n" not in event, f"an event spans lines: {event!r}"
-        payloads.append(event[len("data: "):])
+        payloads.append(event[len("data: ") :])
     return payloads
 
 

@@ -9,13 +9,15 @@ import signal
 import subprocess
 import sys
 import threading
+from dataclasses import fields
 from pathlib import Path
 
 import httpx
 import pytest
+from server_fixtures import model_dir_for_tests, wait_until
 
-from server.cli import main, parse_size
-from server_fixtures import model_dir_for_tests
+from engine.params import EngineDefaults
+from server.cli import build_parser, main, parse_size
 
 REPO = Path(__file__).resolve().parent.parent
 URL_LINE = re.compile(r"Unmask is serving (\S+) at (http://\S+)/v1")
@@ -25,8 +27,13 @@ def unmask(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("UNMASK_API_KEY", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "server", *args], cwd=REPO, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,
+        [sys.executable, "-m", "server", *args],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
     )
 
 
@@ -50,6 +57,14 @@ def wait_for_url(proc: subprocess.Popen, timeout: float = 180) -> tuple[str, str
     return found[0]
 
 
+def refuses_connections(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/health", timeout=5)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return model_dir_for_tests(tmp_path_factory)
@@ -66,9 +81,29 @@ def test_help_lists_the_serving_options(capsys):
         main(["serve", "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--host", "--port", "--api-key", "--served-model-name", "--max-num-seqs", "--max-waiting",
-                   "--kv-cache-memory", "--dtype", "--device", "--cache", "--unmask", "--block-length", "--steps", "--threshold"):
+    for option in (
+        "--host",
+        "--port",
+        "--api-key",
+        "--served-model-name",
+        "--max-num-seqs",
+        "--max-waiting",
+        "--kv-cache-memory",
+        "--dtype",
+        "--device",
+        "--cache",
+        "--unmask",
+        "--block-length",
+        "--steps",
+        "--threshold",
+    ):
         assert option in out
+
+
+def test_every_engine_default_is_a_serve_option():
+    serve = build_parser().parse_args(["serve"])
+    for f in fields(EngineDefaults):
+        assert getattr(serve, f.name) == getattr(EngineDefaults(), f.name), f.name
 
 
 def test_invalid_default_is_refused_before_loading(model_dir, capsys):
@@ -91,8 +126,19 @@ def test_missing_model_directory_is_a_clear_error(tmp_path, capsys):
 
 def test_serve_prints_its_url_serves_and_drains_in_flight_requests_on_sigterm(model_dir):
     proc = unmask(
-        "serve", str(model_dir), "--port", "0", "--api-key", "k", "--served-model-name", "tiny", "tiny-alias",
-        "--kv-cache-memory", "64MiB", "--block-length", "16",
+        "serve",
+        str(model_dir),
+        "--port",
+        "0",
+        "--api-key",
+        "k",
+        "--served-model-name",
+        "tiny",
+        "tiny-alias",
+        "--kv-cache-memory",
+        "64MiB",
+        "--block-length",
+        "16",
     )
     try:
         name, url = wait_for_url(proc)
@@ -102,16 +148,27 @@ def test_serve_prints_its_url_serves_and_drains_in_flight_requests_on_sigterm(mo
         models = httpx.get(f"{url}/v1/models", headers=headers).json()["data"]
         assert [m["id"] for m in models] == ["tiny", "tiny-alias"]
 
-        body = {"model": "tiny-alias", "prompt": "Hello", "max_tokens": 96, "block_length": 96, "steps": 96,
-                "unmask": "random", "seed": 1, "stream": True, "stream_blocks": True}
+        body = {
+            "model": "tiny-alias",
+            "prompt": "Hello",
+            "max_tokens": 48,
+            "block_length": 48,
+            "steps": 48,
+            "unmask": "random",
+            "seed": 1,
+            "stream": True,
+            "stream_blocks": True,
+        }
         events = []
         with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=120) as response:
             lines = response.iter_lines()
             events.append(next(line for line in lines if line.startswith("data: ")))
+            assert '"finish_reason":null' in events[0]
             proc.send_signal(signal.SIGTERM)
+            assert wait_until(lambda: refuses_connections(url)), "still accepting connections after SIGTERM"
             events += [line for line in lines if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]"
-        last = json.loads(events[-2][len("data: "):])
+        last = json.loads(events[-2][len("data: ") :])
         assert last["choices"][0]["finish_reason"] in ("stop", "length")
         assert proc.wait(timeout=60) == 0
         with pytest.raises(httpx.ConnectError):
@@ -119,4 +176,5 @@ def test_serve_prints_its_url_serves_and_drains_in_flight_requests_on_sigterm(mo
     finally:
         if proc.poll() is None:
             proc.kill()
-        proc.communicate()
+        _, err = proc.communicate()
+        print(f"server stderr:\n{err}")  # shown by pytest only when the test fails

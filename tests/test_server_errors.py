@@ -6,9 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+from server_fixtures import API_KEY, MAX_REQUEST_BYTES, MAX_WAITING, live_server  # noqa: F401  (pytest fixture)
 
 from engine.policies import UNMASK_POLICIES
-from server_fixtures import API_KEY, MAX_REQUEST_BYTES, MAX_WAITING, live_server  # noqa: F401  (pytest fixture)
 
 PROMPT = "The quick brown fox"
 
@@ -93,7 +93,9 @@ def test_value_the_engine_rejects_is_400_naming_it(live_server, fields, param):
 
 def test_prompt_plus_max_tokens_beyond_the_context_is_400(live_server):
     too_many = live_server.engine.max_model_len
-    error = assert_error(post(live_server, "/v1/completions", completion(live_server, max_tokens=too_many)), 400, "max_tokens")
+    error = assert_error(
+        post(live_server, "/v1/completions", completion(live_server, max_tokens=too_many)), 400, "max_tokens"
+    )
     assert str(too_many) in error["message"]
 
 
@@ -131,7 +133,10 @@ def test_the_openai_client_raises_bad_request_with_the_param(live_server):
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {API_KEY}"}])
 def test_v1_without_the_right_key_is_401(live_server, headers):
     with live_server.http(auth=False) as http:
-        for response in (http.get("/v1/models", headers=headers), http.post("/v1/completions", content=b"{bad", headers=headers)):
+        for response in (
+            http.get("/v1/models", headers=headers),
+            http.post("/v1/completions", content=b"{bad", headers=headers),
+        ):
             assert_error(response, 401, code="invalid_api_key")
             assert response.headers["www-authenticate"] == "Bearer"
 
@@ -207,6 +212,10 @@ def test_engine_failure_mid_stream_ends_the_stream_with_an_error_event(live_serv
     client = live_server.openai()
     with pytest.raises(openai.APIError, match="injected failure"):
         for _ in client.completions.create(
-            model=live_server.model, prompt=PROMPT, max_tokens=8, stream=True, extra_body={"unmask": "factor", "factor": 13.0}
+            model=live_server.model,
+            prompt=PROMPT,
+            max_tokens=8,
+            stream=True,
+            extra_body={"unmask": "factor", "factor": 13.0},
         ):
             pass

@@ -8,9 +8,9 @@ import time
 
 import httpx
 import pytest
+from server_fixtures import live_server, sample, wait_until  # noqa: F401  (pytest fixture)
 
 from server import metrics as metrics_module
-from server_fixtures import live_server, sample, wait_until  # noqa: F401  (pytest fixture)
 
 PROMPT = "The quick brown fox"
 # A long single-block canvas unmasked in random order: the committed run from the start
@@ -52,7 +52,10 @@ def test_metrics_move_after_a_request(live_server):
     model = live_server.model
     before = live_server.metrics()
     result = live_server.openai().completions.create(
-        model=model, prompt=PROMPT, max_tokens=16, extra_body={"block_length": 8, "cache": "dual", "unmask": "threshold"}
+        model=model,
+        prompt=PROMPT,
+        max_tokens=16,
+        extra_body={"block_length": 8, "cache": "dual", "unmask": "threshold"},
     )
     after = live_server.metrics()
 
@@ -68,7 +71,12 @@ def test_metrics_move_after_a_request(live_server):
     grew("unmask_e2e_request_latency_seconds_count", 1, model=model)
     grew("unmask_request_tokens_per_step_count", 1, model=model, cache="dual", unmask="threshold")
     grew("unmask_steps_per_block_count", model=model, cache="dual", unmask="threshold")
-    for name in ("unmask_step_duration_seconds", "unmask_step_tokens_committed", "unmask_step_batch_size", "unmask_step_active_tokens"):
+    for name in (
+        "unmask_step_duration_seconds",
+        "unmask_step_tokens_committed",
+        "unmask_step_batch_size",
+        "unmask_step_active_tokens",
+    ):
         grew(name + "_count", model=model)
     assert sample(after, "unmask_kv_pages_total", model=model) == live_server.engine.kv_pages_total > 0
     assert sample(after, "unmask_engine_alive", model=model) == 1
@@ -78,7 +86,9 @@ def test_time_to_first_token_is_recorded_for_streams(live_server):
     before = sample(live_server.metrics(), "unmask_time_to_first_token_seconds_count", model=live_server.model)
     text = "".join(
         c.choices[0].text
-        for c in live_server.openai().completions.create(model=live_server.model, prompt=PROMPT, max_tokens=16, stream=True)
+        for c in live_server.openai().completions.create(
+            model=live_server.model, prompt=PROMPT, max_tokens=16, stream=True
+        )
     )
     after = sample(live_server.metrics(), "unmask_time_to_first_token_seconds_count", model=live_server.model)
     assert after - before == (1 if text else 0)
@@ -119,17 +129,23 @@ def test_disconnect_while_waiting_for_a_plain_response_aborts(live_server):
     assert wait_until(lambda: pool_is_full(live_server)), "the aborted request kept its KV pages"
     assert aborted(live_server) == aborts + 1
     assert wait_until(
-        lambda: sample(live_server.metrics(), "unmask_http_requests_total", endpoint="/v1/completions", status="499") >= 1
+        lambda: (
+            sample(live_server.metrics(), "unmask_http_requests_total", endpoint="/v1/completions", status="499") >= 1
+        )
     )
 
 
 def test_other_requests_keep_streaming_while_one_client_leaves(live_server):
     client = live_server.openai()
-    expected = client.completions.create(model=live_server.model, prompt="Hello", max_tokens=32, temperature=0).choices[0].text
+    expected = (
+        client.completions.create(model=live_server.model, prompt="Hello", max_tokens=32, temperature=0).choices[0].text
+    )
     got: list[str] = []
 
     def stream_other() -> None:
-        for chunk in client.completions.create(model=live_server.model, prompt="Hello", max_tokens=32, temperature=0, stream=True):
+        for chunk in client.completions.create(
+            model=live_server.model, prompt="Hello", max_tokens=32, temperature=0, stream=True
+        ):
             got.append(chunk.choices[0].text)
 
     body = {"model": live_server.model, "prompt": PROMPT, "stream": True, "stream_blocks": True, **LONG}
@@ -154,7 +170,17 @@ def test_openapi_describes_every_endpoint_and_extension_field(live_server):
     components = schema["components"]["schemas"]
     for request in ("CompletionRequest", "ChatCompletionRequest"):
         fields = components[request]["properties"]
-        for name in ("block_length", "steps", "cache", "unmask", "threshold", "factor", "stream_blocks", "stream_options", "seed"):
+        for name in (
+            "block_length",
+            "steps",
+            "cache",
+            "unmask",
+            "threshold",
+            "factor",
+            "stream_blocks",
+            "stream_options",
+            "seed",
+        ):
             assert name in fields, f"{request}.{name} is missing"
     assert "max_completion_tokens" in components["ChatCompletionRequest"]["properties"]
     assert {"CompletionChunk", "ChatCompletionChunk", "BlockState", "ErrorResponse"} <= set(components)

@@ -32,7 +32,10 @@ router = APIRouter()
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletionResponse,
-    responses={**streaming_200("ChatCompletionChunk", "The chat completion (JSON), or its SSE stream."), **GENERATION_ERRORS},
+    responses={
+        **streaming_200("ChatCompletionChunk", "The chat completion (JSON), or its SSE stream."),
+        **GENERATION_ERRORS,
+    },
     summary="Create a chat completion",
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
@@ -83,7 +86,9 @@ class _Reply:
         )
 
 
-async def _stream(gen: Generation, watcher: DisconnectWatcher, reply: _Reply, include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(
+    gen: Generation, watcher: DisconnectWatcher, reply: _Reply, include_usage: bool
+) -> AsyncIterator[bytes]:
     finals: list[RequestOutput | None] = [None] * len(gen.choices)
     try:
         for i in range(len(gen.choices)):  # the role comes first, before any content, as OpenAI sends it

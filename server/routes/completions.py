@@ -84,10 +84,14 @@ class _Reply:
         )
 
     def chunk(self, choices: list[CompletionChunkChoice], usage=None) -> bytes:
-        return sse_event(CompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage))
+        return sse_event(
+            CompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+        )
 
 
-async def _stream(gen: Generation, watcher: DisconnectWatcher, reply: _Reply, include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(
+    gen: Generation, watcher: DisconnectWatcher, reply: _Reply, include_usage: bool
+) -> AsyncIterator[bytes]:
     finals: list[RequestOutput | None] = [None] * len(gen.choices)
     try:
         for i, echo in enumerate(reply.echoes or []):

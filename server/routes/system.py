@@ -18,7 +18,9 @@ router = APIRouter()
 async def list_models(request: Request) -> ModelList:
     state = get_state(request)
     max_len = state.engine.max_model_len
-    return ModelList(data=[ModelCard(id=name, created=state.started, max_model_len=max_len) for name in state.model_names])
+    return ModelList(
+        data=[ModelCard(id=name, created=state.started, max_model_len=max_len) for name in state.model_names]
+    )
 
 
 @router.get(
@@ -48,7 +50,12 @@ async def health(request: Request) -> JSONResponse:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}, "description": "Prometheus text format."}},
+    responses={
+        200: {
+            "content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}},
+            "description": "Prometheus text format.",
+        }
+    },
     summary="Prometheus metrics",
 )
 async def metrics(request: Request) -> Response:
