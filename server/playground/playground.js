@@ -384,6 +384,7 @@
         const tokens = this.usage ? this.usage.completion_tokens : this.endFigures.committed;
         setStatus("done", `Done: ${tokens} tokens in ${this.endFigures.seconds.toFixed(2)} s` +
           ` (finish reason: ${this.finishReason || "unknown"}).`);
+        if (app.config.api_key_required) el.keyState.textContent = "Key accepted.";
         if (this.body.messages) {
           app.history = [...this.body.messages, { role: "assistant", content: this.finalText }];
           renderConversation();
