@@ -18,7 +18,7 @@ from engine.detokenizer import TextStream
 from engine.kv_pool import KVPool
 from engine.models.loader import LoadedModel, load_model
 from engine.outputs import BlockView, FinishReason, RequestOutput, StepStats
-from engine.params import ParamError, SamplingParams
+from engine.params import ParamError, SamplingParams, check_text
 from engine.policies import CACHE_POLICIES, UNMASK_POLICIES
 from engine.runner import ModelRunner, SequenceWork
 from engine.sampling import RowGroup, propose_batch
@@ -76,6 +76,7 @@ class LLMEngine:
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
+            check_text("prompt", prompt)
             ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         else:
             ids = list(prompt)

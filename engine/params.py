@@ -136,6 +136,18 @@ def _check_float(name: str, value, low: float, high: float, low_open: bool = Fal
         raise ParamError(name, f"{name} must be in {bracket}{low}, {high}], got {value}")
 
 
+def check_text(name: str, text: str) -> None:
+    """Refuse text that is not valid Unicode.
+
+    JSON escapes can carry lone surrogates (`"\\ud800"`): Python accepts them in a
+    `str`, but no tokenizer can encode them, so they must be a 400, not a crash.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ParamError(name, f"{name} is not valid Unicode: a lone surrogate at character {exc.start}") from None
+
+
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ParamError(name, f"unknown {name} {value!r}; choose one of {', '.join(choices)}")

@@ -8,6 +8,7 @@ needed for logits, and never looks at policies.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -32,6 +33,10 @@ class ModelRunner:
         self.config = loaded.config
         self.device = loaded.device
         self.pool = pool
+        # Fault injection for the reliability tests (tests/test_reliability.py), never set
+        # otherwise: called with a step's work before the forward pass; whatever it raises
+        # is what a failing forward raises, so the engine's per-request isolation is tested for real.
+        self.fault_hook: Callable[[list[SequenceWork]], None] | None = None
 
     def pack(self, work: list[SequenceWork]) -> tuple[PackedBatch, torch.Tensor]:
         """Build the packed batch and the flat row index of every requested logit."""
@@ -60,6 +65,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, work: list[SequenceWork]) -> torch.Tensor:
         """Logits [sum of len(logit_positions), V] (fp32, on the model's device), sequences in order."""
+        if self.fault_hook is not None:
+            self.fault_hook(work)
         batch, rows = self.pack(work)
         attention = PagedAttention(self.pool, batch, self.config.head_dim)
         hidden = self.model(batch.input_ids, batch.positions, attention)
