@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -155,9 +154,9 @@ def _param_path(loc: list) -> str:
 def _http_error(exc: StarletteHTTPException) -> APIError:
     if exc.status_code == 404:
         return APIError(404, "Not found: no such route.", NOT_FOUND, None, "not_found")
-    phrase = HTTPStatus(exc.status_code).phrase if exc.status_code in HTTPStatus._value2member_map_ else "Error"
     kind = INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR
-    return APIError(exc.status_code, str(exc.detail or phrase), kind, None, None, dict(exc.headers or {}))
+    # Starlette fills `detail` with the status phrase ("Method Not Allowed") when none is given.
+    return APIError(exc.status_code, str(exc.detail), kind, None, None, dict(exc.headers or {}))
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -46,10 +46,11 @@ class LiveServer:
     server: uvicorn.Server
 
     def openai(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key, max_retries=0, **kwargs)
+        key = self.api_key or "unused"  # the SDK insists on a key even when the server needs none
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=key, max_retries=0, **kwargs)
 
     def http(self, auth: bool = True, **kwargs) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {self.api_key}"} if auth else {}
+        headers = {"Authorization": f"Bearer {self.api_key}"} if auth and self.api_key else {}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=60, **kwargs)
 
     def metrics(self) -> dict[tuple[str, tuple], float]:

@@ -165,9 +165,23 @@ def test_unknown_route_is_an_openai_shaped_404(live_server):
         assert_error(http.get("/v1/engines"), 404)
 
 
+def test_wrong_method_is_an_openai_shaped_405(live_server):
+    with live_server.http() as http:
+        response = http.get("/v1/completions")
+    assert_error(response, 405)
+    assert "POST" in response.headers["allow"]
+
+
 def test_body_over_the_limit_is_413(live_server):
     huge = completion(live_server, prompt="x" * (MAX_REQUEST_BYTES + 1))
     assert_error(post(live_server, "/v1/completions", huge), 413, code="request_too_large")
+
+
+def test_chunked_body_over_the_limit_is_413(live_server):
+    chunks = (b"x" * 65536 for _ in range(MAX_REQUEST_BYTES // 65536 + 2))
+    with live_server.http() as http:
+        response = http.post("/v1/completions", content=chunks, headers={"content-type": "application/json"})
+    assert_error(response, 413, code="request_too_large")
 
 
 def test_full_waiting_queue_is_429_with_retry_after(live_server):

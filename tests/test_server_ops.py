@@ -8,9 +8,17 @@ import time
 
 import httpx
 import pytest
-from server_fixtures import live_server, sample, wait_until  # noqa: F401  (pytest fixture)
+from server_fixtures import (  # noqa: F401  (live_server is a pytest fixture)
+    live_server,
+    model_dir_for_tests,
+    sample,
+    serve_in_thread,
+    wait_until,
+)
 
+from engine.policies import UNMASK_POLICIES
 from server import metrics as metrics_module
+from server.settings import ServerSettings
 
 PROMPT = "The quick brown fox"
 # A long single-block canvas unmasked in random order: the committed run from the start
@@ -190,3 +198,37 @@ def test_openapi_describes_every_endpoint_and_extension_field(live_server):
     assert "text/event-stream" in completions["responses"]["200"]["content"]
     assert completions["security"] == [{"bearer": []}]
     assert "security" not in paths["/health"]["get"]
+
+
+# --- a dead engine ---------------------------------------------------------------------------------------------
+
+
+class _EngineCrash(BaseException):
+    """Not an `Exception`: escapes the engine's per-request isolation and ends its loop."""
+
+
+@pytest.fixture
+def crashing_server(tmp_path_factory):
+    yield from serve_in_thread(model_dir_for_tests(tmp_path_factory), ServerSettings(), kv_cache_memory=16 * 2**20)
+
+
+def test_a_dead_engine_fails_health_and_new_requests_but_not_the_server(crashing_server, monkeypatch):
+    server = crashing_server
+    policy = UNMASK_POLICIES["low_confidence"]
+    original = policy.choose
+
+    def choose(seq, confidence):
+        if seq.params.seed == 666:
+            raise _EngineCrash()
+        return original(seq, confidence)
+
+    monkeypatch.setattr(policy, "choose", choose)
+    body = {"model": server.model, "prompt": PROMPT, "max_tokens": 8, "seed": 666}
+    with server.http() as http:
+        crashed = http.post("/v1/completions", json=body)
+        assert crashed.status_code == 500 and crashed.json()["error"]["type"] == "server_error"
+        assert wait_until(lambda: http.get("/health").status_code == 503)
+        assert http.get("/health").json() == {"status": "unavailable"}
+        refused = http.post("/v1/completions", json={**body, "seed": 1})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_unavailable"
+        assert sample(server.metrics(), "unmask_engine_alive", model=server.model) == 0
