@@ -20,12 +20,14 @@
     cache: $("cache"), unmask: $("unmask"), blockLength: $("block_length"), steps: $("steps"),
     threshold: $("threshold"), factor: $("factor"), maxTokens: $("max_tokens"),
     temperature: $("temperature"), seed: $("seed"), pace: $("pace"),
+    methodBox: $("method-box"), methodGrid: $("method-grid"),
     error: $("error"), status: $("status"), final: $("final-text"), block: $("block"), blockCaption: $("block-caption"),
     figSteps: $("fig-steps"), figTps: $("fig-tps"), figRate: $("fig-rate"), figPolicy: $("fig-policy"),
   };
 
   const app = {
-    config: { model: "", api_key_required: false, defaults: {} },
+    config: { model: "", api_key_required: false, defaults: {}, method_fields: [] },
+    methodInputs: [], // {field, input, row}: one per method-specific parameter
     apiKey: sessionStorage.getItem(KEY_STORAGE) || "", // tab-scoped: never localStorage, never a cookie
     run: null, // the request in flight (see Run)
     history: [], // chat messages of the conversation so far
@@ -41,6 +43,7 @@
       app.config = config;
       fillPolicies(el.cache, allowedValues(schema, "cache"), config.defaults.cache);
       fillPolicies(el.unmask, allowedValues(schema, "unmask"), config.defaults.unmask);
+      buildMethodFields(schema, config.method_fields || []);
       el.blockLength.placeholder = `default ${config.defaults.block_length}`;
       el.steps.placeholder = config.defaults.steps == null ? "default: 1 token/step" : `default ${config.defaults.steps}`;
       el.threshold.placeholder = `default ${config.defaults.threshold}`;
@@ -74,6 +77,44 @@
     return [...new Set(found)];
   }
 
+  /** One labelled input per method-specific parameter, shown only while its method is selected. */
+  function buildMethodFields(schema, fields) {
+    const props = (((schema.components || {}).schemas || {}).CompletionRequest || {}).properties || {};
+    app.methodInputs = fields.map((field) => {
+      const id = `mf-${field.name}`;
+      const label = document.createElement("label");
+      label.htmlFor = id;
+      label.textContent = field.name;
+      const input = document.createElement("input");
+      input.id = id;
+      input.type = "number";
+      input.min = "0";
+      input.step = Number.isInteger(field.default) ? "1" : "0.01";
+      input.placeholder = field.default == null ? "default" : `default ${field.default}`;
+      const hint = document.createElement("p");
+      hint.className = "hint span";
+      hint.id = `${id}-hint`;
+      hint.textContent = (props[field.name] && props[field.name].description) || `For ${field.kind} = ${field.method}.`;
+      input.setAttribute("aria-describedby", hint.id);
+      el.methodGrid.append(label, input, hint);
+      return { field, input, parts: [label, input, hint] };
+    });
+    showMethodFields();
+  }
+
+  function showMethodFields() {
+    const d = app.config.defaults;
+    const chosen = { cache: el.cache.value || d.cache, unmask: el.unmask.value || d.unmask };
+    let any = false;
+    for (const item of app.methodInputs) {
+      const active = chosen[item.field.kind] === item.field.method;
+      item.parts.forEach((part) => { part.hidden = !active; });
+      item.input.disabled = !active;
+      any = any || active;
+    }
+    el.methodBox.hidden = !any;
+  }
+
   function fillPolicies(select, values, fallback) {
     select.replaceChildren(new Option(`server default (${fallback})`, ""));
     for (const value of values) select.append(new Option(value, value));
@@ -94,6 +135,8 @@
       if (event.key === "Escape" && app.run) stopRun();
     });
     el.stop.addEventListener("click", stopRun);
+    el.cache.addEventListener("change", showMethodFields);
+    el.unmask.addEventListener("change", showMethodFields);
     el.clearChat.addEventListener("click", () => {
       app.history = [];
       renderConversation();
@@ -162,6 +205,9 @@
       threshold: optionalNumber(el.threshold),
       factor: optionalNumber(el.factor),
     };
+    for (const item of app.methodInputs) {
+      if (!item.input.disabled) body[item.field.name] = optionalNumber(item.input);
+    }
     const maxTokens = optionalNumber(el.maxTokens);
     if (mode() === "chat") {
       body.messages = [...app.history, { role: "user", content: text }];

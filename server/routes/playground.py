@@ -3,7 +3,8 @@
 The page talks to the public API only (`/openapi.json` for the policy names the
 server accepts, `/v1/*` for generation); `/playground/config.json` adds what
 the API does not say: the server-wide denoising defaults (so the page can show
-which policy a request will really use) and whether an API key is required.
+which policy a request will really use), which method each method-specific
+field belongs to, and whether an API key is required.
 None of these routes is part of the OpenAI surface, so they stay out of the schema.
 """
 
@@ -15,6 +16,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
+import engine.params as engine_params
 from server.state import get_state
 
 router = APIRouter()
@@ -49,11 +51,13 @@ async def page() -> Response:
 async def config(request: Request) -> JSONResponse:
     state = get_state(request)
     d = state.settings.defaults
+    # A method's own parameter (dkv_refresh, ...) is refused on a request using another method,
+    # so the page shows and sends each one only while its method is selected.
+    method_fields = getattr(engine_params, "METHOD_FIELDS", {})
     return JSONResponse(
         {
             "model": state.model_name,
             "api_key_required": bool(state.settings.api_key),
-            "completion_max_tokens": state.settings.completion_max_tokens,
             "defaults": {
                 "cache": d.cache,
                 "unmask": d.unmask,
@@ -62,6 +66,10 @@ async def config(request: Request) -> JSONResponse:
                 "threshold": d.threshold,
                 "factor": d.factor,
             },
+            "method_fields": [
+                {"name": name, "kind": kind, "method": method, "default": getattr(d, name, None)}
+                for name, (kind, method) in method_fields.items()
+            ],
         },
         headers={"Cache-Control": "no-cache"},
     )
