@@ -17,6 +17,10 @@ class EngineConfig:
     `kv_cache_memory` (bytes) sizes the page pool; by default 512 MiB on the CPU
     and `gpu_memory_utilization` of the free GPU memory after loading weights.
     `max_num_batched_tokens` caps the active positions packed into one step.
+    `feature_cache` adds per-layer feature pages to the pool (needed by
+    `cache=dllm-cache`). `guide_model` is the directory of the small causal
+    LM behind `unmask=guided`; None means the bundled guide when it shares the
+    model's tokenizer (and no guided decoding otherwise).
     """
 
     model_dir: str
@@ -28,6 +32,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 16384
     max_waiting: int = 256
+    feature_cache: bool = False
+    guide_model: str | None = None
     defaults: EngineDefaults = field(default_factory=EngineDefaults)
 
     def __post_init__(self) -> None:

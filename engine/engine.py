@@ -15,6 +15,7 @@ import torch
 
 from engine.config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from engine.detokenizer import TextStream
+from engine.guide import GuideRunner, load_guide
 from engine.kv_pool import KVPool
 from engine.models.loader import LoadedModel, load_model
 from engine.outputs import BlockView, FinishReason, RequestOutput, StepStats
@@ -39,7 +40,7 @@ def build_pool(loaded: LoadedModel, config: EngineConfig) -> KVPool:
             budget = int(free * config.gpu_memory_utilization)
         else:
             budget = DEFAULT_CPU_KV_BYTES
-    return KVPool.from_budget(loaded.config, budget, config.page_size, loaded.dtype, loaded.device)
+    return KVPool.from_budget(loaded.config, budget, config.page_size, loaded.dtype, loaded.device, config.feature_cache)
 
 
 class LLMEngine:
@@ -48,6 +49,8 @@ class LLMEngine:
         self.loaded = loaded or load_model(config.model_dir, config.dtype, config.device)
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
+        # Before the pool, which takes what memory is left.
+        self.guide: GuideRunner | None = load_guide(config.guide_model, self.loaded)
         self.pool = build_pool(self.loaded, config)
         self.runner = ModelRunner(self.loaded, self.pool)
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)
@@ -71,8 +74,18 @@ class LLMEngine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({resolved.max_tokens}) = {total} exceeds "
                 f"the model's context of {self.max_model_len} tokens",
             )
+        self._check_support(resolved)
         seed = resolved.seed if resolved.seed is not None else secrets.randbits(63)
         return Sequence(request_id, prompt_ids, resolved, self.model_config.mask_token_id, self.model_config.eos_token_id, seed)
+
+    def _check_support(self, params: SamplingParams) -> None:
+        """Refuse the methods this engine was started without."""
+        if CACHE_POLICIES[params.cache].needs_features and not self.pool.has_features:
+            raise ParamError(
+                "cache", f"cache={params.cache!r} needs the pool's feature pages: start the engine with feature_cache=True"
+            )
+        if params.unmask == "guided" and self.guide is None:
+            raise ParamError("unmask", "unmask='guided' needs a guide model: start the engine with guide_model=DIR")
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -125,6 +138,7 @@ class LLMEngine:
             groups = [self._row_group(w) for w in work]
             tokens, confidence = propose_batch(logits, groups, self.model_config.mask_token_id)
             offsets = [0] + torch.tensor([g.rows for g in groups]).cumsum(0).tolist()
+            self._consult_guide(work, tokens, offsets)
             for i, w in enumerate(work):
                 rows = slice(offsets[i], offsets[i + 1])
                 try:
@@ -138,7 +152,7 @@ class LLMEngine:
                     outputs.append(out)
         self._publish(StepStats(
             batch_size=len(batch),
-            active_tokens=sum(w.positions.numel() for w in work),  # of the sequences that ran
+            active_tokens=sum(w.recomputed for w in work),  # of the sequences that ran
             tokens_committed=committed,
             step_seconds=time.perf_counter() - start,
             pages_in_use=self.pool.num_used,
@@ -153,11 +167,13 @@ class LLMEngine:
     def _work_for(self, seq: Sequence) -> SequenceWork:
         targets = seq.masked_in_block()
         sources = targets - self.model_config.logits_shift  # Dream reads position i from output i - 1
-        positions = CACHE_POLICIES[seq.params.cache].active_positions(seq)
+        policy = CACHE_POLICIES[seq.params.cache]
+        positions = policy.active_positions(seq)
         if self.model_config.logits_shift:
             positions = torch.unique(torch.cat([positions, sources]))
-        seq.stats.active_positions += positions.numel()
-        return SequenceWork(seq, positions, sources)
+        work = SequenceWork(seq, positions, sources, policy.key_length(seq), policy.features(seq))
+        seq.stats.active_positions += work.recomputed
+        return work
 
     def _forward(
         self, work: list[SequenceWork]
@@ -181,6 +197,17 @@ class LLMEngine:
                 failures.append((w.seq, exc))
         return ok, (torch.cat(logits) if logits else None), failures
 
+    def _consult_guide(self, work: list[SequenceWork], tokens: torch.Tensor, offsets: list[int]) -> None:
+        """One batched guide pass over the guided sequences' proposals (see `engine.guide`)."""
+        items = [(w.seq, tokens[offsets[i] : offsets[i + 1]]) for i, w in enumerate(work) if w.seq.params.unmask == "guided"]
+        if not items:
+            return
+        assert self.guide is not None  # guided requests are refused without one
+        try:
+            self.guide.verify(items)
+        except Exception:  # the guided requests then fail in their commit; the others go on
+            log.exception("the guide model failed")
+
     @staticmethod
     def _row_group(w: SequenceWork) -> RowGroup:
         policy = UNMASK_POLICIES[w.seq.params.unmask]
@@ -191,6 +218,7 @@ class LLMEngine:
         targets = seq.masked_in_block()
         chosen = UNMASK_POLICIES[seq.params.unmask].choose(seq, confidence)
         seq.tokens[targets[chosen]] = tokens[chosen]
+        seq.last_committed = targets[chosen]
         seq.step += 1
         seq.last_block = seq.block
         seq.stats.forward_passes += 1

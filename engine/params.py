@@ -15,6 +15,16 @@ from engine.policies import UNMASK_POLICIES as _UNMASK_REGISTRY
 CACHE_POLICIES = tuple(_CACHE_REGISTRY)
 UNMASK_POLICIES = tuple(_UNMASK_REGISTRY)
 CONFIDENCE_KINDS = ("prob", "margin", "entropy")
+# The parameters that belong to one cache or unmask method: field -> (kind, method).
+METHOD_FIELDS = {
+    "dkv_refresh": ("cache", "dkv"),
+    "dkv_window": ("cache", "dkv-greedy"),
+    "dllm_prompt_refresh": ("cache", "dllm-cache"),
+    "dllm_response_refresh": ("cache", "dllm-cache"),
+    "dllm_rho": ("cache", "dllm-cache"),
+    "freecache_window": ("cache", "freecache"),
+    "guide_relative": ("unmask", "guided"),
+}
 
 
 class ParamError(ValueError):
@@ -37,6 +47,13 @@ class EngineDefaults:
     threshold: float = 0.9
     factor: float = 1.0
     confidence: str = "prob"
+    dkv_refresh: int = 8
+    dkv_window: int = 2
+    dllm_prompt_refresh: int = 50
+    dllm_response_refresh: int = 7
+    dllm_rho: float = 0.25
+    freecache_window: int = 1
+    guide_relative: float = 0.5
 
 
 @dataclass
@@ -60,6 +77,13 @@ class SamplingParams:
     threshold: float | None = None
     factor: float | None = None
     confidence: str | None = None
+    dkv_refresh: int | None = None  # dkv: full refresh every N steps of the request
+    dkv_window: int | None = None  # dkv-greedy: neighbours of the block's masks also recomputed
+    dllm_prompt_refresh: int | None = None  # dllm-cache: Kp, prompt recomputed every Kp steps
+    dllm_response_refresh: int | None = None  # dllm-cache: Kr, response recomputed every Kr steps
+    dllm_rho: float | None = None  # dllm-cache: fraction of response tokens V-verify recomputes per layer
+    freecache_window: int | None = None  # freecache: masked blocks after the current one kept in attention
+    guide_relative: float | None = None  # guided: accept a draft with p_guide >= this * p_guide(top-1)
     stream_blocks: bool = False
 
     def resolve(self, defaults: EngineDefaults) -> "SamplingParams":
@@ -74,8 +98,10 @@ class SamplingParams:
             threshold=_pick(self.threshold, defaults.threshold),
             factor=_pick(self.factor, defaults.factor),
             confidence=_pick(self.confidence, defaults.confidence),
+            **{name: _pick(getattr(self, name), getattr(defaults, name)) for name in METHOD_FIELDS},
         )
         filled.validate()
+        _check_method_fields(self, filled)
         return filled
 
     @property
@@ -104,6 +130,12 @@ class SamplingParams:
         _check_choice("confidence", self.confidence, CONFIDENCE_KINDS)
         _check_float("threshold", self.threshold, low=0.0, high=1.0, low_open=True)
         _check_float("factor", self.factor, low=0.0, high=1e6, low_open=True)
+        for name in ("dkv_refresh", "dllm_prompt_refresh", "dllm_response_refresh"):
+            _check_int(name, getattr(self, name), low=1)
+        _check_int("dkv_window", self.dkv_window, low=0)
+        _check_int("freecache_window", self.freecache_window, low=0)
+        _check_float("dllm_rho", self.dllm_rho, low=0.0, high=1.0)
+        _check_float("guide_relative", self.guide_relative, low=0.0, high=1.0, low_open=True)
         if self.steps is not None:
             _check_int("steps", self.steps, low=1)
             if self.steps > self.block_size:
@@ -116,6 +148,17 @@ class SamplingParams:
 
 def _pick(value, default):
     return default if value is None else value
+
+
+def _check_method_fields(request: SamplingParams, resolved: SamplingParams) -> None:
+    """A method's own parameter, set on a request that uses another method, is a mistake: say so.
+
+    (`threshold` and `factor` predate this rule and stay lenient.)
+    """
+    for name, (kind, method) in METHOD_FIELDS.items():
+        chosen = getattr(resolved, kind)
+        if getattr(request, name) is not None and chosen != method:
+            raise ParamError(name, f"{name} applies to {kind}={method!r}; this request uses {kind}={chosen!r}")
 
 
 def _check_int(name: str, value, low: int | None = None, high: int | None = None) -> None:

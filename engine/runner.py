@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from engine.attention import PackedBatch, PagedAttention
+from engine.feature_cache import FeatureReuseHook, FeatureUse, plan_rows
 from engine.kv_pool import KVPool
 from engine.models.loader import LoadedModel
 from engine.sequence import Sequence
@@ -25,6 +26,14 @@ class SequenceWork:
     seq: Sequence
     positions: torch.Tensor  # sorted absolute positions to recompute (CPU, int64)
     logit_positions: torch.Tensor  # positions whose output rows feed the logits; a subset of `positions`
+    key_length: int | None = None  # keys attended are positions [0, key_length); None: the whole sequence
+    features: FeatureUse | None = None  # per-layer feature reuse (dLLM-Cache); None: recompute all `positions`
+
+    @property
+    def recomputed(self) -> int:
+        """Positions each layer recomputes."""
+        n = self.positions.numel()
+        return n if self.features is None else self.features.recomputed(n)
 
 
 class ModelRunner:
@@ -56,7 +65,7 @@ class ModelRunner:
             positions=torch.cat([w.positions for w in work]),
             slot_mapping=torch.cat(slots),
             cu_seqlens_q=offsets.to(torch.int32),
-            seq_lens=torch.tensor([w.seq.length for w in work], dtype=torch.int32),
+            seq_lens=torch.tensor([w.key_length or w.seq.length for w in work], dtype=torch.int32),
             page_table=page_table,
         )
         moved = PackedBatch(**{k: v.to(self.device, non_blocking=True) for k, v in vars(batch).items()})
@@ -69,5 +78,9 @@ class ModelRunner:
             self.fault_hook(work)
         batch, rows = self.pack(work)
         attention = PagedAttention(self.pool, batch, self.config.head_dim)
-        hidden = self.model(batch.input_ids, batch.positions, attention)
+        hook = None
+        if any(w.features is not None for w in work):
+            plan = plan_rows([w.positions for w in work], [w.features for w in work], self.device)
+            hook = FeatureReuseHook(self.pool, batch, plan, self.config.head_dim)
+        hidden = self.model(batch.input_ids, batch.positions, attention, hook)
         return self.model.compute_logits(hidden[rows])

@@ -44,6 +44,8 @@ class Sequence:
     block: int = 0
     step: int = 0
     last_block: int = 0  # the block the latest step worked on (for streaming views)
+    # Positions the latest step committed (delayed caching recomputes them once more).
+    last_committed: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     finish_reason: FinishReason | None = None
     error: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)

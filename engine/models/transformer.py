@@ -27,6 +27,15 @@ class AttentionBackend(Protocol):
         ...
 
 
+class LayerHook(Protocol):
+    """Runs one block in place of `Block.forward`, e.g. on a subset of the rows (dLLM-Cache)."""
+
+    def __call__(
+        self, block: "Block", x: torch.Tensor, positions: torch.Tensor, rotary: "Rotary", attention: AttentionBackend, layer: int
+    ) -> torch.Tensor:
+        ...
+
+
 class DenseAttention:
     """Bidirectional attention over whole sequences of a [B, L] batch (training, references)."""
 
@@ -131,11 +140,23 @@ class DiffusionTransformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, hidden] (normed)."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attention: AttentionBackend,
+        layer_hook: LayerHook | None = None,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, hidden] (normed).
+
+        A `layer_hook` runs every block in place of its own forward.
+        """
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, self.rotary, attention, i)
+            if layer_hook is None:
+                x = layer(x, positions, self.rotary, attention, i)
+            else:
+                x = layer_hook(layer, x, positions, self.rotary, attention, i)
         return self.final_norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -2,12 +2,16 @@
 
 Every position that is not active keeps the K/V last written to its pages.
 A policy only returns positions; the runner and the KV pool do the rest.
+Two optional answers extend the mechanism: how far the keys reach
+(`key_length`, for methods that drop the far masked suffix from attention),
+and per-layer feature reuse (`features`, for dLLM-Cache).
 """
 
 from __future__ import annotations
 
 import torch
 
+from engine.feature_cache import FeatureUse
 from engine.sequence import Sequence
 
 
@@ -15,14 +19,23 @@ class CachePolicy:
     """Base: recompute everything (the reference, `none`)."""
 
     name = "none"
+    needs_features = False  # True: the policy needs the pool's feature pages (`EngineConfig.feature_cache`)
 
     def active_positions(self, seq: Sequence) -> torch.Tensor:
         """Sorted absolute positions whose K/V (and hidden states) are recomputed this step."""
         return torch.arange(seq.length)
 
     def is_refresh(self, seq: Sequence) -> bool:
-        """True when this step recomputes the whole sequence."""
+        """True when this step recomputes everything the sequence attends to."""
         return True
+
+    def key_length(self, seq: Sequence) -> int | None:
+        """Queries attend to positions [0, key_length); None: the whole sequence."""
+        return None
+
+    def features(self, seq: Sequence) -> FeatureUse | None:
+        """Per-layer feature reuse this step; None: every active position is recomputed."""
+        return None
 
 
 class PrefixCache(CachePolicy):
@@ -51,5 +64,3 @@ class DualCache(PrefixCache):
         start, end = seq.block_bounds()
         return torch.arange(start, end)
 
-
-CACHE_POLICIES: dict[str, CachePolicy] = {p.name: p for p in (CachePolicy(), PrefixCache(), DualCache())}

@@ -71,5 +71,3 @@ class Factor(UnmaskPolicy):
         count = int(ok.max()) + 1 if ok.numel() else 1
         return order[:count]
 
-
-UNMASK_POLICIES: dict[str, UnmaskPolicy] = {p.name: p for p in (LowConfidence(), RandomOrder(), Threshold(), Factor())}
