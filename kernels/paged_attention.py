@@ -284,7 +284,7 @@ def paged_attention_triton(
     max_tiles = num_tokens // tile_tokens + num_seqs
     expected_tiles = max(-(-num_tokens // tile_tokens), num_seqs)
     splits = num_splits or _choose_splits(expected_tiles, kv_heads, q.device)
-    block_d = next_power_of_2(head_dim)
+    block_d = max(16, next_power_of_2(head_dim))  # tl.dot needs K >= 16
     if block_n is None:
         block_n = 64 if block_d >= 128 else 128
     qpos = query_positions if block_causal_size is not None else cu_seqlens_q  # unused when not block-causal

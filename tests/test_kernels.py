@@ -271,6 +271,16 @@ def test_paged_attention_kernel_block_causal_matches_reference(kernel_device, gr
 
 
 @pytest.mark.gpu
+def test_paged_attention_kernel_handles_small_heads(kernel_device):
+    # The bundled and test models have head_dim 16 (and GQA 2 for Dream's layout).
+    b = _paged_batch([90, 13, 41], [None, 13, 8], 4, 2, 16, 16, HALF, kernel_device)
+    args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens, b.page_table, 0.25)
+    out = torch.full_like(b.q, float("nan"))
+    paged_attention_triton(*args, out=out)
+    assert _rel_err(out, paged_attention_reference(*args)) < 1e-2
+
+
+@pytest.mark.gpu
 def test_paged_attention_kernel_writes_nothing_for_sequences_without_queries(kernel_device):
     b = _paged_batch([50, 90, 20], [6, 0, 20], 4, 4, 64, 16, HALF, kernel_device)
     args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens, b.page_table, 0.125)

@@ -1,0 +1,291 @@
+"""Kernel timings at LLaDA-8B shapes, against the references, torch baselines and the bandwidth floor.
+
+    python benchmarks/kernel_bench.py            # needs a CUDA GPU; prints the table last
+
+LLaDA-8B: 32 heads (no GQA), head_dim 128, vocabulary 126,464, bf16, pages of
+16 tokens handed out in shuffled order. Each row times the Triton kernel
+captured in a CUDA graph (as the engine runs it; "eager" adds the Python
+launch cost), the baseline it has to beat, and the plain-PyTorch reference:
+
+- paged attention: decode-like steps (32 active queries per sequence over
+  384 or 1152 keys) and prefill-like ones (every position active); the
+  baseline is dense SDPA (flash) on contiguous K/V, i.e. what attention
+  costs without pages or ragged batches;
+- fused confidence: N rows x 126,464 logits; the baseline is torch's
+  softmax + max (the probabilities materialised);
+- KV write: T tokens x 32 heads x 128 into the pool; baseline torch index_put.
+
+GB/s counts each tensor the kernel must touch once (K/V read, q read, out
+written; logits read; K/V read and written), so "%BW" is the distance to the
+memory floor, measured against the device-to-device copy rate and against
+the nominal 3.0 TB/s. Inputs rotate over several copies whose total exceeds
+the L2 cache, so repeated runs do not measure the cache.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from kernels.confidence import fused_confidence_reference, fused_confidence_triton
+from kernels.kv_write import write_kv_reference, write_kv_triton
+from kernels.paged_attention import paged_attention_reference, paged_attention_triton
+
+HEADS, KV_HEADS, HEAD_DIM, VOCAB, PAGE_SIZE = 32, 32, 128, 126464, 16
+NOMINAL_BW = 3.0e12
+L2_FOOTPRINT = 160 * 2**20  # rotate inputs until a pass touches this many bytes (H100 L2: 50 MB)
+DTYPE = torch.bfloat16
+DEVICE = "cuda"
+
+
+@dataclass
+class Row:
+    kernel: str
+    case: str
+    triton_us: float
+    eager_us: float
+    baseline_us: float | None
+    reference_us: float | None
+    bytes_moved: float
+    flops: float = 0.0
+
+
+def _graph_us(fn: Callable[[], object]) -> float:
+    """Median µs of fn replayed from a CUDA graph."""
+    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
+
+
+def _eager_us(fn: Callable[[], object], rep: int = 50) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median") * 1e3
+
+
+def _copies(bytes_per_set: int) -> int:
+    return max(1, min(16, math.ceil(L2_FOOTPRINT / bytes_per_set)))
+
+
+def _rotating(fns: list[Callable[[], object]]) -> Callable[[], None]:
+    """One call runs every input set once; divide its time by len(fns)."""
+
+    def run() -> None:
+        for fn in fns:
+            fn()
+
+    return run
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in bytes/s (read + write), the practical memory ceiling."""
+    src = torch.empty(2**30, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (_graph_us(lambda: dst.copy_(src)) * 1e-6)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+@dataclass
+class AttentionInputs:
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    seq_lens: torch.Tensor
+    page_table: torch.Tensor
+
+    def args(self) -> tuple:
+        return (self.q, self.k_cache, self.v_cache, self.cu_seqlens_q, self.seq_lens, self.page_table, HEAD_DIM**-0.5)
+
+
+def _attention_inputs(batch: int, keys: int, queries: int) -> AttentionInputs:
+    pages_per_seq = -(-keys // PAGE_SIZE)
+    num_pages = batch * pages_per_seq
+    cache_shape = (num_pages, PAGE_SIZE, KV_HEADS, HEAD_DIM)
+    page_table = torch.randperm(num_pages, device=DEVICE).to(torch.int32).view(batch, pages_per_seq)
+    return AttentionInputs(
+        q=torch.randn(batch * queries, HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE),
+        k_cache=torch.randn(cache_shape, device=DEVICE, dtype=DTYPE),
+        v_cache=torch.randn(cache_shape, device=DEVICE, dtype=DTYPE),
+        cu_seqlens_q=torch.arange(0, batch + 1, device=DEVICE, dtype=torch.int32) * queries,
+        seq_lens=torch.full((batch,), keys, device=DEVICE, dtype=torch.int32),
+        page_table=page_table,
+    )
+
+
+def _dense_inputs(batch: int, keys: int, queries: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q = torch.randn(batch, HEADS, queries, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+    k = torch.randn(batch, KV_HEADS, keys, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+    return q, k, torch.randn_like(k)
+
+
+def _attention_sets(batch: int, keys: int, queries: int) -> tuple[list[AttentionInputs], int]:
+    """Enough input sets to rotate out of L2, and the bytes one call must move."""
+    kv_bytes = 2 * batch * keys * KV_HEADS * HEAD_DIM * 2
+    qo_bytes = 2 * batch * queries * HEADS * HEAD_DIM * 2
+    sets = [_attention_inputs(batch, keys, queries) for _ in range(_copies(kv_bytes + qo_bytes))]
+    return sets, kv_bytes + qo_bytes
+
+
+def _attention_kernels(sets: list[AttentionInputs], **kernel_options) -> list[Callable[[], object]]:
+    outs = [torch.empty_like(s.q) for s in sets]
+    return [lambda s=s, o=o: paged_attention_triton(*s.args(), out=o, **kernel_options) for s, o in zip(sets, outs)]
+
+
+def bench_attention(batch: int, keys: int, queries: int) -> Row:
+    sets, bytes_moved = _attention_sets(batch, keys, queries)
+    kernel = _attention_kernels(sets)
+    dense = [_dense_inputs(batch, keys, queries) for _ in sets]
+    baseline = [lambda d=d: F.scaled_dot_product_attention(*d) for d in dense]
+    n = len(sets)
+    return Row(
+        kernel="paged_attention",
+        case=f"B={batch:<3d} q={queries:<5d} k={keys}",
+        triton_us=_graph_us(_rotating(kernel)) / n,
+        eager_us=_eager_us(kernel[0]),
+        baseline_us=_graph_us(_rotating(baseline)) / n,
+        reference_us=_eager_us(lambda: paged_attention_reference(*sets[0].args()), rep=30),
+        bytes_moved=bytes_moved,
+        flops=4.0 * batch * queries * keys * HEADS * HEAD_DIM,
+    )
+
+
+def sweep_attention() -> None:
+    """Key-block widths and split counts at shapes where the heuristics choose, to check the defaults."""
+    print("\nattention sweep, graph us per call (default = the heuristics' choice)")
+    print(f"  {'case':<24s} {'block_n':>7s} " + " ".join(f"{f'splits={n}':>9s}" for n in ("default", 1, 2, 4, 8)))
+    for batch, keys, queries in ((1, 1152, 32), (8, 1152, 32), (1, 384, 384)):
+        sets, _ = _attention_sets(batch, keys, queries)
+        for block_n in (32, 64, 128):
+            times = []
+            for splits in (None, 1, 2, 4, 8):
+                try:
+                    times.append(f"{_graph_us(_rotating(_attention_kernels(sets, block_n=block_n, num_splits=splits))) / len(sets):9.1f}")
+                except Exception as error:  # noqa: BLE001 - a failed variant should not end the sweep
+                    times.append(f"{type(error).__name__[:9]:>9s}")
+            print(f"  B={batch:<3d} q={queries:<4d} k={keys:<5d}    {block_n:7d} " + " ".join(times))
+        del sets
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- confidence
+
+
+def bench_confidence(rows: int, dtype: torch.dtype, temperature: float | None) -> Row:
+    logit_bytes = rows * VOCAB * torch.empty((), dtype=dtype).element_size()
+    sets = [torch.randn(rows, VOCAB, device=DEVICE).mul_(3).to(dtype) for _ in range(_copies(logit_bytes))]
+    temps = None if temperature is None else torch.full((rows,), temperature, device=DEVICE)
+    seeds = None if temperature is None else torch.arange(rows, device=DEVICE) * 7919
+    kernel = [lambda x=x: fused_confidence_triton(x, temps, seeds) for x in sets]
+    baseline = [lambda x=x: torch.softmax(x.float(), -1).max(-1) for x in sets]
+    n = len(sets)
+    mode = "greedy" if temperature is None else f"T={temperature}"
+    if temperature is None:
+        reference_us = _eager_us(lambda: fused_confidence_reference(sets[0]), rep=30)
+    else:  # the sampled reference loops over rows on the host: time 32 rows and scale
+        few = min(rows, 32)
+        reference_us = _eager_us(lambda: fused_confidence_reference(sets[0][:few], temps[:few], seeds[:few]), rep=5)
+        reference_us *= rows / few
+    return Row(
+        kernel="fused_confidence",
+        case=f"N={rows:<5d} {str(dtype).removeprefix('torch.'):<8s} {mode}",
+        triton_us=_graph_us(_rotating(kernel)) / n,
+        eager_us=_eager_us(kernel[0]),
+        baseline_us=_graph_us(_rotating(baseline)) / n,
+        reference_us=reference_us,
+        bytes_moved=logit_bytes,
+    )
+
+
+# ----------------------------------------------------------------------------- KV write
+
+
+def bench_kv_write(tokens: int) -> Row:
+    pages = max(64, 4 * tokens // PAGE_SIZE)
+    token_bytes = tokens * KV_HEADS * HEAD_DIM * 2
+    caches = [torch.randn(pages, PAGE_SIZE, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE) for _ in range(2)]
+    sets = []
+    for _ in range(_copies(4 * token_bytes)):
+        slots = torch.randperm(pages * PAGE_SIZE, device=DEVICE)[:tokens]
+        kv = torch.randn(tokens, 2, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+        sets.append((kv[:, 0], kv[:, 1], slots))
+    kernel = [lambda s=s: write_kv_triton(s[0], s[1], *caches, s[2]) for s in sets]
+    flat = [c.view(-1, KV_HEADS, HEAD_DIM) for c in caches]
+    baseline = [lambda s=s: (flat[0].index_put_((s[2],), s[0]), flat[1].index_put_((s[2],), s[1])) for s in sets]
+    n = len(sets)
+    return Row(
+        kernel="write_kv",
+        case=f"T={tokens}",
+        triton_us=_graph_us(_rotating(kernel)) / n,
+        eager_us=_eager_us(kernel[0]),
+        baseline_us=_graph_us(_rotating(baseline)) / n,
+        reference_us=_eager_us(lambda: write_kv_reference(*sets[0][:2], *caches, sets[0][2])),
+        bytes_moved=4 * token_bytes,
+    )
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(value: float | None, spec: str = "9.1f") -> str:
+    return format(value, spec) if value is not None else " " * (int(spec.split(".")[0]) - 1) + "-"
+
+
+def print_table(rows: list[Row], copy_bw: float) -> None:
+    print(f"\ndevice-to-device copy: {copy_bw / 1e12:.2f} TB/s (read + write); nominal floor uses {NOMINAL_BW / 1e12:.1f} TB/s")
+    header = (
+        f"{'kernel':<17s} {'case':<27s} {'triton us':>9s} {'eager us':>9s} {'base us':>9s} {'x base':>7s} "
+        f"{'ref us':>9s} {'x ref':>7s} {'GB/s':>7s} {'%copy':>6s} {'%3TB/s':>6s} {'TFLOP/s':>7s}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        gbs = r.bytes_moved / (r.triton_us * 1e-6) / 1e9
+        x_base = r.baseline_us / r.triton_us if r.baseline_us else None
+        x_ref = r.reference_us / r.triton_us if r.reference_us else None
+        tflops = r.flops / (r.triton_us * 1e-6) / 1e12 if r.flops else None
+        print(
+            f"{r.kernel:<17s} {r.case:<27s} {r.triton_us:9.1f} {r.eager_us:9.1f} {_fmt(r.baseline_us)} {_fmt(x_base, '7.2f')} "
+            f"{_fmt(r.reference_us)} {_fmt(x_ref, '7.1f')} {gbs:7.0f} {100 * gbs * 1e9 / copy_bw:6.1f} "
+            f"{100 * gbs * 1e9 / NOMINAL_BW:6.1f} {_fmt(tflops, '7.1f')}"
+        )
+    print("x base / x ref: how many times faster than the baseline / the reference (>1: the kernel wins)")
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    copy_bw = copy_bandwidth()
+    cases: list[Callable[[], Row]] = []
+    for keys in (384, 1152):
+        for batch in (1, 8, 64):
+            cases.append(lambda b=batch, k=keys: bench_attention(b, k, 32))
+    for batch, keys in ((1, 384), (1, 1152), (8, 384)):
+        cases.append(lambda b=batch, k=keys: bench_attention(b, k, k))
+    for rows in (32, 128, 512, 2048):
+        cases.append(lambda n=rows: bench_confidence(n, torch.bfloat16, None))
+    cases.append(lambda: bench_confidence(512, torch.float32, None))
+    for rows in (32, 2048):
+        cases.append(lambda n=rows: bench_confidence(n, torch.bfloat16, 1.0))
+    for tokens in (32, 2048):
+        cases.append(lambda t=tokens: bench_kv_write(t))
+    rows: list[Row] = []
+    for case in cases:
+        try:
+            rows.append(case())
+        except Exception:  # noqa: BLE001 - report the failure and keep the rest of the table
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+    try:
+        sweep_attention()
+    except Exception:  # noqa: BLE001 - the sweep is advice; the table below is the result
+        traceback.print_exc()
+    print_table(rows, copy_bw)
+
+
+if __name__ == "__main__":
+    main()
