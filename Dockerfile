@@ -41,6 +41,14 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
+# ---- the runtime dependencies of pyproject.toml as a requirements file -------------------
+# Its own stage: the install layer below is keyed on this file's content, so editing other
+# parts of pyproject.toml (test extras, tool settings) keeps the installed dependencies cached.
+FROM base-${VARIANT} AS requirements
+COPY pyproject.toml /tmp/unmask/
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/unmask/pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /requirements.txt
+
 # ---- the server, on whichever base VARIANT names ----------------------------------------
 FROM base-${VARIANT} AS runtime
 ARG VARIANT
@@ -51,12 +59,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     UNMASK_IMAGE_VARIANT=${VARIANT}
 
-# Dependencies first, read from pyproject.toml alone: editing the source does not
-# invalidate this layer. setuptools is the build backend of the install step below.
-COPY pyproject.toml /tmp/unmask/
-RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/unmask/pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt "setuptools>=68" \
+# Dependencies before the source, so that editing the source does not reinstall them.
+# setuptools is the build backend of the install step below.
+COPY --from=requirements /requirements.txt /tmp/requirements.txt
+RUN pip install -r /tmp/requirements.txt "setuptools>=68" \
  && rm /tmp/requirements.txt
 
 # The bundled checkpoints go where an installed Unmask looks for them
@@ -65,7 +71,7 @@ RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/unmask/p
 COPY models/ /opt/venv/share/unmask/models/
 
 # The source last: it changes most often.
-COPY README.md /tmp/unmask/
+COPY pyproject.toml README.md /tmp/unmask/
 COPY engine/ /tmp/unmask/engine/
 COPY kernels/ /tmp/unmask/kernels/
 COPY server/ /tmp/unmask/server/

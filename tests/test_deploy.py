@@ -122,6 +122,26 @@ def _final_stage() -> list[tuple[str, str]]:
     return instructions[last_from:]
 
 
+def _stage(name: str) -> list[tuple[str, str]]:
+    instructions = _dockerfile_instructions()
+    start = next(i for i, (kw, a) in enumerate(instructions) if kw == "FROM" and a.endswith(f" AS {name}"))
+    end = next((i for i in range(start + 1, len(instructions)) if instructions[i][0] == "FROM"), len(instructions))
+    return instructions[start:end]
+
+
+def _copies(stage: list[tuple[str, str]]) -> list[tuple[list[str], str, str | None]]:
+    """(sources, destination, --from stage or None) of each COPY."""
+    out = []
+    for kw, args in stage:
+        if kw == "COPY":
+            words = args.split()
+            flags = [w for w in words if w.startswith("--")]
+            paths = [w for w in words if not w.startswith("--")]
+            source_stage = next((f.split("=", 1)[1] for f in flags if f.startswith("--from=")), None)
+            out.append(([p.rstrip("/") for p in paths[:-1]], paths[-1], source_stage))
+    return out
+
+
 def _exec_form(args: str) -> list[str]:
     return json.loads(args)
 
@@ -165,31 +185,29 @@ def test_dockerfile_healthcheck_probes_health_on_the_container_port():
 def test_dockerfile_copies_the_bundled_model_where_an_installed_server_finds_it(monkeypatch):
     from server.model_path import BUNDLED_NAME, MODEL_ENV, default_model_candidates
 
-    copies = [a.split() for kw, a in _final_stage() if kw == "COPY"]
-    model_copies = [c for c in copies if c[0].rstrip("/") == "models"]
+    model_copies = [dest for sources, dest, _ in _copies(_final_stage()) if sources == ["models"]]
     assert model_copies, "the bundled models/ directory is not copied into the image"
     assert (REPO / "models" / BUNDLED_NAME).is_dir()
     (venv,) = set(re.findall(r"python3 -m venv (\S+)", (REPO / "Dockerfile").read_text()))
     # In the image the server is installed into the venv, so sys.prefix is the venv.
     monkeypatch.setattr(sys, "prefix", venv)
     monkeypatch.delenv(MODEL_ENV, raising=False)
-    image_model = f"{model_copies[0][-1].rstrip('/')}/{BUNDLED_NAME}"
+    image_model = f"{model_copies[0].rstrip('/')}/{BUNDLED_NAME}"
     assert Path(image_model) in default_model_candidates()
 
 
 def test_dockerfile_installs_dependencies_before_copying_the_source():
     stage = _final_stage()
-    kinds = [(kw, a) for kw, a in stage]
-    deps = next(i for i, (kw, a) in enumerate(kinds) if kw == "RUN" and "pip install -r" in a)
-    source = [i for i, (kw, a) in enumerate(kinds) if kw == "COPY" and a.split()[0].rstrip("/") in {"engine", "server", "kernels"}]
-    assert len(source) == 3 and min(source) > deps
-    pyproject_copy = next(i for i, (kw, a) in enumerate(kinds) if kw == "COPY" and a.startswith("pyproject.toml"))
-    assert pyproject_copy < deps
+    deps = next(i for i, (kw, a) in enumerate(stage) if kw == "RUN" and "pip install -r /tmp/requirements.txt" in a)
+    (requirements,) = [i for i, (kw, a) in enumerate(stage) if kw == "COPY" and "--from=requirements" in a]
+    source = [i for i, (kw, a) in enumerate(stage) if kw == "COPY" and a.split()[0].rstrip("/") in {"engine", "server", "kernels"}]
+    assert len(source) == 3 and requirements < deps < min(source)
+    assert (["pyproject.toml"], "/tmp/unmask/", None) in _copies(_stage("requirements"))
 
 
 def test_dockerfile_dependency_snippet_reads_pyproject_dependencies(tmp_path):
-    """Runs the RUN line's Python for real against this checkout's pyproject.toml."""
-    (run,) = [a for kw, a in _final_stage() if kw == "RUN" and "tomllib" in a]
+    """Runs the requirements stage's Python for real against this checkout's pyproject.toml."""
+    (run,) = [a for kw, a in _stage("requirements") if kw == "RUN" and "tomllib" in a]
     snippet = shlex.split(run.split(">")[0])[2]  # python3 -c "<snippet>"
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
     snippet = snippet.replace("/tmp/unmask/pyproject.toml", str(tmp_path / "pyproject.toml"))
@@ -248,12 +266,17 @@ def _dockerignore_excludes(path: str) -> bool:
 
 
 def test_dockerignore_keeps_what_copy_needs_and_drops_the_rest():
-    for kw, args in _final_stage():
-        if kw == "COPY":
-            src = args.split()[0].rstrip("/")
+    copied = []
+    for sources, _, source_stage in _copies(_dockerfile_instructions()):
+        if source_stage is not None:
+            continue
+        for src in sources:
             assert (REPO / src).exists(), f"COPY source {src} is missing"
             assert not _dockerignore_excludes(src), f".dockerignore excludes {src}, which COPY needs"
-            assert not _dockerignore_excludes(f"{src}/x.py" if (REPO / src).is_dir() else src)
+            if (REPO / src).is_dir():
+                assert not _dockerignore_excludes(f"{src}/x.py"), f".dockerignore excludes the files of {src}"
+            copied.append(src)
+    assert {"pyproject.toml", "README.md", "engine", "kernels", "server", "models"} <= set(copied)
     for path in (".venv/bin/python", ".git/config", "tests/test_deploy.py", "engine/__pycache__/x.pyc",
                  "benchmarks/x.py", "deploy/k8s/deployment.yaml", "test-artifacts/run.log"):
         assert _dockerignore_excludes(path), f".dockerignore lets {path} into the build context"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs a built Unmask image the way a user would and checks it end to end:
-#   deploy/docker/smoke_test.sh [IMAGE] [HOST_PORT]      (defaults: unmask:cpu 18000)
-# 1. `docker run -d -p HOST_PORT:8000 IMAGE` (no arguments: the bundled model)
+#   deploy/docker/smoke_test.sh [IMAGE] [HOST_PORT] [SERVE_ARGS...]   (defaults: unmask:cpu 18000)
+# 1. `docker run -d -p HOST_PORT:8000 IMAGE SERVE_ARGS...` (none: the bundled model)
 # 2. the image's own HEALTHCHECK turns "healthy"
 # 3. a completion answers 200 and /metrics counts it
 # 4. the process runs as a non-root user
@@ -11,6 +11,7 @@ set -euo pipefail
 
 image=${1:-unmask:cpu}
 port=${2:-18000}
+shift $(( $# > 2 ? 2 : $# ))
 name=unmask-smoke-$$
 base=http://127.0.0.1:$port
 
@@ -18,7 +19,7 @@ cleanup() { docker rm -f "$name" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
 # shellcheck disable=SC2086
-docker run -d --name "$name" -p "$port:8000" ${DOCKER_RUN_ARGS:-} "$image" >/dev/null
+docker run -d --name "$name" -p "$port:8000" ${DOCKER_RUN_ARGS:-} "$image" "$@" >/dev/null
 echo "started $name from $image on $base"
 
 for _ in $(seq 1 120); do
@@ -37,7 +38,8 @@ curl -sf "$base/v1/completions" -H 'Content-Type: application/json' \
     -d "{\"model\": \"$model\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}" \
     | python3 -c 'import json,sys; r=json.load(sys.stdin); print("ok: completion:", repr(r["choices"][0]["text"]))'
 
-curl -sf "$base/metrics" | grep -q '^unmask_http_requests_total{endpoint="/v1/completions",status="200"} 1.0$' \
+metrics=$(curl -sf "$base/metrics")  # read it whole: `curl | grep -q` can fail on SIGPIPE under pipefail
+grep -q '^unmask_http_requests_total{endpoint="/v1/completions",status="200"} 1.0$' <<<"$metrics" \
     || { echo "FAIL: /metrics does not count the completion"; exit 1; }
 echo "ok: /metrics counts the request"
 
