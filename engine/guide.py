@@ -21,7 +21,6 @@ remote code.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,7 +74,6 @@ class GuideRunner:
     @classmethod
     def load(cls, guide_dir: str | Path, loaded: LoadedModel) -> "GuideRunner":
         """Load a local causal LM as the guide; it must share the diffusion model's tokenizer."""
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         mismatch = tokenizer_mismatch(load_tokenizer(guide_dir), loaded.tokenizer, loaded.config.mask_token_id)
         if mismatch:
             raise CheckpointError(f"the guide model {str(guide_dir)!r} does not share the model's tokenizer: {mismatch}")
@@ -102,13 +100,27 @@ class GuideRunner:
         for p in pending:
             p.state.agreed = None  # stays None, for the policy to notice, if the forward fails
         logits, cache, past_len = self._forward(pending)
-        for i, p in enumerate(pending):
-            rows = logits[i, p.first_draft_row : p.first_draft_row + p.drafts.numel()]
-            agreed = leading_agreement(rows, p.drafts.to(rows.device), p.relative)
+        for i, (p, agreed) in enumerate(zip(pending, self._agreements(pending, logits))):
             # Keep the KV of every position the policy commits but the last: the next
             # step feeds that one again, for its output predicts the next position.
             self._keep(p.state, cache, i, past_len, p.first_draft_row + max(1, agreed))
             p.state.agreed = agreed
+
+    def _agreements(self, pending: list[_Pending], logits: torch.Tensor) -> list[int]:
+        """Each request's leading agreed drafts, from logits [B, K, V] of the last K new rows."""
+        width = max(p.drafts.numel() for p in pending)
+        first_kept = logits.shape[1] - max(p.new_ids.numel() for p in pending)  # <= 0: rows before it were dropped
+        rows = torch.zeros(len(pending), width, dtype=torch.long)
+        drafts = torch.zeros(len(pending), width, dtype=torch.long)
+        valid = torch.zeros(len(pending), width, dtype=torch.bool)
+        relative = torch.tensor([[p.relative] for p in pending])
+        for i, p in enumerate(pending):
+            n = p.drafts.numel()
+            rows[i, :n] = p.first_draft_row + first_kept + torch.arange(n)
+            drafts[i, :n], valid[i, :n] = p.drafts, True
+        dev = logits.device
+        picked = logits.gather(1, rows.to(dev)[:, :, None].expand(-1, -1, logits.shape[-1])).float()
+        return leading_agreement(picked, drafts.to(dev), relative.to(dev), valid.to(dev)).tolist()
 
     @staticmethod
     def _prepare(seq: Sequence, drafts: torch.Tensor) -> _Pending:
@@ -140,8 +152,10 @@ class GuideRunner:
             position_ids=positions.to(self.device),
             cache=DynamicCache(_padded_past(pending, past_len)) if past_len else DynamicCache(),
             use_cache=True,
+            # Only rows from the earliest first draft on feed the verdicts (not a prompt's).
+            logits_to_keep=new_len - min(p.first_draft_row for p in pending),
         )
-        return out.logits.float(), out.past_key_values, past_len
+        return out.logits, out.past_key_values, past_len
 
     @staticmethod
     def _keep(state: GuideState, cache: DynamicCache, index: int, past_len: int, new: int) -> None:
@@ -168,14 +182,21 @@ def _padded_past(pending: list[_Pending], past_len: int) -> list[tuple[torch.Ten
     return padded
 
 
-def leading_agreement(logits: torch.Tensor, drafts: torch.Tensor, relative: float) -> int:
-    """How many leading drafts the guide agrees with, given its logits predicting each draft."""
+def leading_agreement(
+    logits: torch.Tensor, drafts: torch.Tensor, relative: torch.Tensor | float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """How many leading drafts the guide agrees with: logits [..., n, V] predicting drafts [..., n].
+
+    `relative` broadcasts against [..., 1]; rows where `valid` is False (padding) never agree.
+    """
     probs = logits.softmax(-1)
     top_p, top_ids = probs.topk(TOP_K, dim=-1)
     known = drafts < probs.shape[-1]
-    draft_p = probs.gather(-1, torch.where(known, drafts, 0)[:, None]).squeeze(-1)
-    agree = known & (top_ids == drafts[:, None]).any(-1) & (draft_p >= relative * top_p[:, 0])
-    return int(agree.long().cumprod(0).sum())
+    draft_p = probs.gather(-1, torch.where(known, drafts, 0)[..., None]).squeeze(-1)
+    agree = known & (top_ids == drafts[..., None]).any(-1) & (draft_p >= relative * top_p[..., 0])
+    if valid is not None:
+        agree &= valid
+    return agree.long().cumprod(-1).sum(-1)
 
 
 def tokenizer_mismatch(guide: PreTrainedTokenizerBase, model: PreTrainedTokenizerBase, mask_id: int) -> str | None:

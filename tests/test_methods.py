@@ -309,6 +309,8 @@ def test_the_agreement_rule_is_top_two_within_the_relative_threshold():
     assert leading_agreement(logits, torch.tensor([0, 2, 2, 1]), relative=0.5) == 1  # not in the top two
     assert leading_agreement(logits, torch.tensor([1, 0, 0, 0]), relative=0.7) == 0  # 0.3 < 0.7 * 0.5
     assert leading_agreement(logits[:1], torch.tensor([600]), relative=0.5) == 0  # past the guide's vocabulary
+    padded = torch.tensor([True, True, False, True])
+    assert leading_agreement(logits, torch.tensor([0, 1, 2, 1]), relative=0.5, valid=padded) == 2
 
 
 # --- parameters and refusals -----------------------------------------------------------------------
