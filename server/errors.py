@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import EngineDeadError, QueueFullError
 from engine.params import ParamError
-from server.protocol import ErrorDetail, ErrorResponse
+from server.protocol import UNSUPPORTED, ErrorDetail, ErrorResponse
 
 log = logging.getLogger("unmask.server")
 
@@ -81,10 +81,6 @@ def model_not_found(name: str) -> APIError:
     return APIError(404, f"The model `{name}` does not exist.", NOT_FOUND, "model", "model_not_found")
 
 
-def unsupported(param: str, message: str) -> APIError:
-    return APIError(400, message, INVALID_REQUEST, param, "unsupported_parameter")
-
-
 def engine_failure(detail: str | None) -> APIError:
     return APIError(
         500, f"The engine failed on this request: {detail or 'unknown error'}", SERVER_ERROR, None, "engine_error"
@@ -136,6 +132,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return APIError(
             400, f"Missing required parameter: '{param}'.", INVALID_REQUEST, param, "missing_required_parameter"
         )
+    if kind == UNSUPPORTED:
+        return APIError(400, str(first.get("msg")), INVALID_REQUEST, param, "unsupported_parameter")
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     return APIError(400, f"Invalid value for '{param}': {message}", INVALID_REQUEST, param or None, "invalid_value")
 

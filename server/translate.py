@@ -12,11 +12,9 @@ from server.errors import (
     SERVER_ERROR,
     APIError,
     engine_failure,
-    unsupported,
 )
 from server.generation import ChoiceRequest
 from server.protocol import (
-    MAX_STOP_STRINGS,
     METHOD_FIELD_NAMES,
     BlockState,
     ChatCompletionRequest,
@@ -33,45 +31,9 @@ _DEFAULTS = SamplingParams()
 # --- requests -------------------------------------------------------------------------------------
 
 
-def check_supported(body: CompletionRequest | ChatCompletionRequest) -> None:
-    """Reject, with a 400 naming the field, every OpenAI feature this server does not implement."""
-    if body.presence_penalty not in (None, 0):
-        raise unsupported("presence_penalty", "presence_penalty is not supported by diffusion decoding; use 0.")
-    if body.frequency_penalty not in (None, 0):
-        raise unsupported("frequency_penalty", "frequency_penalty is not supported by diffusion decoding; use 0.")
-    if body.logit_bias:
-        raise unsupported("logit_bias", "logit_bias is not supported.")
-    if isinstance(body, CompletionRequest):
-        if body.logprobs is not None:
-            raise unsupported(
-                "logprobs", "logprobs are not supported: diffusion decoding has no left-to-right token probabilities."
-            )
-        if body.best_of not in (None, body.n):
-            raise unsupported("best_of", "best_of is not supported; use n.")
-        if body.suffix is not None:
-            raise unsupported("suffix", "suffix (insertion) is not supported.")
-    else:
-        if body.logprobs or body.top_logprobs is not None:
-            raise unsupported(
-                "logprobs", "logprobs are not supported: diffusion decoding has no left-to-right token probabilities."
-            )
-        if body.tools:
-            raise unsupported("tools", "tool calling is not supported.")
-        if body.tool_choice not in (None, "none"):
-            raise unsupported("tool_choice", "tool calling is not supported.")
-        if body.response_format not in (None, {"type": "text"}):
-            raise unsupported("response_format", "only response_format {'type': 'text'} is supported.")
-
-
 def stop_strings(stop: str | list[str] | None) -> list[str]:
-    strings = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(strings) > MAX_STOP_STRINGS:
-        raise APIError(
-            400, f"At most {MAX_STOP_STRINGS} stop strings are allowed.", INVALID_REQUEST, "stop", "invalid_value"
-        )
-    if any(not s for s in strings):
-        raise APIError(400, "Stop strings must not be empty.", INVALID_REQUEST, "stop", "invalid_value")
-    return strings
+    """The stop strings as a list (the protocol has checked their number and that none is empty)."""
+    return [stop] if isinstance(stop, str) else list(stop or [])
 
 
 def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, choice: int) -> SamplingParams:
@@ -98,8 +60,6 @@ def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) ->
     """The separate prompts of a completion request (a list of ints is one tokenized prompt)."""
     if isinstance(prompt, str):
         return [prompt]
-    if not prompt:
-        raise APIError(400, "prompt must not be empty.", INVALID_REQUEST, "prompt", "invalid_value")
     if isinstance(prompt[0], int):
         return [list(prompt)]  # type: ignore[arg-type]
     return list(prompt)  # type: ignore[arg-type]

@@ -9,8 +9,8 @@ import openai
 import pytest
 from server_fixtures import live_server, sse_json  # noqa: F401  (pytest fixture)
 
-from engine.params import CACHE_POLICIES, UNMASK_POLICIES, SamplingParams
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from engine.params import CACHE_POLICIES, METHOD_FIELDS, UNMASK_POLICIES, EngineDefaults, ParamError, SamplingParams
+from server.protocol import BOUNDS, ChatCompletionRequest, CompletionRequest
 from server.translate import MASK_PLACEHOLDER
 
 PROMPT = "The quick brown fox"
@@ -118,6 +118,33 @@ def test_every_engine_parameter_is_a_request_field():
     http_fields = set(CompletionRequest.model_fields) & set(ChatCompletionRequest.model_fields)
     missing = {f.name for f in fields(SamplingParams)} - http_fields
     assert missing <= {"max_tokens"}  # chat spells it max_completion_tokens too
+
+
+def _engine_accepts(name: str, value) -> bool:
+    owner = METHOD_FIELDS.get(name)
+    params = SamplingParams(**{name: value, **({owner[0]: owner[1]} if owner else {})})
+    try:
+        params.resolve(EngineDefaults())
+    except ParamError as exc:
+        assert exc.param == name
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDS))
+def test_schema_ranges_are_the_engine_ranges(name):
+    integer = name == "seed" or isinstance(getattr(EngineDefaults(), name, 0.0), int) or name == "steps"
+    nudge = 1 if integer else 1e-6
+    for kind, bound in BOUNDS[name].items():
+        bound = int(bound) if integer else float(bound)
+        inside = {"ge": bound, "gt": bound + nudge, "le": bound, "lt": bound - nudge}[kind]
+        outside = {"ge": bound - nudge, "gt": bound, "le": bound + nudge, "lt": bound}[kind]
+        assert _engine_accepts(name, inside), f"{name}={inside} is in the schema's range but the engine refuses it"
+        assert not _engine_accepts(name, outside), f"{name}={outside} is outside the schema's range but accepted"
+
+
+def test_every_method_parameter_has_its_range_in_the_schema():
+    assert set(METHOD_FIELDS) <= set(BOUNDS)
 
 
 def test_method_parameters_reach_the_engine(live_server):

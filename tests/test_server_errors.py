@@ -53,6 +53,10 @@ def test_missing_body_is_400(live_server):
         ({"max_tokens": 0}, "max_tokens"),
         ({"n": 0}, "n"),
         ({"prompt": 3.5}, "prompt"),
+        ({"prompt": [[False]]}, "prompt"),  # JSON booleans are not token ids
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_tokens": "8"}, "max_tokens"),
+        ({"stream": 1}, "stream"),
         ({"stop": 7}, "stop"),
         ({"cache": "nope"}, "cache"),
         ({"unmask": "nope"}, "unmask"),
@@ -106,7 +110,12 @@ def test_prompt_plus_max_tokens_beyond_the_context_is_400(live_server):
         ("/v1/completions", {"suffix": "x"}, "suffix"),
         ("/v1/completions", {"presence_penalty": 0.5}, "presence_penalty"),
         ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
+        ("/v1/completions", {"best_of": 2}, "best_of"),
+        ("/v1/completions", {"logit_bias": {"42": 1.0}}, "logit_bias"),
         ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
     ],
 )
 def test_unsupported_openai_feature_is_a_clear_400(live_server, path, fields, param):

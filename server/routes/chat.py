@@ -42,7 +42,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     arrival = time.perf_counter()
     state = get_state(request)
     model = state.check_model(body.model)
-    translate.check_supported(body)
     engine = state.engine
     prompt_ids = translate.chat_prompt_ids(engine.tokenizer, body.messages)
     max_tokens = translate.chat_max_tokens(body, len(prompt_ids), engine.max_model_len, state.settings.chat_max_tokens)

@@ -37,7 +37,6 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     arrival = time.perf_counter()
     state = get_state(request)
     model = state.check_model(body.model)
-    translate.check_supported(body)
     prompts = translate.completion_prompts(body.prompt)
     max_tokens = body.max_tokens if body.max_tokens is not None else state.settings.completion_max_tokens
     request_id = new_request_id("cmpl")
