@@ -20,6 +20,7 @@ remote code.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,8 @@ class GuideRunner:
         self.model = model
         self.device = device
         self.vocab_size = model.get_input_embeddings().num_embeddings
+        # transformers 5 renamed `past_key_values` to `cache`; the project accepts both versions.
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.tokens_fed = 0  # tokens run through the guide, for tests and metrics
 
     @classmethod
@@ -77,13 +80,13 @@ class GuideRunner:
         mismatch = tokenizer_mismatch(load_tokenizer(guide_dir), loaded.tokenizer, loaded.config.mask_token_id)
         if mismatch:
             raise CheckpointError(f"the guide model {str(guide_dir)!r} does not share the model's tokenizer: {mismatch}")
+        if not hasattr(DynamicCache(), "layers"):
+            raise CheckpointError("guided decoding needs transformers >= 4.56 (per-layer KV caches)")
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(guide_dir), local_files_only=True, trust_remote_code=False, dtype=loaded.dtype
-            )
+            model = AutoModelForCausalLM.from_pretrained(str(guide_dir), local_files_only=True, trust_remote_code=False)
         except Exception as exc:  # transformers raises many types; the user needs one clear message
             raise CheckpointError(f"cannot load the guide model from {str(guide_dir)!r}: {exc}") from exc
-        runner = cls(model.to(loaded.device).eval(), loaded.device)
+        runner = cls(model.to(device=loaded.device, dtype=loaded.dtype).eval(), loaded.device)
         largest = max(i for i in loaded.tokenizer.get_vocab().values() if i != loaded.config.mask_token_id)
         if largest >= runner.vocab_size:
             raise CheckpointError(f"the guide model's {runner.vocab_size} embeddings miss token id {largest}")
@@ -146,16 +149,19 @@ class GuideRunner:
             mask[i, past_len - p.state.length : past_len + n] = 1  # pasts left-padded, new tokens right-padded
             positions[i] = p.state.length + torch.arange(new_len)
             self.tokens_fed += n
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(_padded_past(pending, past_len)):
+            cache.update(k, v, layer)
         out = self.model(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device),
-            cache=DynamicCache(_padded_past(pending, past_len)) if past_len else DynamicCache(),
             use_cache=True,
             # Only rows from the earliest first draft on feed the verdicts (not a prompt's).
             logits_to_keep=new_len - min(p.first_draft_row for p in pending),
+            **{self._cache_arg: cache},
         )
-        return out.logits, out.past_key_values, past_len
+        return out.logits, cache, past_len
 
     @staticmethod
     def _keep(state: GuideState, cache: DynamicCache, index: int, past_len: int, new: int) -> None:
@@ -170,6 +176,8 @@ class GuideRunner:
 
 def _padded_past(pending: list[_Pending], past_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The requests' KV stacked per layer, [B, kv_heads, past_len, head_dim], each left-padded with zeros."""
+    if not past_len:
+        return []
     ref = next(p.state.kv for p in pending if p.state.kv)
     padded = []
     for layer, (k_ref, _) in enumerate(ref):

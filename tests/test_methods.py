@@ -44,9 +44,9 @@ def guide_dir(tmp_path_factory, llada_dir) -> Path:
     return out
 
 
-def make_engine(model_dir, guide_dir=None, feature_cache: bool = True) -> LLMEngine:
+def make_engine(model_dir, guide_dir=None, feature_cache: bool = True, device: str = "cpu") -> LLMEngine:
     return LLMEngine(EngineConfig(
-        model_dir=str(model_dir), kv_cache_memory=8 * 2**20, feature_cache=feature_cache,
+        model_dir=str(model_dir), device=device, kv_cache_memory=8 * 2**20, feature_cache=feature_cache,
         guide_model=str(guide_dir) if guide_dir else None,
     ))
 
@@ -142,6 +142,27 @@ def test_recomputed_positions_per_step_follow_the_schedule(model_dir, cache):
     assert seen == expected
     assert seq.stats.active_positions == sum(expected)
     assert sum(seen) < len(seen) * seq.length  # the saving is real: the reference recomputes everything
+    assert engine.pool.num_free == engine.pool.num_pages
+
+
+@pytest.mark.gpu
+def test_every_method_batched_on_the_gpu_follows_its_schedule(model_dir, guide_dir):
+    """The Triton kernels under the same schedules: all methods in one batch, with guided decoding."""
+    engine = make_engine(model_dir, guide_dir, device="cuda")
+    seqs = {
+        cache: engine.add_request(cache, PROMPT, SamplingParams(
+            max_tokens=40, block_length=16, steps=8, cache=cache, unmask=unmask, **SCHEDULE_PARAMS[cache]
+        ))
+        for cache, unmask in zip(NEW_CACHES, ("low_confidence", "guided", "threshold", "guided"))
+    }
+    seen: list[int] = []
+    engine.step_listeners.append(lambda stats: seen.append(stats.active_tokens))
+    while engine.has_unfinished:
+        running = [(c, s) for c, s in seqs.items() if not s.is_finished]
+        expected = sum(expected_recomputed(c, State.of(s), s.params, engine.model_config.logits_shift) for c, s in running)
+        engine.step()
+        assert seen[-1] == expected
+    assert all(s.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) for s in seqs.values())
     assert engine.pool.num_free == engine.pool.num_pages
 
 
