@@ -21,16 +21,29 @@ def error_responses(*statuses: int) -> dict[int, dict]:
 
 
 def streaming_200(chunk_name: str, description: str) -> dict[int, dict]:
-    """A 200 that is JSON normally and an SSE stream of `chunk_name` events with `stream: true`."""
+    """A 200 that is JSON normally and an SSE stream of `chunk_name` events with `stream: true`.
+
+    The event-stream schema describes one event, as OpenAPI tools read it before 3.2's
+    `itemSchema`: its `data` is a chunk as JSON; the last is `[DONE]`; a failure after
+    the stream began arrives as an `ErrorResponse`.
+    """
+    payloads = [{"$ref": f"#/components/schemas/{chunk_name}"}, {"$ref": "#/components/schemas/ErrorResponse"}]
+    data = {
+        "type": "string",
+        "if": {"const": "[DONE]"},
+        "else": {"contentMediaType": "application/json", "contentSchema": {"anyOf": payloads}},
+    }
     return {
         200: {
             "description": description,
             "content": {
                 "text/event-stream": {
                     "schema": {
-                        "type": "string",
-                        "description": f"With stream=true: events `data: <{chunk_name} JSON>` separated by "
-                        "blank lines, ending with `data: [DONE]`.",
+                        "type": "object",
+                        "required": ["data"],
+                        "properties": {"data": data},
+                        "description": f"With stream=true, each event: `data: <{chunk_name} JSON>`, "
+                        "events separated by blank lines, the last one `data: [DONE]`.",
                     },
                     "x-unmask-event-schema": {"$ref": f"#/components/schemas/{chunk_name}"},
                 }
