@@ -59,7 +59,8 @@ class DKVGreedy(CachePolicy):
             return torch.arange(seq.length)
         if seq.step == 0:
             return torch.arange(seq.prompt_len, seq.length)
-        near = _within(seq.masked_in_block(), seq.params.dkv_window or 0, seq.length)
+        assert seq.params.dkv_window is not None
+        near = _within(seq.masked_in_block(), seq.params.dkv_window, seq.length)
         near = near[near >= seq.prompt_len]
         return torch.unique(torch.cat([near, seq.last_committed]))
 
