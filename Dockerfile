@@ -59,6 +59,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     UNMASK_IMAGE_VARIANT=${VARIANT}
 
+# A fixed numeric uid, so Kubernetes' runAsNonRoot can verify it without a passwd lookup.
+RUN groupadd --system --gid 10001 unmask \
+ && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/unmask --shell /usr/sbin/nologin unmask
+
 # Dependencies before the source, so that editing the source does not reinstall them.
 # setuptools is the build backend of the install step below.
 COPY --from=requirements /requirements.txt /tmp/requirements.txt
@@ -78,9 +82,6 @@ COPY server/ /tmp/unmask/server/
 RUN pip install --no-deps --no-build-isolation /tmp/unmask \
  && rm -rf /tmp/unmask
 
-# A fixed numeric uid, so Kubernetes' runAsNonRoot can verify it without a passwd lookup.
-RUN groupadd --system --gid 10001 unmask \
- && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/unmask --shell /usr/sbin/nologin unmask
 USER 10001:10001
 WORKDIR /home/unmask
 
