@@ -56,7 +56,7 @@ POLICIES = [
     {"cache": "none", "unmask": "low_confidence"},
     {"cache": "prefix", "unmask": "threshold", "threshold": 0.7},
     {"cache": "dual", "unmask": "factor", "factor": 1.0},
-    {"cache": "dkv", "unmask": "low_confidence", "steps": 4},
+    {"cache": "dkv", "unmask": "low_confidence", "steps": 2},
     {"cache": "freecache", "unmask": "threshold", "threshold": 0.9},
     {"cache": "dual", "unmask": "random", "seed": 5},
 ]
@@ -240,7 +240,7 @@ def server(model_dir) -> Iterator[LiveServer]:
 # --- 64 clients at once ---------------------------------------------------------------------------
 
 NUM_CLIENTS = 64
-REQUESTS_PER_CLIENT = 3
+REQUESTS_PER_CLIENT = 2
 LEAVE_EVERY = 8  # every 8th request is a stream whose client leaves after the first event
 TIME_OUT_EVERY = 16  # of the others, every 16th times out on purpose
 TIMEOUT_SECONDS = 0.3
@@ -249,7 +249,7 @@ TIMEOUT_SECONDS = 0.3
 def load_plan() -> list[list[tuple[str, Spec]]]:
     """Per client, its requests in order: ("normal" | "leave" | "time out", request)."""
     normal = [
-        spec(prompt, chat=chat, stream=stream, max_tokens=12, block_length=8, **POLICIES[i % len(POLICIES)])
+        spec(prompt, chat=chat, stream=stream, max_tokens=8, block_length=4, **POLICIES[i % len(POLICIES)])
         for i, (prompt, chat, stream) in enumerate(
             (p, c, s) for p in PROMPTS for c in (False, True) for s in (False, True)
         )
@@ -354,7 +354,7 @@ def load_run(server) -> LoadRun:
 def test_load_runs_every_planned_request(load_run):
     assert len(load_run.outcomes) == NUM_CLIENTS * REQUESTS_PER_CLIENT
     kinds = [o.kind for o in load_run.outcomes]
-    assert kinds.count("leave") >= 16 and kinds.count("time out") >= 8
+    assert kinds.count("leave") >= 16 and kinds.count("time out") >= 4
     assert not [o.failure for o in load_run.outcomes if o.failure]
     assert load_run.crowded_steps > 0, "the load never batched more than 8 requests together"
 
@@ -387,7 +387,8 @@ def test_after_the_load_the_kv_pool_is_full_and_no_request_is_left_in_the_engine
 # --- overload ------------------------------------------------------------------------------------
 
 SMALL_SEQS, SMALL_WAITING = 2, 4
-BURST = 24
+BURST = 16
+RETRY_FOR_SECONDS = 120.0
 
 
 @pytest.fixture(scope="module")
@@ -399,7 +400,7 @@ def small_server(model_dir) -> Iterator[LiveServer]:
     )
 
 
-BURST_REQUEST = spec(PROMPTS[2], max_tokens=32, block_length=32)
+BURST_REQUEST = spec(PROMPTS[2], max_tokens=16, block_length=16)
 
 
 async def _burst(server: LiveServer, n: int, retry: bool) -> list[list[Result]]:
@@ -407,7 +408,8 @@ async def _burst(server: LiveServer, n: int, retry: bool) -> list[list[Result]]:
 
     async def one(client: httpx.AsyncClient) -> list[Result]:
         attempts = [await send(client, BURST_REQUEST, server.model)]
-        while retry and attempts[-1].status == 429 and len(attempts) < 20:
+        give_up = time.monotonic() + RETRY_FOR_SECONDS
+        while retry and attempts[-1].status == 429 and time.monotonic() < give_up:
             await asyncio.sleep(float(attempts[-1].headers["retry-after"]))
             attempts.append(await send(client, BURST_REQUEST, server.model))
         return attempts
@@ -434,7 +436,7 @@ def test_refused_clients_that_retry_after_retry_after_are_all_served(small_serve
     solo = run(solo_texts(small_server, [BURST_REQUEST]))[BURST_REQUEST]
     attempts = run(_burst(small_server, BURST, retry=True))
     assert any(len(a) > 1 for a in attempts), "the burst never overloaded the server"
-    assert all(a[-1].status == 200 and a[-1].text == solo for a in attempts)
+    assert [(a[-1].status, a[-1].text) for a in attempts] == [(200, solo)] * BURST
     assert wait_until(lambda: engine_is_idle(small_server))
     assert_still_serving(small_server)
 
@@ -552,9 +554,11 @@ POISON_SEED = 666_666_666
 
 
 class PoisonedForward:
-    """The runner's fault hook: any forward pass that includes a request with POISON_SEED raises.
+    """The runner's fault hook: from its second step on, every forward pass that includes the
+    request with POISON_SEED raises (batched or alone, as the engine retries it alone).
 
-    It records the seeds of every forward it sees, to show the poisoned request shared a batch.
+    Its first step runs, so by the time it fails the requests sent with it share its batch.
+    The hook records the seeds of every forward it sees, to show they did.
     """
 
     def __init__(self) -> None:
@@ -563,7 +567,7 @@ class PoisonedForward:
     def __call__(self, work) -> None:
         seeds = [w.seq.params.seed for w in work]
         self.batches.append(seeds)
-        if POISON_SEED in seeds:
+        if any(w.seq.params.seed == POISON_SEED and w.seq.stats.forward_passes >= 1 for w in work):
             raise RuntimeError("injected forward failure")
 
     @property
@@ -581,18 +585,14 @@ def poisoned_forward(server) -> Iterator[PoisonedForward]:
         server.engine.engine.runner.fault_hook = None
 
 
-HEALTHY = [spec(PROMPTS[i % 4], chat=i % 3 == 2, stream=i % 2 == 1, max_tokens=48, block_length=48) for i in range(4)]
+HEALTHY = [spec(PROMPTS[i % 4], chat=i % 3 == 2, stream=i % 2 == 1, max_tokens=16, block_length=16) for i in range(4)]
 
 
 async def _healthy_and_poisoned(server: LiveServer, poisoned: Spec) -> tuple[list[Result], Result]:
-    """Start the healthy requests, wait until the engine runs them all, then send the poisoned one."""
+    """Send the healthy requests and the poisoned one at once."""
     async with async_client(server) as client:
-        healthy = [asyncio.ensure_future(send(client, r, server.model)) for r in HEALTHY]
-        deadline = time.monotonic() + 30
-        while server.engine.num_running < len(HEALTHY) and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        bad = await send(client, poisoned, server.model)
-        return list(await asyncio.gather(*healthy)), bad
+        results = await asyncio.gather(*(send(client, r, server.model) for r in [*HEALTHY, poisoned]))
+        return list(results[:-1]), results[-1]
 
 
 def test_a_request_whose_forward_raises_gets_500_and_the_rest_of_its_batch_finishes(server, poisoned_forward):
@@ -621,7 +621,7 @@ def test_a_stream_whose_forward_raises_ends_with_an_error_event_and_the_rest_fin
 
 # --- draining and SIGTERM ---------------------------------------------------------------------------
 
-DRAIN_REQUEST = spec(PROMPTS[3], stream=True, max_tokens=64, block_length=64, steps=64, unmask="random", seed=2)
+DRAIN_REQUEST = spec(PROMPTS[3], stream=True, max_tokens=48, block_length=48, steps=48, unmask="random", seed=2)
 
 
 @pytest.fixture
@@ -681,8 +681,8 @@ def start_unmask_serve(model_dir: Path, stderr) -> tuple[subprocess.Popen, Addre
     return proc, found[0]
 
 
-SIGTERM_STREAM = spec(PROMPTS[0], stream=True, stream_blocks=True, max_tokens=96, block_length=96, steps=96, unmask="random", seed=3)
-SIGTERM_PLAIN = spec(PROMPTS[1], max_tokens=96, block_length=96, steps=96, unmask="random", seed=4)
+SIGTERM_STREAM = spec(PROMPTS[0], stream=True, stream_blocks=True, max_tokens=64, block_length=64, steps=64, unmask="random", seed=3)
+SIGTERM_PLAIN = spec(PROMPTS[1], max_tokens=64, block_length=64, steps=64, unmask="random", seed=4)
 IN_FLIGHT = [SIGTERM_STREAM] * 4 + [SIGTERM_PLAIN] * 4  # with --max-num-seqs 4: four run, four wait
 
 
