@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     http.add_argument("--max-request-bytes", type=parse_size, default=4 * 2**20, help="larger request bodies get 413")
     http.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    http.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=60.0,
+        help="on SIGTERM, seconds in-flight requests get to finish before the rest are cut off "
+        "(so a stalled client cannot hold up the exit)",
+    )
 
     eng = serve.add_argument_group("engine")
     eng.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -179,7 +186,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
     app = create_app(AsyncEngine(config), settings)
     sock = _bind(args.host, args.port)
-    return asyncio.run(_run(app, sock, args.log_level))
+    return asyncio.run(_run(app, sock, args.log_level, args.shutdown_timeout))
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -201,10 +208,12 @@ def _url(sock: socket.socket) -> str:
     return f"http://{shown}:{port}"
 
 
-async def _run(app, sock: socket.socket, log_level: str) -> int:
+async def _run(app, sock: socket.socket, log_level: str, shutdown_timeout: float | None = None) -> int:
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_keep_alive=5)
+    config = uvicorn.Config(
+        app, log_level=log_level, lifespan="on", timeout_keep_alive=5, timeout_graceful_shutdown=shutdown_timeout
+    )
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal it shut down for once it is done; a no-op handler
     # underneath makes that a clean exit (status 0) after the drain.
