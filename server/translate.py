@@ -65,6 +65,23 @@ def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) ->
     return list(prompt)  # type: ignore[arg-type]
 
 
+def check_choice_count(num_prompts: int, n: int, max_waiting: int) -> None:
+    """Refuse, before any per-choice work, a request with more choices than the waiting queue holds.
+
+    Such a request could never be queued, so a 429 (retry later) would be a lie; and a
+    body of a million one-character prompts times n must cost nothing to refuse.
+    """
+    if num_prompts * n > max_waiting:
+        raise APIError(
+            400,
+            f"This request asks for {num_prompts * n} completions ({num_prompts} prompts x n={n}); "
+            f"the server queues at most {max_waiting} at once.",
+            INVALID_REQUEST,
+            "prompt" if num_prompts > 1 else "n",
+            "too_many_choices",
+        )
+
+
 def chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
     """Render the conversation with the checkpoint's chat template, ready for the assistant's turn."""
     if not getattr(tokenizer, "chat_template", None):

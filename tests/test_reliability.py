@@ -524,6 +524,9 @@ HOSTILE = {
     # oversized n
     "n of 17": Hostile(COMPLETION, completion_body('"prompt": "hi", "n": 17'), param="n"),
     "n of a billion": Hostile(CHAT, '{"messages": [{"role": "user", "content": "hi"}], "n": 1000000000}', param="n"),
+    "more choices than the queue holds": Hostile(
+        COMPLETION, completion_body('"prompt": [' + ",".join(['"a"'] * 10000) + '], "n": 16'), param="prompt"
+    ),
     # token ids outside the vocabulary (and the one id no prompt may hold)
     "token id = vocabulary size": Hostile(COMPLETION, completion_body('"prompt": [5, {vocab}]'), param="prompt"),
     "negative token id": Hostile(COMPLETION, completion_body('"prompt": [-1]'), param="prompt"),

@@ -43,6 +43,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = get_state(request)
     model = state.check_model(body.model)
     engine = state.engine
+    translate.check_choice_count(1, body.n, engine.config.max_waiting)
     prompt_ids = translate.chat_prompt_ids(engine.tokenizer, body.messages)
     max_tokens = translate.chat_max_tokens(body, len(prompt_ids), engine.max_model_len, state.settings.chat_max_tokens)
     request_id = new_request_id("chatcmpl")

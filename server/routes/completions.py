@@ -38,6 +38,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     state = get_state(request)
     model = state.check_model(body.model)
     prompts = translate.completion_prompts(body.prompt)
+    translate.check_choice_count(len(prompts), body.n, state.engine.config.max_waiting)
     max_tokens = body.max_tokens if body.max_tokens is not None else state.settings.completion_max_tokens
     request_id = new_request_id("cmpl")
     choices = translate.choice_requests(request_id, prompts, body, max_tokens, state.settings.defaults)
