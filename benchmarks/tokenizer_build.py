@@ -23,12 +23,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from benchmarks.tasks import train_stream
-
-EOS, MASK = "<|endoftext|>", "<|mask|>"
-USER, ASSISTANT, SYSTEM, EOT = "<|user|>", "<|assistant|>", "<|system|>", "<|eot|>"
+from benchmarks.tasks.batches import ASSISTANT, EOS, EOT, MASK, SYSTEM, USER, chat_prompt
 # Order fixes the ids: <|endoftext|> = 0, <|mask|> = 1, then the chat markers.
 SPECIAL_TOKENS = (EOS, MASK, USER, ASSISTANT, SYSTEM, EOT)
-ROLE_TOKENS = {"user": USER, "assistant": ASSISTANT, "system": SYSTEM}
 
 # Like LLaDA-Instruct's: every turn is `<|role|>\n{content}<|eot|>\n`; a generation
 # prompt opens the assistant turn. Unknown roles are an error, not silent text.
@@ -45,14 +42,10 @@ DEFAULT_VOCAB = 1024
 MODEL_MAX_LENGTH = 2048
 
 
-def chat_prompt(user_text: str) -> str:
-    """The chat template applied to one user message with the generation prompt (fast path)."""
-    return f"{USER}\n{user_text}{EOT}\n{ASSISTANT}\n"
-
-
 def corpus(n_per_family: int, seed: int = 12345) -> list[str]:
     """Chat-formatted training examples: what the tokenizer must encode compactly."""
-    return [chat_prompt(ex.prompt) + ex.response for ex in itertools.islice(train_stream(seed), 4 * n_per_family)]
+    examples = train_stream(seed, easy_fraction=0.3)  # the mixture the models train on
+    return [chat_prompt(ex.prompt) + ex.response for ex in itertools.islice(examples, 4 * n_per_family)]
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -6,8 +6,8 @@ Families (see each module): `arithmetic` (word problems with worked steps),
 `random.Random`; the train/test split is a stable hash of each problem's
 canonical key, so held-out problems are never trained on.
 
-    from benchmarks.tasks import FAMILIES, test_set, is_correct
-    for ex in test_set("recall", 100):
+    from benchmarks.tasks import FAMILIES, held_out_set, is_correct
+    for ex in held_out_set("recall", 100):
         ok = is_correct(model_text, ex.answer)
 """
 
@@ -35,6 +35,15 @@ FAMILIES: dict[str, Generator] = {
     lists.FAMILY: lists.generate,
     count.FAMILY: count.generate,
 }
+# Smaller instances of each family (one-operation sums, few facts, short lists), for
+# training only: a tiny model finds the lookup/copy circuits far sooner on them, and
+# they never overlap the benchmark's sizes, so no held-out problem can leak.
+EASY: dict[str, Generator] = {
+    arithmetic.FAMILY: arithmetic.generate_easy,
+    recall.FAMILY: recall.generate_easy,
+    lists.FAMILY: lists.generate_easy,
+    count.FAMILY: count.generate_easy,
+}
 
 # The held-out evaluation set is drawn from this seed; training streams use others.
 TEST_SEED = 0
@@ -48,23 +57,28 @@ def generate(family: str, rng: random.Random) -> Example:
         raise ValueError(f"unknown task family {family!r}; known: {', '.join(FAMILIES)}") from None
 
 
-def test_set(family: str, n: int, seed: int = TEST_SEED) -> list[Example]:
+def held_out_set(family: str, n: int, seed: int = TEST_SEED) -> list[Example]:
     """The first `n` held-out problems of `family` (the same list on every call and machine)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown task family {family!r}; known: {', '.join(FAMILIES)}")
     return list(itertools.islice(stream(FAMILIES[family], "test", f"{family}:{seed}"), n))
 
 
-def train_stream(seed: int | str, families: tuple[str, ...] | None = None) -> Iterator[Example]:
-    """Endless training examples, families mixed uniformly, never a held-out problem."""
+def train_stream(seed: int | str, families: tuple[str, ...] | None = None, easy_fraction: float = 0.0) -> Iterator[Example]:
+    """Endless training examples, families mixed uniformly, never a held-out problem.
+
+    `easy_fraction` of the examples come from the families' smaller training-only variants.
+    """
     names = families or tuple(FAMILIES)
     streams = {f: stream(FAMILIES[f], "train", f"{f}:{seed}") for f in names}
+    easy = {f: stream(EASY[f], "train", f"easy:{f}:{seed}") for f in names}
     rng = random.Random(f"mix:{seed}")
     while True:
-        yield next(streams[rng.choice(names)])
+        family = rng.choice(names)
+        yield next(easy[family] if rng.random() < easy_fraction else streams[family])
 
 
 __all__ = [
-    "ANSWER_PREFIX", "Example", "FAMILIES", "Split", "extract_answer", "generate", "is_correct",
-    "split_of", "test_set", "train_stream",
+    "ANSWER_PREFIX", "EASY", "Example", "FAMILIES", "Split", "extract_answer", "generate", "is_correct",
+    "split_of", "held_out_set", "train_stream",
 ]

@@ -17,7 +17,7 @@ FAMILY = "arithmetic"
 
 
 def _line(a: int, op: str, b: int) -> tuple[str, int]:
-    result = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+    result = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a // b
     return f"{a} {op} {b} = {result}", result
 
 
@@ -95,6 +95,23 @@ def _three_days(rng: random.Random, n: str, item: str) -> tuple[str, list[str], 
 
 Template = Callable[[random.Random, str, str], tuple[str, list[str], int, tuple[int, ...]]]
 TEMPLATES: tuple[Template, ...] = (_buy_bags, _give_find, _boxes_take, _earn_spend, _share, _two_packs, _three_days)
+
+
+def generate_easy(rng: random.Random) -> Example:
+    """A one-operation drill "What is a op b?" (training only: it teaches the worked lines)."""
+    op = rng.choice("+-*/")
+    if op == "+":
+        a, b = rng.randint(1, 199), rng.randint(1, 99)
+    elif op == "-":
+        a = rng.randint(1, 299)
+        b = rng.randint(0, a)
+    elif op == "*":
+        a, b = rng.randint(2, 12), rng.randint(2, 9)
+    else:
+        b, k = rng.randint(2, 9), rng.randint(2, 12)
+        a = b * k
+    line, result = _line(a, op, b)
+    return Example(FAMILY, f"What is {a} {op} {b}?", with_answer([line], str(result)), str(result), f"one:{a}{op}{b}")
 
 
 def generate(rng: random.Random) -> Example:

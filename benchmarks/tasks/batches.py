@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from benchmarks.tasks import train_stream
 
 EOS, MASK = "<|endoftext|>", "<|mask|>"
-USER, ASSISTANT, EOT = "<|user|>", "<|assistant|>", "<|eot|>"
+USER, ASSISTANT, SYSTEM, EOT = "<|user|>", "<|assistant|>", "<|system|>", "<|eot|>"
 
 
 def chat_prompt(user_text: str) -> str:
@@ -48,6 +48,10 @@ class Batch:
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.prompt_lens, self.answer_lens)))
 
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies (the DataLoader calls this), so `to(cuda)` can overlap compute."""
+        return Batch(*(t.pin_memory() for t in (self.input_ids, self.prompt_lens, self.answer_lens)))
+
     @property
     def num_tokens(self) -> int:
         return self.input_ids.numel()
@@ -61,6 +65,8 @@ class BatchSpec:
     max_canvas: int = 128
     canvas_multiple: int = 32
     pool_batches: int = 16  # examples for this many batches are length-sorted together
+    families: tuple[str, ...] | None = None  # None: all task families, mixed uniformly
+    easy_fraction: float = 0.0  # share of training-only smaller instances (see tasks.EASY)
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
@@ -121,7 +127,7 @@ def batches(model_dir: str | Path, spec: BatchSpec, seed: int | str) -> Iterator
     tok = load_tokenizer(model_dir)
     eos_id = tok.token_to_id(EOS)
     rng = random.Random(f"batches:{seed}")
-    examples = train_stream(seed)
+    examples = train_stream(seed, spec.families, spec.easy_fraction)
     while True:
         rows: list[tuple[list[int], list[int], int]] = []
         budget = spec.tokens * spec.pool_batches
@@ -150,15 +156,25 @@ class BatchStream(torch.utils.data.IterableDataset):
         return batches(self.model_dir, self.spec, f"{self.seed}:{worker}")
 
 
-def batch_loader(model_dir: str | Path, spec: BatchSpec, seed: int, workers: int) -> Iterator[Batch]:
+def batch_loader(model_dir: str | Path, spec: BatchSpec, seed: int, workers: int,
+                 pin_memory: bool = False) -> Iterator[Batch]:
     """Endless batches, produced by `workers` background processes (0: in this process)."""
     if workers == 0:
         return batches(model_dir, spec, f"{seed}:0")
     loader = torch.utils.data.DataLoader(
         BatchStream(model_dir, spec, seed), batch_size=None, num_workers=workers,
-        prefetch_factor=8, persistent_workers=True, collate_fn=lambda b: b,
+        prefetch_factor=8, collate_fn=_identity, worker_init_fn=_single_thread, pin_memory=pin_memory,
     )
     return iter(loader)
+
+
+def _identity(batch: Batch) -> Batch:
+    return batch
+
+
+def _single_thread(worker: int) -> None:
+    # Many workers share the host; one thread each avoids oversubscribing its cores.
+    torch.set_num_threads(1)
 
 
 def take(iterator: Iterator[Batch], n: int) -> list[Batch]:

@@ -13,8 +13,17 @@ MIN_ITEMS, MAX_ITEMS = 6, 14
 
 def generate(rng: random.Random) -> Example:
     """A list over 3-5 distinct words; the asked word usually occurs, sometimes (answer 0) not."""
+    return _generate(rng, MIN_ITEMS, MAX_ITEMS)
+
+
+def generate_easy(rng: random.Random) -> Example:
+    """The same over 2-5 items (training only)."""
+    return _generate(rng, 2, MIN_ITEMS - 1)
+
+
+def _generate(rng: random.Random, min_items: int, max_items: int) -> Example:
     vocab = rng.sample(LIST_WORDS, rng.randint(3, 5))
-    items = [rng.choice(vocab) for _ in range(rng.randint(MIN_ITEMS, MAX_ITEMS))]
+    items = [rng.choice(vocab) for _ in range(rng.randint(min_items, max_items))]
     # Ask mostly about words in the list, sometimes about one that is absent (answer 0).
     target = rng.choice(items) if rng.random() < 0.9 else rng.choice([w for w in LIST_WORDS if w not in vocab])
     listed = join_items(items)

@@ -11,8 +11,7 @@ FAMILY = "lists"
 MIN_ITEMS, MAX_ITEMS = 4, 8
 
 
-def _items(rng: random.Random, words: bool) -> list[str]:
-    n = rng.randint(MIN_ITEMS, MAX_ITEMS)
+def _items(rng: random.Random, words: bool, n: int) -> list[str]:
     if words:
         return rng.sample(LIST_WORDS, n)
     return [str(x) for x in rng.sample(range(1, 100), n)]
@@ -20,9 +19,18 @@ def _items(rng: random.Random, words: bool) -> list[str]:
 
 def generate(rng: random.Random) -> Example:
     """One of: numbers ascending/descending, words alphabetical, numbers or words reversed."""
+    return _generate(rng, MIN_ITEMS, MAX_ITEMS)
+
+
+def generate_easy(rng: random.Random) -> Example:
+    """The same over 2-3 items (training only)."""
+    return _generate(rng, 2, MIN_ITEMS - 1)
+
+
+def _generate(rng: random.Random, min_items: int, max_items: int) -> Example:
     op = rng.choice(("ascending", "descending", "alphabetical", "reverse"))
     words = op == "alphabetical" or (op == "reverse" and rng.random() < 0.5)
-    items = _items(rng, words)
+    items = _items(rng, words, rng.randint(min_items, max_items))
     listed = join_items(items)
     if op == "ascending":
         prompt = f"Sort these numbers from smallest to largest: {listed}"

@@ -17,7 +17,15 @@ MIN_FACTS, MAX_FACTS = 20, 40
 
 def generate(rng: random.Random) -> Example:
     """Distinct keys with distinct 4-digit codes; the question names one key."""
-    n = rng.randint(MIN_FACTS, MAX_FACTS)
+    return _generate(rng, rng.randint(MIN_FACTS, MAX_FACTS))
+
+
+def generate_easy(rng: random.Random) -> Example:
+    """The same with 2-19 facts (training only: short prompts teach the lookup quickly)."""
+    return _generate(rng, rng.randint(2, MIN_FACTS - 1))
+
+
+def _generate(rng: random.Random, n: int) -> Example:
     keys = rng.sample(KEYS, n)
     codes = rng.sample(range(1000, 10000), n)
     target = rng.randrange(n)

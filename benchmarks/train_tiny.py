@@ -1,0 +1,431 @@
+"""Train Unmask's bundled diffusion LM (LLaDA checkpoint layout) on the task mixture.
+
+    python benchmarks/train_tiny.py --out models/unmask-tiny --minutes 5 --device cuda
+
+Objective: LLaDA's masked-diffusion SFT. A sequence is prompt + canvas, the
+canvas holding the response and end-of-text padding. Only canvas tokens are
+masked, each independently with probability t ~ U(eps, 1) drawn per sequence;
+the loss is the cross-entropy on masked tokens weighted by 1/t and divided by
+the canvas length (LLaDA's normalisation by the padded answer length).
+
+One addition to the paper: a fraction of sequences (`--block-mask-prob`) are
+masked the way blockwise decoding sees them: the canvas before a random
+32-token block is clean, the block is masked with probability t, everything
+after it is fully masked. Each masked token is weighted by 1/(its masking
+probability), so the objective stays an importance-weighted mean. It teaches
+the semi-autoregressive states that i.i.d. masking almost never produces.
+
+At the end the script decodes held-out problems with the reference sampler
+(no cache, low-confidence, one token per step, blocks of 32) and prints the
+exact-match accuracy per family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from benchmarks.tasks import FAMILIES, is_correct, held_out_set
+from benchmarks.tasks.batches import EOS, MASK, Batch, BatchSpec, batch_loader, chat_prompt, load_tokenizer
+from engine.models.checkpoint import load_weights, save_checkpoint
+from engine.models.config import ModelConfig
+from engine.models.transformer import DenseAttention, DiffusionTransformer
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_TOKENIZER = REPO / "models" / "unmask-tiny"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+MAX_FILE_BYTES = 15 * 2**20  # shards stay under 16 MiB with room for the safetensors header
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    tokenizer: str = str(DEFAULT_TOKENIZER)
+    init: str | None = None
+    device: str = "auto"
+    steps: int | None = None
+    minutes: float | None = None
+    hidden: int = 384
+    layers: int = 8
+    heads: int = 6
+    kv_heads: int | None = None
+    intermediate: int | None = None
+    batch_tokens: int = 16384
+    max_canvas: int = 128
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: float = 0.03
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eps: float = 1e-3
+    block_mask_prob: float = 0.3
+    block_length: int = 32
+    seed: int = 0
+    workers: int = 0
+    log_every: int = 50
+    eval_n: int = 200
+    eval_gen: int = 64
+    eval_batch: int = 128
+    families: str = ""  # comma-separated subset of task families to train and evaluate on; "" = all
+    easy_fraction: float = 0.3  # share of training-only smaller problems (see benchmarks.tasks.EASY)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_config(cfg: TrainConfig, tok: Tokenizer) -> ModelConfig:
+    """A LLaDA-architecture config; the embedding is padded to a multiple of 64 rows."""
+    vocab = -(-tok.get_vocab_size() // 64) * 64
+    return ModelConfig(
+        arch="llada",
+        hidden_size=cfg.hidden,
+        num_layers=cfg.layers,
+        num_heads=cfg.heads,
+        num_kv_heads=cfg.kv_heads or cfg.heads,
+        intermediate_size=cfg.intermediate or _swiglu_width(cfg.hidden),
+        vocab_size=vocab,
+        mask_token_id=tok.token_to_id(MASK),
+        eos_token_id=tok.token_to_id(EOS),
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        max_position=2048,
+    )
+
+
+def _swiglu_width(hidden: int) -> int:
+    """8/3 of the width (the usual SwiGLU ratio), rounded up to a multiple of 64."""
+    return -(-(8 * hidden // 3) // 64) * 64
+
+
+def init_weights(model: DiffusionTransformer) -> None:
+    """GPT-style init: N(0, 0.02), residual output projections scaled down by depth."""
+    depth_scale = 1.0 / math.sqrt(2 * model.cfg.num_layers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                continue
+            std = 0.02 * (depth_scale if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0)
+            p.normal_(0.0, std)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- objective
+
+
+@dataclass
+class Noised:
+    """A masked batch: the model input, which canvas tokens are masked and their loss weights."""
+
+    input_ids: torch.Tensor  # [B, L]
+    masked: torch.Tensor  # [B, L] bool
+    weight: torch.Tensor  # [B, L] float: 1 / (masking probability) / canvas length
+
+
+def noise_batch(batch: Batch, mask_id: int, eps: float, block_prob: float, block_length: int,
+                gen: torch.Generator) -> Noised:
+    """Mask canvas tokens: i.i.d. with ratio t per row, or block-structured for `block_prob` of rows.
+
+    t is stratified over the batch (one uniform offset, evenly spaced) so every
+    batch covers all noise levels; that lowers the variance of the 1/t weights.
+    """
+    ids, plens = batch.input_ids, batch.prompt_lens
+    b, length = ids.shape
+    dev = ids.device
+    u = torch.rand(1, generator=gen, device=dev)
+    t = (u + torch.randperm(b, generator=gen, device=dev) / b) % 1.0
+    t = eps + (1.0 - eps) * t
+    pos = torch.arange(length, device=dev)[None, :]
+    canvas = pos >= plens[:, None]
+    canvas_len = (length - plens).float()
+    draw = torch.rand(b, length, generator=gen, device=dev)
+
+    prob = torch.where(canvas, t[:, None], torch.zeros((), device=dev))
+    structured = torch.rand(b, generator=gen, device=dev) < block_prob
+    if structured.any():
+        n_blocks = torch.ceil(canvas_len / block_length)
+        k = torch.floor(torch.rand(b, generator=gen, device=dev) * n_blocks)
+        start = plens + (k * block_length).long()
+        end = start + block_length
+        block_prob_map = torch.where(pos < start[:, None], 0.0, torch.where(pos < end[:, None], t[:, None], 1.0))
+        prob = torch.where(structured[:, None] & canvas, block_prob_map, prob)
+    masked = draw < prob
+    weight = torch.where(masked, 1.0 / prob.clamp_min(eps), torch.zeros((), device=dev)) / canvas_len[:, None]
+    return Noised(torch.where(masked, torch.full_like(ids, mask_id), ids), masked, weight)
+
+
+def diffusion_loss(model: DiffusionTransformer, batch: Batch, noised: Noised) -> torch.Tensor:
+    """Weighted CE on the masked positions, summed per row, averaged over rows."""
+    b, length = batch.input_ids.shape
+    positions = torch.arange(length, device=batch.input_ids.device).repeat(b)
+    hidden = model(noised.input_ids.reshape(-1), positions, DenseAttention(b, length))
+    # Logits everywhere, zero weight off the masked positions: the vocabulary is small,
+    # and selecting rows would need the mask count on the host (a GPU sync every step).
+    ce = F.cross_entropy(model.compute_logits(hidden), batch.input_ids.reshape(-1), reduction="none")
+    return (ce * noised.weight.reshape(-1)).sum() / b
+
+
+def lr_at(progress: float, peak: float, warmup: float, min_ratio: float) -> float:
+    """Linear warmup over the first `warmup` of training, then cosine decay to `min_ratio * peak`.
+
+    `progress` runs from 0 to 1 (steps or wall time, see `Clock`).
+    """
+    if progress < warmup:
+        return peak * progress / warmup
+    frac = min(1.0, (progress - warmup) / max(1e-9, 1.0 - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices except the embedding, none on norms."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.startswith("embed")]
+    other = [p for n, p in model.named_parameters() if p.ndim < 2 or n.startswith("embed")]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
+
+
+class Clock:
+    """Training progress in [0, 1] by steps or by wall time, whichever budget is given (and ends first)."""
+
+    def __init__(self, steps: int | None, minutes: float | None):
+        if steps is None and minutes is None:
+            raise ValueError("give --steps or --minutes")
+        self.steps, self.seconds = steps, None if minutes is None else minutes * 60.0
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def progress(self, step: int) -> float:
+        parts = []
+        if self.steps is not None:
+            parts.append(step / self.steps)
+        if self.seconds is not None:
+            parts.append(self.elapsed() / self.seconds)
+        return max(parts)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def family_list(spec: str) -> tuple[str, ...] | None:
+    """Parse a comma-separated family list; None for "" (all families)."""
+    names = tuple(f.strip() for f in spec.split(",") if f.strip())
+    unknown = [f for f in names if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown task families {unknown}; known: {', '.join(FAMILIES)}")
+    return names or None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train(cfg: TrainConfig) -> tuple[DiffusionTransformer, dict]:
+    """Train for the configured budget; returns the model (fp32) and a summary of the run."""
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    tok = load_tokenizer(cfg.tokenizer)
+    # Start the data workers before CUDA is initialised: forking a CUDA process is fragile.
+    spec = BatchSpec(tokens=cfg.batch_tokens, max_canvas=cfg.max_canvas, canvas_multiple=cfg.block_length,
+                     families=family_list(cfg.families), easy_fraction=cfg.easy_fraction)
+    data = batch_loader(cfg.tokenizer, spec, cfg.seed, cfg.workers, pin_memory=device.type == "cuda")
+    if cfg.init:
+        model = load_weights(cfg.init, torch.float32, device).train()
+    else:
+        model = DiffusionTransformer(build_config(cfg, tok))
+        init_weights(model)
+        model.to(device)
+    mcfg = model.cfg
+    print(f"model: {count_params(model) / 1e6:.2f}M params, {mcfg}", flush=True)
+    opt = make_optimizer(model, cfg, fused=device.type == "cuda")
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    clock = Clock(cfg.steps, cfg.minutes)
+    step, tokens, window, history, data_wait = 0, 0, [], [], 0.0
+    while clock.progress(step) < 1.0:
+        lr = lr_at(clock.progress(step), cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        t_data = time.perf_counter()
+        batch = next(data)
+        data_wait += time.perf_counter() - t_data
+        batch = batch.to(device)
+        noised = noise_batch(batch, mcfg.mask_token_id, cfg.eps, cfg.block_mask_prob, cfg.block_length, gen)
+        with autocast(device):
+            loss = diffusion_loss(model, batch, noised)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        tokens += batch.num_tokens
+        window.append(loss.detach())
+        if step % cfg.log_every == 0:
+            mean = torch.stack(window).mean().item()
+            window.clear()
+            history.append((step, mean))
+            el = clock.elapsed()
+            print(f"step {step:6d}  {el:7.1f}s  loss {mean:.4f}  lr {lr:.2e}  {step / el:.1f} steps/s  "
+                  f"{tokens / el / 1e3:.0f}k tok/s  waiting for data {100 * data_wait / el:.0f}%", flush=True)
+    wall = clock.elapsed()
+    if window:
+        history.append((step, torch.stack(window).mean().item()))
+    summary = {"steps": step, "tokens": tokens, "train_seconds": round(wall, 1), "data_wait_seconds": round(data_wait, 1),
+               "loss_history": history, "params": count_params(model)}
+    return model.eval(), summary
+
+
+# --------------------------------------------------------------------------- reference decoding
+
+
+class PaddedDenseAttention:
+    """Bidirectional attention over right-padded rows; padded keys are never attended to."""
+
+    def __init__(self, batch: int, length: int, key_valid: torch.Tensor):
+        self.batch, self.length = batch, length
+        self.mask = key_valid[:, None, None, :]  # [B, 1, 1, L], True = attend
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, n = self.batch, self.length
+        q, k, v = (t.view(b, n, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.shape[1] != q.shape[1])
+        return out.transpose(1, 2).reshape(b * n, q.shape[1], q.shape[3])
+
+
+@torch.no_grad()
+def reference_generate(model: DiffusionTransformer, prompts: list[list[int]], gen_length: int,
+                       block_length: int = 32) -> list[list[int]]:
+    """LLaDA's reference sampler: full forward every step, low-confidence, one token per step.
+
+    Greedy (temperature 0). Blocks of `block_length` are denoised left to right;
+    generation stops after a block once every row has committed end-of-text
+    (later blocks cannot change earlier tokens, so the text is the same).
+    Returns each row's canvas (`gen_length` ids, masks left where it stopped early).
+    """
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    b = len(prompts)
+    plens = torch.tensor([len(p) for p in prompts], device=device)
+    length = int(plens.max()) + gen_length
+    x = torch.full((b, length), cfg.eos_token_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        x[i, : len(p)] = torch.tensor(p, device=device)
+        x[i, len(p) : len(p) + gen_length] = cfg.mask_token_id
+    pos = torch.arange(length, device=device)
+    attention = PaddedDenseAttention(b, length, pos[None, :] < (plens + gen_length)[:, None])
+    positions = pos.repeat(b)
+    rows = torch.arange(b, device=device)
+    for start in range(0, gen_length, block_length):
+        width = min(block_length, gen_length - start)
+        cols = plens[:, None] + start + torch.arange(width, device=device)[None, :]
+        for _ in range(width):
+            with autocast(device):
+                hidden = model(x.reshape(-1), positions, attention).view(b, length, -1)
+                logits = model.compute_logits(hidden[rows[:, None], cols])
+            conf, x0 = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+            conf = conf.masked_fill(x[rows[:, None], cols] != cfg.mask_token_id, -math.inf)
+            j = conf.argmax(dim=-1)
+            x[rows, cols[rows, j]] = x0[rows, j]
+        done_cols = plens[:, None] + torch.arange(start + width, device=device)[None, :]
+        if (x[rows[:, None], done_cols] == cfg.eos_token_id).any(dim=1).all():
+            break
+    return [x[i, plens[i] : plens[i] + gen_length].tolist() for i in range(b)]
+
+
+def canvas_text(tok: Tokenizer, canvas: list[int], eos_id: int) -> str:
+    """The response text of a canvas: tokens before the first end-of-text, specials skipped."""
+    if eos_id in canvas:
+        canvas = canvas[: canvas.index(eos_id)]
+    return tok.decode(canvas, skip_special_tokens=True)
+
+
+def evaluate(model: DiffusionTransformer, tok: Tokenizer, n: int, gen_length: int, block_length: int,
+             batch_size: int, families: tuple[str, ...] = tuple(FAMILIES)) -> dict[str, float]:
+    """Exact-match accuracy of reference decoding on the first `n` held-out problems of each family."""
+    accuracy = {}
+    for family in families:
+        examples = held_out_set(family, n)
+        correct = 0
+        for i in range(0, n, batch_size):
+            chunk = examples[i : i + batch_size]
+            prompts = [tok.encode(chat_prompt(ex.prompt)).ids for ex in chunk]
+            outs = reference_generate(model, prompts, gen_length, block_length)
+            correct += sum(is_correct(canvas_text(tok, o, model.cfg.eos_token_id), ex.answer) for o, ex in zip(outs, chunk))
+        accuracy[family] = correct / n
+    return accuracy
+
+
+# --------------------------------------------------------------------------- output
+
+
+def save(model: DiffusionTransformer, out: str | Path, tokenizer_dir: str | Path, summary: dict) -> Path:
+    """Write the bf16 checkpoint (LLaDA layout), the tokenizer files and `training.json`."""
+    out = Path(out)
+    save_checkpoint(model, out, dtype=torch.bfloat16, max_shard_bytes=MAX_FILE_BYTES)
+    copy_tokenizer(tokenizer_dir, out)
+    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return out
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        return
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(src / name, dst / name)
+
+
+_OPTIONAL_TYPES = {"init": str, "steps": int, "minutes": float, "kv_heads": int, "intermediate": int}
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    for field, default in asdict(TrainConfig(out="")).items():
+        if field == "out":
+            continue
+        kind = _OPTIONAL_TYPES.get(field) or type(default)
+        p.add_argument("--" + field.replace("_", "-"), type=kind, default=default)
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
+    model, summary = train(cfg)
+    summary["config"] = asdict(cfg)
+    if cfg.eval_n > 0:
+        t0 = time.perf_counter()
+        tok = load_tokenizer(cfg.tokenizer)
+        summary["eval"] = evaluate(model, tok, cfg.eval_n, cfg.eval_gen, cfg.block_length, cfg.eval_batch,
+                                   family_list(cfg.families) or tuple(FAMILIES))
+        summary["eval_seconds"] = round(time.perf_counter() - t0, 1)
+        summary["eval_setup"] = (f"{cfg.eval_n} held-out problems per family, reference decoding: no cache, "
+                                 f"low_confidence, 1 token/step, block {cfg.block_length}, gen {cfg.eval_gen}")
+        print("held-out accuracy: " + "  ".join(f"{f} {a:.3f}" for f, a in summary["eval"].items()), flush=True)
+    save(model, cfg.out, cfg.tokenizer, summary)
+    print(f"wrote {cfg.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

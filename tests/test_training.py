@@ -1,0 +1,103 @@
+"""The training scripts of the bundled models, run for real on tiny CPU models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from benchmarks import train_guide, train_tiny
+from benchmarks.tasks import held_out_set
+from benchmarks.tasks.batches import BatchSpec, batches, chat_prompt, load_tokenizer
+from engine.models import load_model
+from engine.models.checkpoint import load_weights
+
+TOKENIZER = str(train_tiny.DEFAULT_TOKENIZER)
+TINY = ["--device", "cpu", "--hidden", "32", "--layers", "2", "--heads", "2", "--batch-tokens", "2048",
+        "--log-every", "10", "--workers", "0"]
+
+
+def _first_and_last_loss(out) -> tuple[float, float]:
+    history = json.loads((out / "training.json").read_text())["loss_history"]
+    return history[0][1], history[-1][1]
+
+
+@pytest.fixture(scope="module")
+def diffusion_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    train_tiny.main(["--out", str(out), "--steps", "40", "--lr", "3e-3", "--eval-n", "2", "--eval-batch", "2", *TINY])
+    return out
+
+
+def test_diffusion_training_reduces_the_loss(diffusion_run):
+    first, last = _first_and_last_loss(diffusion_run)
+    assert last < 0.7 * first
+
+
+def test_diffusion_checkpoint_loads_with_the_engine_and_is_self_contained(diffusion_run):
+    loaded = load_model(diffusion_run, dtype="float32", device="cpu")
+    assert loaded.config.arch == "llada" and loaded.config.vocab_size % 64 == 0
+    assert loaded.config.mask_token_id == loaded.tokenizer.mask_token_id
+    assert loaded.config.eos_token_id == loaded.tokenizer.eos_token_id
+    hf = json.loads((diffusion_run / "config.json").read_text())
+    assert hf["model_type"] == "llada" and hf["torch_dtype"] == "bfloat16"
+    summary = json.loads((diffusion_run / "training.json").read_text())
+    assert set(summary["eval"]) == {"arithmetic", "recall", "lists", "count"}
+    assert all(f.stat().st_size <= 16 * 2**20 for f in diffusion_run.iterdir())
+
+
+def test_reference_sampler_gives_each_row_the_same_result_alone_or_batched(diffusion_run):
+    model = load_weights(diffusion_run, torch.float32, "cpu")
+    tok = load_tokenizer(diffusion_run)
+    examples = held_out_set("count", 2) + held_out_set("lists", 1)
+    prompts = [tok.encode(chat_prompt(ex.prompt)).ids for ex in examples]
+    batched = train_tiny.reference_generate(model, prompts, gen_length=20, block_length=8)
+    alone = [train_tiny.reference_generate(model, [p], gen_length=20, block_length=8)[0] for p in prompts]
+    assert batched == alone
+    eos = model.cfg.eos_token_id
+    # Everything up to the first end-of-text is decoded (later blocks may be skipped).
+    assert all(model.cfg.mask_token_id not in (row[: row.index(eos)] if eos in row else row) for row in batched)
+
+
+def test_noise_masks_only_the_canvas_with_weights_that_undo_the_masking_rate():
+    batch = next(batches(TOKENIZER, BatchSpec(tokens=4096), seed=0))
+    pos = torch.arange(batch.input_ids.shape[1])[None, :]
+    canvas = pos >= batch.prompt_lens[:, None]
+    total = torch.zeros(batch.input_ids.shape[0])
+    draws = 300
+    for seed in range(draws):
+        noised = train_tiny.noise_batch(batch, mask_id=1, eps=1e-3, block_prob=0.0, block_length=32,
+                                        gen=torch.Generator().manual_seed(seed))
+        assert not (noised.masked & ~canvas).any()
+        assert torch.equal(noised.input_ids == 1, noised.masked)
+        assert torch.equal(noised.input_ids[~noised.masked], batch.input_ids[~noised.masked])
+        total += noised.weight.sum(dim=1)
+    # E[sum over the canvas of 1{masked} / t] / canvas_length = 1 for every row.
+    assert torch.allclose(total / draws, torch.ones_like(total), atol=0.35)
+
+
+def test_block_structured_noise_keeps_earlier_blocks_clean_and_masks_later_ones():
+    batch = next(batches(TOKENIZER, BatchSpec(tokens=4096), seed=1))
+    noised = train_tiny.noise_batch(batch, mask_id=1, eps=1e-3, block_prob=1.0, block_length=8,
+                                    gen=torch.Generator().manual_seed(0))
+    for row, plen in zip(noised.masked, batch.prompt_lens.tolist()):
+        canvas = row[plen:]
+        masked_at = canvas.nonzero().squeeze(1)
+        if len(masked_at) == 0:
+            continue
+        block_start = (masked_at[0].item() // 8) * 8
+        assert not canvas[:block_start].any()  # blocks before the working one are clean
+        assert canvas[block_start + 8 :].all()  # blocks after it are fully masked
+
+
+def test_guide_training_reduces_the_loss_and_saves_a_loadable_model(tmp_path):
+    train_guide.main(["--out", str(tmp_path), "--steps", "40", "--lr", "5e-3", "--intermediate", "64", "--eval-n", "2",
+                      "--eval-batch", "2", *TINY])
+    first, last = _first_and_last_loss(tmp_path)
+    assert last < 0.7 * first
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    assert model.config.eos_token_id == tok.eos_token_id and model.config.vocab_size >= len(tok)
+    assert model.dtype == torch.bfloat16
