@@ -873,6 +873,10 @@ TRAVERSALS = [
     "/v1/models/{model_dir}/config.json",
     "/v1/models/{model}/../config.json",
     "/v1/models/{model}%2F..%2Ftokenizer.json",
+    "/playground/..%2Fapp.py",
+    "/playground/..%2F..%2Fmodels%2Funmask-tiny%2Fconfig.json",
+    "/playground/%2Fetc%2Fpasswd",
+    "/playground/__init__.py",
     "/static/../../etc/passwd",
     "/docs/../config.json",
     "/config.json",
@@ -882,7 +886,7 @@ TRAVERSALS = [
 
 @pytest.mark.parametrize("path", TRAVERSALS)
 def test_no_route_serves_a_file_for_a_path_like_parameter(server, model_dir, path):
-    file_contents = ["root:x:0:0", (model_dir / "config.json").read_text()[:40]]
+    file_contents = ["root:x:0:0", (model_dir / "config.json").read_text()[:40], "from __future__"]
     with server.http() as http:
         response = http.get(path.format(model_dir=model_dir, model=server.model))
     assert_openai_error(response, 404)
@@ -904,7 +908,8 @@ def test_the_app_mounts_no_static_files(server):
 
 def test_no_open_route_reveals_the_model_directory_or_the_key(server, model_dir):
     with server.http(auth=False) as http:
-        bodies = [http.get(path).text for path in ("/health", "/metrics", "/openapi.json", "/docs")]
+        paths = ("/", "/playground/config.json", "/health", "/metrics", "/openapi.json", "/docs")
+        bodies = [http.get(path).text for path in paths]
     with server.http() as http:
         bodies.append(http.get("/v1/models").text)
     for body in bodies:
