@@ -6,9 +6,10 @@ to a real server on 127.0.0.1. The checks are schemathesis' defaults: no 5xx, ev
 response's status, content type, headers and body as the schema documents them,
 and invalid input refused with a 4xx.
 
-The server's context is cut to 128 tokens (a small KV pool), so no generated
-`max_tokens` can make one example slow; examples per operation are few and the
-generation is derandomized, so a CI run always sends the same requests.
+The server's KV pool holds 32 tokens, so no generated request can make an example
+slow (its context, prompt + max_tokens, is 32 tokens, and n choices run one after
+another); examples per operation are few and the generation is derandomized, so a
+CI run always sends the same requests.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from server.settings import ServerSettings
 from server_fixtures import LiveServer, model_dir_for_tests, serve_in_thread
 
 API_KEY = "fuzz-key"
-CONTEXT_TOKENS = 128
+CONTEXT_TOKENS = 32
 PAGE_SIZE = 16
 MAX_EXAMPLES = 25
 SEED = 20251128
