@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
+DEFAULT_CONCURRENCY = 8
 WORDS = (
     "the quick brown fox jumps over a lazy dog while seven small birds sing about rivers mountains "
     "numbers apples and the answer is forty two because every block of text unmasks in parallel"
@@ -173,7 +174,9 @@ def _check(response: httpx.Response) -> None:
         raise _HTTPFailure(f"HTTP {response.status_code} {code or ''}".strip())
 
 
-async def _stream(client: httpx.AsyncClient, path: str, plan: RequestPlan, model: str | None, m: Measurement, start: float) -> None:
+async def _stream(
+    client: httpx.AsyncClient, path: str, plan: RequestPlan, model: str | None, m: Measurement, start: float
+) -> None:
     async with client.stream("POST", path, json=plan.body(model)) as response:
         if response.status_code != 200:
             await response.aread()
@@ -181,7 +184,7 @@ async def _stream(client: httpx.AsyncClient, path: str, plan: RequestPlan, model
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            event = json.loads(line[len("data: "):])
+            event = json.loads(line[len("data: ") :])
             if "error" in event:
                 m.error = f"stream error {event['error'].get('code') or ''}".strip()
                 continue
@@ -201,7 +204,9 @@ def _has_text(event: dict) -> bool:
 # --- arrival patterns --------------------------------------------------------------------------------
 
 
-async def run_at_rate(client: httpx.AsyncClient, plans: list[RequestPlan], rate: float, duration: float, model: str | None, seed: int) -> list[Measurement]:
+async def run_at_rate(
+    client: httpx.AsyncClient, plans: list[RequestPlan], rate: float, duration: float, model: str | None, seed: int
+) -> list[Measurement]:
     """Poisson arrivals at `rate` requests/s."""
     rng = random.Random(seed + 1)
     tasks, start, next_at = [], time.perf_counter(), 0.0
@@ -216,7 +221,9 @@ async def run_at_rate(client: httpx.AsyncClient, plans: list[RequestPlan], rate:
     return list(await asyncio.gather(*tasks))
 
 
-async def run_with_concurrency(client: httpx.AsyncClient, plans: list[RequestPlan], concurrency: int, duration: float, model: str | None) -> list[Measurement]:
+async def run_with_concurrency(
+    client: httpx.AsyncClient, plans: list[RequestPlan], concurrency: int, duration: float, model: str | None
+) -> list[Measurement]:
     """`concurrency` clients, each sending its next request when the previous one ends."""
     pending = iter(plans)
     deadline = time.perf_counter() + duration
@@ -285,15 +292,19 @@ def summarize(measurements: list[Measurement], wall: float) -> Summary:
 
 
 def render(summary: Summary, args: argparse.Namespace) -> str:
-    mode = f"rate {args.rate}/s (Poisson)" if args.rate else f"concurrency {args.concurrency}"
+    mode = f"rate {args.rate}/s (Poisson)" if args.rate else f"concurrency {args.concurrency or DEFAULT_CONCURRENCY}"
     lines = [
         f"load: {mode}, {summary.requests} requests in {summary.wall_seconds:.1f} s "
         f"({summary.succeeded} ok, {summary.requests - summary.succeeded} failed)",
-        f"throughput: {summary.requests_per_second:.2f} req/s, {summary.generated_tokens_per_second:.1f} generated tok/s "
-        f"({summary.generated_tokens} tokens)",
+        f"throughput: {summary.requests_per_second:.2f} req/s, "
+        f"{summary.generated_tokens_per_second:.1f} generated tok/s ({summary.generated_tokens} tokens)",
         f"{'':<22}{'n':>6}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}",
     ]
-    for name, dist, unit in (("TTFT (ms)", summary.ttft, 1e3), ("TPOT (ms/token)", summary.tpot, 1e3), ("end-to-end (s)", summary.e2e, 1.0)):
+    for name, dist, unit in (
+        ("TTFT (ms)", summary.ttft, 1e3),
+        ("TPOT (ms/token)", summary.tpot, 1e3),
+        ("end-to-end (s)", summary.e2e, 1.0),
+    ):
         if dist:
             cells = "".join(f"{dist[k] * unit:>10.2f}" for k in ("mean", "p50", "p90", "p99"))
             lines.append(f"{name:<22}{dist['n']:>6}{cells}")
@@ -308,19 +319,28 @@ def render(summary: Summary, args: argparse.Namespace) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (without /v1)")
     p.add_argument("--api-key", default=None, help="Bearer token, if the server wants one")
     p.add_argument("--model", default=None, help="model name to send (default: the server's)")
     pace = p.add_mutually_exclusive_group()
     pace.add_argument("--rate", type=float, default=None, help="Poisson arrivals, requests per second")
-    pace.add_argument("--concurrency", type=int, default=None, help="clients sending back to back (default 8)")
+    pace.add_argument(
+        "--concurrency", type=int, default=None, help=f"clients sending back to back (default {DEFAULT_CONCURRENCY})"
+    )
     p.add_argument("--num-requests", type=int, default=100, help="stop after this many requests")
     p.add_argument("--duration", type=float, default=math.inf, help="stop sending new requests after this many seconds")
     p.add_argument("--prompt-len", type=parse_ints, default=[16, 64], help="prompt lengths in words (~tokens) to mix")
     p.add_argument("--max-tokens", type=parse_ints, default=[32, 64], help="max_tokens values to mix")
     p.add_argument("--stream", type=float, default=0.0, help="fraction of requests that stream (0 to 1)")
-    p.add_argument("--policy", type=parse_policy, action="append", help="extension fields, e.g. cache=dual,unmask=threshold (repeat to mix)")
+    p.add_argument(
+        "--policy",
+        type=parse_policy,
+        action="append",
+        help="extension fields, e.g. cache=dual,unmask=threshold (repeat to mix)",
+    )
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a request counts as failed")
     p.add_argument("--seed", type=int, default=0, help="seeds the request mix and the arrival times")
@@ -331,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
 async def main_async(args: argparse.Namespace) -> Summary:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     plans = make_plans(args)
-    concurrency = args.concurrency or 8
+    concurrency = args.concurrency or DEFAULT_CONCURRENCY
     limits = httpx.Limits(max_connections=None if args.rate else concurrency, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=args.timeout, limits=limits) as client:
         start = time.perf_counter()

@@ -162,7 +162,7 @@ async def _send_stream(client: httpx.AsyncClient, request: Spec, model: str) -> 
 
 def _read_event(result: Result, line: str, chat: bool) -> None:
     assert line.startswith("data: "), f"not an SSE data line: {line!r}"
-    payload = line[len("data: "):]
+    payload = line[len("data: ") :]
     if payload == "[DONE]":
         result.done = True
         return
@@ -235,7 +235,7 @@ def model_dir(tmp_path_factory) -> Path:
 def server(model_dir) -> Iterator[LiveServer]:
     """Roomy enough that the 64-client load is never refused: every refusal below is on purpose."""
     settings = ServerSettings(api_key=API_KEY, max_request_bytes=MAX_REQUEST_BYTES)
-    yield from serve_in_thread(model_dir, settings, max_num_seqs=16, max_waiting=512, kv_cache_memory=32 * 2**20)
+    yield from serve_in_thread(model_dir, settings, max_num_seqs=16, max_waiting=512, kv_cache_memory=128 * 2**20)
 
 
 # --- 64 clients at once ---------------------------------------------------------------------------
@@ -479,7 +479,9 @@ HOSTILE = {
     "text/plain body": Hostile(COMPLETION, completion_body('"prompt": "hi"'), content_type="text/plain"),
     "invalid UTF-8 bytes": Hostile(COMPLETION, b'{"prompt": "\xff\xfe\xfd", "max_tokens": 4}'),
     "lone surrogate in the prompt": Hostile(COMPLETION, completion_body(r'"prompt": "hi \ud800"'), param="prompt"),
-    "lone surrogate in a prompt list": Hostile(COMPLETION, completion_body(r'"prompt": ["hi", "\udfff"]'), param="prompt"),
+    "lone surrogate in a prompt list": Hostile(
+        COMPLETION, completion_body(r'"prompt": ["hi", "\udfff"]'), param="prompt"
+    ),
     "lone surrogate in a chat message": Hostile(
         CHAT, '{"max_tokens": 4, "messages": [{"role": "user", "content": "\\ud800"}]}', param="messages[0].content"
     ),
@@ -505,22 +507,34 @@ HOSTILE = {
     # NaN, infinities, negative and huge numbers
     "NaN temperature": Hostile(COMPLETION, completion_body('"prompt": "hi", "temperature": NaN'), param="temperature"),
     "infinite top_p": Hostile(COMPLETION, completion_body('"prompt": "hi", "top_p": Infinity'), param="top_p"),
-    "overflowing threshold": Hostile(COMPLETION, completion_body('"prompt": "hi", "threshold": 1e400'), param="threshold"),
+    "overflowing threshold": Hostile(
+        COMPLETION, completion_body('"prompt": "hi", "threshold": 1e400'), param="threshold"
+    ),
     "-Infinity factor": Hostile(
         COMPLETION, completion_body('"prompt": "hi", "unmask": "factor", "factor": -Infinity'), param="factor"
     ),
-    "negative temperature": Hostile(COMPLETION, completion_body('"prompt": "hi", "temperature": -0.5'), param="temperature"),
+    "negative temperature": Hostile(
+        COMPLETION, completion_body('"prompt": "hi", "temperature": -0.5'), param="temperature"
+    ),
     "negative max_tokens": Hostile(COMPLETION, '{"prompt": "hi", "max_tokens": -1}', param="max_tokens"),
     "negative seed": Hostile(COMPLETION, completion_body('"prompt": "hi", "seed": -5'), param="seed"),
-    "negative block_length": Hostile(COMPLETION, completion_body('"prompt": "hi", "block_length": -8'), param="block_length"),
+    "negative block_length": Hostile(
+        COMPLETION, completion_body('"prompt": "hi", "block_length": -8'), param="block_length"
+    ),
     "huge max_tokens": Hostile(COMPLETION, '{"prompt": "hi", "max_tokens": 1' + "0" * 30 + "}", param="max_tokens"),
-    "seed beyond 64 bits": Hostile(COMPLETION, completion_body('"prompt": "hi", "seed": 18446744073709551616'), param="seed"),
+    "seed beyond 64 bits": Hostile(
+        COMPLETION, completion_body('"prompt": "hi", "seed": 18446744073709551616'), param="seed"
+    ),
     "huge steps": Hostile(COMPLETION, completion_body('"prompt": "hi", "steps": 1' + "0" * 30), param="steps"),
-    "huge factor": Hostile(COMPLETION, completion_body('"prompt": "hi", "unmask": "factor", "factor": 1e300'), param="factor"),
+    "huge factor": Hostile(
+        COMPLETION, completion_body('"prompt": "hi", "unmask": "factor", "factor": 1e300'), param="factor"
+    ),
     # unknown policies
     "unknown cache policy": Hostile(COMPLETION, completion_body('"prompt": "hi", "cache": "warp"'), param="cache"),
     "unknown unmask policy": Hostile(COMPLETION, completion_body('"prompt": "hi", "unmask": "oracle"'), param="unmask"),
-    "unknown confidence": Hostile(COMPLETION, completion_body('"prompt": "hi", "confidence": "vibes"'), param="confidence"),
+    "unknown confidence": Hostile(
+        COMPLETION, completion_body('"prompt": "hi", "confidence": "vibes"'), param="confidence"
+    ),
     # oversized n
     "n of 17": Hostile(COMPLETION, completion_body('"prompt": "hi", "n": 17'), param="n"),
     "n of a billion": Hostile(CHAT, '{"messages": [{"role": "user", "content": "hi"}], "n": 1000000000}', param="n"),
@@ -534,7 +548,9 @@ HOSTILE = {
     "mask token id": Hostile(COMPLETION, completion_body('"prompt": [5, {mask}]'), param="prompt"),
     # other limits
     "seventeen stop strings": Hostile(
-        COMPLETION, completion_body('"prompt": "hi", "stop": [' + ",".join(f'"s{i}"' for i in range(17)) + "]"), param="stop"
+        COMPLETION,
+        completion_body('"prompt": "hi", "stop": [' + ",".join(f'"s{i}"' for i in range(17)) + "]"),
+        param="stop",
     ),
     "empty stop string": Hostile(COMPLETION, completion_body('"prompt": "hi", "stop": [""]'), param="stop"),
     "unknown chat role": Hostile(CHAT, '{"messages": [{"role": "root", "content": "hi"}]}', param="messages[0].role"),
@@ -685,7 +701,9 @@ def start_unmask_serve(model_dir: Path, stderr, *options: str) -> tuple[subproce
     return proc, found[0]
 
 
-SIGTERM_STREAM = spec(PROMPTS[0], stream=True, stream_blocks=True, max_tokens=64, block_length=64, steps=64, unmask="random", seed=3)
+SIGTERM_STREAM = spec(
+    PROMPTS[0], stream=True, stream_blocks=True, max_tokens=64, block_length=64, steps=64, unmask="random", seed=3
+)
 SIGTERM_PLAIN = spec(PROMPTS[1], max_tokens=64, block_length=64, steps=64, unmask="random", seed=4)
 IN_FLIGHT = [SIGTERM_STREAM] * 4 + [SIGTERM_PLAIN] * 4  # with --max-num-seqs 4: four run, four wait
 
@@ -780,7 +798,7 @@ def test_a_stalled_client_cannot_hold_up_the_exit_after_sigterm(model_dir):
             with socket.create_connection((host, int(port))) as stalled:
                 stalled.sendall(
                     f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_KEY}\r\n"
-                    "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\": ".encode()
+                    'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"prompt": '.encode()
                 )
                 time.sleep(0.5)  # the server has the request, and waits for the rest of its body
                 signalled = time.monotonic()
