@@ -154,22 +154,47 @@ def bench_attention(batch: int, keys: int, queries: int) -> Row:
     )
 
 
-def sweep_attention() -> None:
-    """Key-block widths and split counts at shapes where the heuristics choose, to check the defaults."""
-    print("\nattention sweep, graph us per call (default = the heuristics' choice)")
-    print(f"  {'case':<24s} {'block_n':>7s} " + " ".join(f"{f'splits={n}':>9s}" for n in ("default", 1, 2, 4, 8)))
-    for batch, keys, queries in ((1, 1152, 32), (8, 1152, 32), (1, 384, 384)):
-        sets, _ = _attention_sets(batch, keys, queries)
-        for block_n in (32, 64, 128):
-            times = []
-            for splits in (None, 1, 2, 4, 8):
+DECODE_VARIANTS = {
+    "default": {},
+    "splits=1": dict(num_splits=1),
+    "stages=3": dict(num_stages=3),
+    "n=64,stages=3": dict(block_n=64, num_stages=3),
+    "n=256,warps=8": dict(block_n=256, num_warps=8),
+}
+PREFILL_VARIANTS = {
+    "default": {},
+    "m=128,n=64": dict(block_m=128, block_n=64),
+    "stages=3": dict(num_stages=3),
+    "m=64,w=4": dict(block_m=64, num_warps=4),
+    "m=64,w=8": dict(block_m=64, num_warps=8),
+    "m=64,n=64,w=4": dict(block_m=64, block_n=64, num_warps=4),
+}
+
+
+DECODE_SHAPES = ((1, 1152, 32), (8, 1152, 32), (64, 384, 32))  # (batch, keys, queries per sequence)
+PREFILL_SHAPES = ((1, 384, 384), (1, 1152, 1152), (8, 384, 384))
+
+
+def sweep_attention(decode_shapes=DECODE_SHAPES, prefill_shapes=PREFILL_SHAPES) -> None:
+    """Launch options around the defaults, each checked against the reference, to see that the defaults hold."""
+    print("\nattention sweep: graph us per call (rel. error vs the reference)")
+    for shapes, variants in ((decode_shapes, DECODE_VARIANTS), (prefill_shapes, PREFILL_VARIANTS)):
+        print(f"  {'case':<24s} " + " ".join(f"{name:>15s}" for name in variants))
+        for batch, keys, queries in shapes:
+            sets, _ = _attention_sets(batch, keys, queries)
+            ref = paged_attention_reference(*sets[0].args()).float()
+            cells = []
+            for options in variants.values():
                 try:
-                    times.append(f"{_graph_us(_rotating(_attention_kernels(sets, block_n=block_n, num_splits=splits))) / len(sets):9.1f}")
+                    kernels = _attention_kernels(sets, **options)
+                    err = ((kernels[0]().float() - ref).norm() / ref.norm()).item()
+                    us = _graph_us(_rotating(kernels)) / len(sets)
+                    cells.append(f"{us:7.1f} ({err:.0e})" if err < 1e-2 else f"{'BAD ' + format(err, '.0e'):>15s}")
                 except Exception as error:  # noqa: BLE001 - a failed variant should not end the sweep
-                    times.append(f"{type(error).__name__[:9]:>9s}")
-            print(f"  B={batch:<3d} q={queries:<4d} k={keys:<5d}    {block_n:7d} " + " ".join(times))
-        del sets
-        torch.cuda.empty_cache()
+                    cells.append(f"{type(error).__name__[:15]:>15s}")
+            print(f"  B={batch:<3d} q={queries:<5d} k={keys:<5d}   " + " ".join(f"{c:>15s}" for c in cells))
+            del sets, ref
+            torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- confidence
@@ -259,7 +284,6 @@ def print_table(rows: list[Row], copy_bw: float) -> None:
 def main() -> None:
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    copy_bw = copy_bandwidth()
     cases: list[Callable[[], Row]] = []
     for keys in (384, 1152):
         for batch in (1, 8, 64):
@@ -284,6 +308,7 @@ def main() -> None:
         sweep_attention()
     except Exception:  # noqa: BLE001 - the sweep is advice; the table below is the result
         traceback.print_exc()
+    copy_bw = copy_bandwidth()  # last, on a warm GPU
     print_table(rows, copy_bw)
 
 

@@ -26,8 +26,10 @@ from kernels._triton import next_power_of_2, num_sms, tl, triton, use_triton
 
 __all__ = ["fused_confidence", "fused_confidence_reference", "fused_confidence_triton"]
 
-_LOG2E = 1.4426950408889634
-_BLOCK_V = 4096
+# A program scans its chunk in steps of 4 tiles of _ROWS x _WIDTH columns: one tile row per warp,
+# 8 bf16 (16 bytes) per lane.
+_ROWS, _WIDTH = 8, 256
+_BLOCK_V = 4 * _ROWS * _WIDTH
 
 
 def _check(logits: torch.Tensor, temperature: torch.Tensor | None, seeds: torch.Tensor | None) -> None:
@@ -74,17 +76,89 @@ def fused_confidence_reference(
 
 
 @triton.jit
-def _gumbel_keys(x, inv_temp, seed, cols):
-    """l / T + g for one block, g ~ Gumbel(0, 1) = -log(E), E = -log(u) ~ Exp(1), from Philox(seed, column)."""
-    # 23 random bits give u = (b + 0.5) / 2^23 and w = 1 - u, both exact in fp32 and strictly inside (0, 1).
-    bits = (tl.randint(seed, cols).to(tl.uint32, bitcast=True) >> 9).to(tl.float32)
-    u = (bits + 0.5) * (1.0 / 8388608.0)
-    w = (8388607.5 - bits) * (1.0 / 8388608.0)
-    # Near u = 1 the fast log loses E = -log(u) ~ w to rounding, and E is what the top of the Gumbel
+def _gumbel_keys(x, inv_temp, bits):
+    """l / T + g, g ~ Gumbel(0, 1) = -log(E), E = -log(u) ~ Exp(1), u from 32 random bits."""
+    # 23 of the bits give u = (b + 0.5) / 2^23 and w = 1 - u, both exact in fp32 and strictly inside (0, 1).
+    b = (bits.to(tl.uint32, bitcast=True) >> 9).to(tl.float32)
+    u = (b + 0.5) * (1.0 / 8388608.0)
+    w = (8388607.5 - b) * (1.0 / 8388608.0)
+    # Near u = 1 a fast log loses E = -log(u) ~ w to rounding, and E is what the top of the Gumbel
     # tail (the likely winners) is made of: there use the series -log(1 - w) = w + w^2/2 + w^3/3 + w^4/4.
     series = w * (1.0 + w * (0.5 + w * (0.3333333333 + w * 0.25)))
-    e = tl.where(w < 0.015625, series, -tl.log(u))
-    return x * inv_temp - tl.log(e)
+    e = tl.where(w < 0.015625, series, -tl.log2(u) * 0.6931471805599453)
+    return x * inv_temp - tl.log2(e) * 0.6931471805599453
+
+
+@triton.jit
+def _scan_tile(
+    m, s, best_key, best_idx, best_logit, row_ptr, base, tile, hi, inv_temp, bits,
+    SAMPLED: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr,
+):
+    """Fold one [ROWS, WIDTH] tile of a row's logits into the per-warp state (one warp per tile row).
+
+    The state holds, per tile row, the running max m, the sum s of exp(l - m), and the best key with its
+    column and logit. Reductions run along axis 1, inside one warp, so the loop needs no block barrier.
+    """
+    cols = base + tile
+    x = tl.load(row_ptr + cols, mask=cols < hi, other=float("-inf")).to(tl.float32)
+    if SAMPLED:
+        keys = tl.where(cols < hi, _gumbel_keys(x, inv_temp, bits), float("-inf"))
+        tile_max = tl.max(x, 1)
+        tile_key, tile_arg = tl.max(keys, 1, return_indices=True, return_indices_tie_break_left=True)
+        tile_logit = tl.sum(tl.where(tl.arange(0, WIDTH)[None, :] == tile_arg[:, None], x, 0.0), 1)
+    else:
+        tile_max, tile_arg = tl.max(x, 1, return_indices=True, return_indices_tie_break_left=True)
+        tile_key = tile_max
+        tile_logit = tile_max
+    m_new = tl.maximum(m, tile_max)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid inf - inf
+    s = s * tl.exp2((m - m_safe) * 1.4426950408889634) + tl.sum(tl.exp2((x - m_safe[:, None]) * 1.4426950408889634), 1)
+    # Tiles come in column order within a row, so strictly greater keeps the first maximum (as torch.argmax).
+    better = tile_key > best_key
+    best_key = tl.where(better, tile_key, best_key)
+    best_idx = tl.where(better, base + tl.arange(0, ROWS) * WIDTH + tile_arg, best_idx)
+    best_logit = tl.where(better, tile_logit, best_logit)
+    return m_new, s, best_key, best_idx, best_logit
+
+
+@triton.jit
+def _scan_chunk(row_ptr, lo, hi, inv_temp, seed, SAMPLED: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """(max, sum of exp(l - max), best key, its column, its logit) of columns lo..hi-1 of one row.
+
+    Each step covers 4 tiles of ROWS x WIDTH columns; one Philox call yields 4 random words per
+    counter, one for each tile, so the noise of column c depends only on (seed, c).
+    """
+    tile = tl.arange(0, ROWS)[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    s = tl.zeros([ROWS], tl.float32)
+    best_key = tl.full([ROWS], float("-inf"), tl.float32)
+    best_idx = tl.zeros([ROWS], tl.int32) + lo
+    best_logit = tl.full([ROWS], float("-inf"), tl.float32)
+    for start in range(lo, hi, 4 * ROWS * WIDTH):
+        if SAMPLED:
+            r0, r1, r2, r3 = tl.randint4x(seed, start // 4 + tile)
+        else:  # greedy: no noise; the bits are not read
+            r0 = tile
+            r1 = tile
+            r2 = tile
+            r3 = tile
+        step = ROWS * WIDTH
+        m, s, best_key, best_idx, best_logit = _scan_tile(
+            m, s, best_key, best_idx, best_logit, row_ptr, start, tile, hi, inv_temp, r0, SAMPLED, ROWS, WIDTH)
+        m, s, best_key, best_idx, best_logit = _scan_tile(
+            m, s, best_key, best_idx, best_logit, row_ptr, start + step, tile, hi, inv_temp, r1, SAMPLED, ROWS, WIDTH)
+        m, s, best_key, best_idx, best_logit = _scan_tile(
+            m, s, best_key, best_idx, best_logit, row_ptr, start + 2 * step, tile, hi, inv_temp, r2, SAMPLED, ROWS, WIDTH)
+        m, s, best_key, best_idx, best_logit = _scan_tile(
+            m, s, best_key, best_idx, best_logit, row_ptr, start + 3 * step, tile, hi, inv_temp, r3, SAMPLED, ROWS, WIDTH)
+    # Merge the tile rows (warps): the leftmost column wins ties, since warps interleave columns.
+    m_all = tl.max(m, 0)
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    s_all = tl.sum(s * tl.exp2((m - m_safe) * 1.4426950408889634), 0)
+    key_all = tl.max(best_key, 0)
+    idx_all = tl.min(tl.where(best_key == key_all, best_idx, 2147483647), 0)
+    logit_all = tl.max(tl.where((best_key == key_all) & (best_idx == idx_all), best_logit, float("-inf")), 0)
+    return m_all, s_all, key_all, idx_all, logit_all
 
 
 @triton.jit
@@ -93,59 +167,33 @@ def _confidence_chunk_kernel(
     m_ptr, s_ptr, key_ptr, idx_ptr, logit_ptr,
     tokens_ptr, conf_ptr,
     vocab, chunk, stride_row, num_chunks,
-    HAS_TEMPERATURE: tl.constexpr, SINGLE_CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr, SINGLE_CHUNK: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr,
 ):
     row = tl.program_id(0)
     c = tl.program_id(1)
     lo = c * chunk
     hi = tl.minimum(lo + chunk, vocab)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    sampled = False
-    inv_temp = 1.0
-    seed = 0
     if HAS_TEMPERATURE:
         temp = tl.load(temp_ptr + row)
-        sampled = temp > 0.0
-        inv_temp = 1.0 / tl.where(sampled, temp, 1.0)
         seed = tl.load(seed_ptr + row)
-
-    # Online softmax normaliser (max m, sum s of exp(l - m)) and the running best key.
-    m = tl.full([], float("-inf"), tl.float32)
-    s = tl.full([], 0.0, tl.float32)
-    best_key = tl.full([], float("-inf"), tl.float32)
-    best_idx = lo
-    best_logit = tl.full([], float("-inf"), tl.float32)
-    offs = tl.arange(0, BLOCK_V)
-    for start in range(lo, hi, BLOCK_V):
-        cols = start + offs
-        x = tl.load(row_ptr + cols, mask=cols < hi, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid inf - inf
-        s = s * tl.exp2((m - m_safe) * 1.4426950408889634) + tl.sum(tl.exp2((x - m_safe) * 1.4426950408889634), 0)
-        m = m_new
-        if sampled:
-            keys = tl.where(cols < hi, _gumbel_keys(x, inv_temp, seed, cols), float("-inf"))
+        if temp > 0.0:
+            m, s, key, idx, logit = _scan_chunk(row_ptr, lo, hi, 1.0 / temp, seed, True, ROWS, WIDTH)
         else:
-            keys = x
-        # Strictly greater keeps the first maximum, as torch.argmax does.
-        block_best = tl.max(keys, 0)
-        block_arg = tl.argmax(keys, 0, tie_break_left=True)
-        block_logit = tl.sum(tl.where(offs == block_arg, x, 0.0), 0)
-        better = block_best > best_key
-        best_key = tl.where(better, block_best, best_key)
-        best_idx = tl.where(better, start + block_arg, best_idx)
-        best_logit = tl.where(better, block_logit, best_logit)
+            m, s, key, idx, logit = _scan_chunk(row_ptr, lo, hi, 1.0, seed, False, ROWS, WIDTH)
+    else:
+        m, s, key, idx, logit = _scan_chunk(row_ptr, lo, hi, 1.0, 0, False, ROWS, WIDTH)
 
     if SINGLE_CHUNK:
-        tl.store(tokens_ptr + row, best_idx.to(tl.int64))
-        tl.store(conf_ptr + row, tl.exp2((best_logit - m) * 1.4426950408889634) / s)
+        tl.store(tokens_ptr + row, idx.to(tl.int64))
+        tl.store(conf_ptr + row, tl.exp2((logit - m) * 1.4426950408889634) / s)
     else:
         at = row * num_chunks + c
         tl.store(m_ptr + at, m)
         tl.store(s_ptr + at, s)
-        tl.store(key_ptr + at, best_key)
-        tl.store(idx_ptr + at, best_idx)
-        tl.store(logit_ptr + at, best_logit)
+        tl.store(key_ptr + at, key)
+        tl.store(idx_ptr + at, idx)
+        tl.store(logit_ptr + at, logit)
 
 
 @triton.jit
@@ -205,8 +253,8 @@ def fused_confidence_triton(
         seeds.long() if has_temp else tokens,
         m, s, key, idx, logit, tokens, conf,
         vocab, chunk, logits.stride(0), chunks,
-        HAS_TEMPERATURE=has_temp, SINGLE_CHUNK=chunks == 1, BLOCK_V=_BLOCK_V,
-        num_warps=8,
+        HAS_TEMPERATURE=has_temp, SINGLE_CHUNK=chunks == 1, ROWS=_ROWS, WIDTH=_WIDTH,
+        num_warps=_ROWS,
     )
     if chunks > 1:
         _confidence_merge_kernel[(rows,)](m, s, key, idx, logit, tokens, conf, chunks, BLOCK_C=next_power_of_2(chunks), num_warps=1)

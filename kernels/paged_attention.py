@@ -235,16 +235,23 @@ def _merge_splits_kernel(
     tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
-def _tile_shape(num_tokens: int, num_seqs: int, group: int, head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_M rows, tokens per tile, num_warps) for the average queries per sequence of this step."""
+# Steps with at most this many queries per sequence on average are decode-like (keys >> queries):
+# those are worth splitting over the keys; prefill-like tiles already give the GPU enough programs.
+_DECODE_QUERIES = 64
+
+
+def _tile_shape(num_tokens: int, num_seqs: int, group: int, head_dim: int) -> tuple[int, int]:
+    """(BLOCK_M rows, num_warps) for the average queries per sequence of this step."""
     avg_rows = -(-num_tokens // max(num_seqs, 1)) * group
     block_m = min(128 if head_dim <= 128 else 64, max(16, next_power_of_2(avg_rows), next_power_of_2(group)))
     num_warps = 8 if block_m * next_power_of_2(head_dim) >= 128 * 128 else 4
-    return block_m, block_m // group, num_warps
+    return block_m, num_warps
 
 
-def _choose_splits(tiles: int, kv_heads: int, device: torch.device) -> int:
-    """Split the keys until the grid gives every SM about two programs (decode-like steps at small batch)."""
+def _choose_splits(num_tokens: int, num_seqs: int, tiles: int, kv_heads: int, device: torch.device) -> int:
+    """Split the keys of decode-like steps until the grid gives every SM about two programs."""
+    if num_tokens > _DECODE_QUERIES * num_seqs:
+        return 1
     programs = tiles * kv_heads
     target = 2 * num_sms(device)
     if programs >= target:
@@ -264,9 +271,12 @@ def paged_attention_triton(
     block_causal_size: int | None = None,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    block_m: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
 ) -> torch.Tensor:
-    """Triton `paged_attention` (same promise). `num_splits` and `block_n` override the heuristics (tests, tuning)."""
+    """Triton `paged_attention` (same promise); the keyword options override the launch heuristics (tests, tuning)."""
     _check(q, k_cache, v_cache, cu_seqlens_q, seq_lens, page_table, query_positions, block_causal_size)
     if out is None:
         out = torch.empty_like(q)
@@ -279,14 +289,17 @@ def paged_attention_triton(
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError("the head dimension of the caches and of out must be contiguous")
     group = heads // kv_heads
-    block_m, tile_tokens, num_warps = _tile_shape(num_tokens, num_seqs, group, head_dim)
+    default_m, default_warps = _tile_shape(num_tokens, num_seqs, group, head_dim)
+    block_m = block_m or default_m
+    num_warps = num_warps or default_warps
+    tile_tokens = block_m // group
     # Every sequence wastes at most one partial tile, so this many tiles always suffice.
     max_tiles = num_tokens // tile_tokens + num_seqs
     expected_tiles = max(-(-num_tokens // tile_tokens), num_seqs)
-    splits = num_splits or _choose_splits(expected_tiles, kv_heads, q.device)
+    splits = num_splits or _choose_splits(num_tokens, num_seqs, expected_tiles, kv_heads, q.device)
     block_d = max(16, next_power_of_2(head_dim))  # tl.dot needs K >= 16
-    if block_n is None:
-        block_n = 64 if block_d >= 128 else 128
+    # 128 keys a step measured fastest at head_dim 128 on an H200 (decode and prefill shapes alike).
+    block_n = block_n or (128 if block_d <= 128 else 64)
     qpos = query_positions if block_causal_size is not None else cu_seqlens_q  # unused when not block-causal
 
     if splits == 1:
@@ -311,7 +324,7 @@ def paged_attention_triton(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=max(16, next_power_of_2(num_seqs)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size,
         BLOCK_CAUSAL=block_causal_size or 0, SPLIT=splits > 1,
-        num_warps=num_warps, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
         _merge_splits_kernel[(num_tokens, heads)](
