@@ -24,6 +24,7 @@ the L2 cache, so repeated runs do not measure the cache.
 
 from __future__ import annotations
 
+import argparse
 import math
 import traceback
 from dataclasses import dataclass
@@ -58,10 +59,13 @@ class Row:
 
 def _graph_us(fn: Callable[[], object]) -> float:
     """Median µs of fn replayed from a CUDA graph."""
+    # do_bench_cudagraph runs fn on a side stream: the inputs made on the default stream must be ready.
+    torch.cuda.synchronize()
     return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
 
 
 def _eager_us(fn: Callable[[], object], rep: int = 50) -> float:
+    torch.cuda.synchronize()
     return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median") * 1e3
 
 
@@ -136,9 +140,9 @@ def _attention_kernels(sets: list[AttentionInputs], **kernel_options) -> list[Ca
     return [lambda s=s, o=o: paged_attention_triton(*s.args(), out=o, **kernel_options) for s, o in zip(sets, outs)]
 
 
-def bench_attention(batch: int, keys: int, queries: int) -> Row:
+def bench_attention(batch: int, keys: int, queries: int, **kernel_options) -> Row:
     sets, bytes_moved = _attention_sets(batch, keys, queries)
-    kernel = _attention_kernels(sets)
+    kernel = _attention_kernels(sets, **kernel_options)
     dense = [_dense_inputs(batch, keys, queries) for _ in sets]
     baseline = [lambda d=d: F.scaled_dot_product_attention(*d) for d in dense]
     n = len(sets)
@@ -159,23 +163,21 @@ DECODE_VARIANTS = {
     "splits=1": dict(num_splits=1),
     "stages=3": dict(num_stages=3),
     "n=64,stages=3": dict(block_n=64, num_stages=3),
-    "n=256,warps=8": dict(block_n=256, num_warps=8),
 }
 PREFILL_VARIANTS = {
     "default": {},
     "m=128,n=64": dict(block_m=128, block_n=64),
     "stages=3": dict(num_stages=3),
     "m=64,w=4": dict(block_m=64, num_warps=4),
-    "m=64,w=8": dict(block_m=64, num_warps=8),
     "m=64,n=64,w=4": dict(block_m=64, block_n=64, num_warps=4),
 }
 
 
-DECODE_SHAPES = ((1, 1152, 32), (8, 1152, 32), (64, 384, 32))  # (batch, keys, queries per sequence)
-PREFILL_SHAPES = ((1, 384, 384), (1, 1152, 1152), (8, 384, 384))
+DECODE_SHAPES = ((1, 1152, 32), (8, 1152, 32))  # (batch, keys, queries per sequence)
+PREFILL_SHAPES = ((1, 384, 384), (8, 384, 384))
 
 
-def sweep_attention(decode_shapes=DECODE_SHAPES, prefill_shapes=PREFILL_SHAPES) -> None:
+def sweep_attention(decode_shapes=DECODE_SHAPES, prefill_shapes=PREFILL_SHAPES, base: dict | None = None) -> None:
     """Launch options around the defaults, each checked against the reference, to see that the defaults hold."""
     print("\nattention sweep: graph us per call (rel. error vs the reference)")
     for shapes, variants in ((decode_shapes, DECODE_VARIANTS), (prefill_shapes, PREFILL_VARIANTS)):
@@ -186,7 +188,7 @@ def sweep_attention(decode_shapes=DECODE_SHAPES, prefill_shapes=PREFILL_SHAPES) 
             cells = []
             for options in variants.values():
                 try:
-                    kernels = _attention_kernels(sets, **options)
+                    kernels = _attention_kernels(sets, **{**(base or {}), **options})
                     err = ((kernels[0]().float() - ref).norm() / ref.norm()).item()
                     us = _graph_us(_rotating(kernels)) / len(sets)
                     cells.append(f"{us:7.1f} ({err:.0e})" if err < 1e-2 else f"{'BAD ' + format(err, '.0e'):>15s}")
@@ -282,14 +284,19 @@ def print_table(rows: list[Row], copy_bw: float) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-stages", type=int, help="attention pipelining depth (default: the kernel's)")
+    parser.add_argument("--block-n", type=int, help="attention keys per step (default: the kernel's)")
+    args = parser.parse_args()
+    attention_options = {k: v for k, v in (("num_stages", args.num_stages), ("block_n", args.block_n)) if v}
     torch.manual_seed(0)
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  {attention_options}")
     cases: list[Callable[[], Row]] = []
     for keys in (384, 1152):
         for batch in (1, 8, 64):
-            cases.append(lambda b=batch, k=keys: bench_attention(b, k, 32))
+            cases.append(lambda b=batch, k=keys: bench_attention(b, k, 32, **attention_options))
     for batch, keys in ((1, 384), (1, 1152), (8, 384)):
-        cases.append(lambda b=batch, k=keys: bench_attention(b, k, k))
+        cases.append(lambda b=batch, k=keys: bench_attention(b, k, k, **attention_options))
     for rows in (32, 128, 512, 2048):
         cases.append(lambda n=rows: bench_confidence(n, torch.bfloat16, None))
     cases.append(lambda: bench_confidence(512, torch.float32, None))
@@ -304,12 +311,8 @@ def main() -> None:
         except Exception:  # noqa: BLE001 - report the failure and keep the rest of the table
             traceback.print_exc()
         torch.cuda.empty_cache()
-    try:
-        sweep_attention()
-    except Exception:  # noqa: BLE001 - the sweep is advice; the table below is the result
-        traceback.print_exc()
-    copy_bw = copy_bandwidth()  # last, on a warm GPU
-    print_table(rows, copy_bw)
+    print_table(rows, copy_bandwidth())  # the copy last, on a warm GPU
+    sweep_attention(base=attention_options)
 
 
 if __name__ == "__main__":
