@@ -17,6 +17,8 @@ class EngineConfig:
     `kv_cache_memory` (bytes) sizes the page pool; by default 512 MiB on the CPU
     and `gpu_memory_utilization` of the free GPU memory after loading weights.
     `max_num_batched_tokens` caps the active positions packed into one step.
+    On CUDA, steps of up to `cuda_graph_max_tokens` active positions replay
+    captured graphs (0 runs every step eagerly).
     `feature_cache` adds per-layer feature pages to the pool (needed by
     `cache=dllm-cache`). `guide_model` is the directory of the small causal
     LM behind `unmask=guided`; None means the bundled guide when it shares the
@@ -32,6 +34,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 16384
     max_waiting: int = 256
+    cuda_graph_max_tokens: int = 2048
     feature_cache: bool = False
     guide_model: str | None = None
     defaults: EngineDefaults = field(default_factory=EngineDefaults)

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from engine.config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from engine.cuda_graphs import CudaGraphRunner
 from engine.detokenizer import TextStream
 from engine.guide import GuideRunner, load_guide
 from engine.kv_pool import KVPool
@@ -52,11 +53,17 @@ class LLMEngine:
         # Before the pool, which takes what memory is left.
         self.guide: GuideRunner | None = load_guide(config.guide_model, self.loaded)
         self.pool = build_pool(self.loaded, config)
-        self.runner = ModelRunner(self.loaded, self.pool)
+        self.runner = ModelRunner(self.loaded, self.pool, self._graph_runner())
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)
         self.scheduler = Scheduler(self.pool, limits)
         self.streams: dict[str, TextStream] = {}
         self.step_listeners: list[StepListener] = []
+
+    def _graph_runner(self) -> CudaGraphRunner | None:
+        if self.loaded.device.type != "cuda" or self.config.cuda_graph_max_tokens <= 0:
+            return None
+        max_pages = self.pool.pages_for(self.max_model_len)
+        return CudaGraphRunner(self.loaded.model, self.pool, self.config.cuda_graph_max_tokens, self.config.max_num_seqs, max_pages)
 
     # --- requests -------------------------------------------------------------
     @property

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from engine.attention import PackedBatch, PagedAttention
+from engine.cuda_graphs import CudaGraphRunner
 from engine.feature_cache import FeatureReuseHook, FeatureUse, plan_rows
 from engine.kv_pool import KVPool
 from engine.models.loader import LoadedModel
@@ -37,11 +38,12 @@ class SequenceWork:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, pool: KVPool):
+    def __init__(self, loaded: LoadedModel, pool: KVPool, graphs: CudaGraphRunner | None = None):
         self.model = loaded.model
         self.config = loaded.config
         self.device = loaded.device
         self.pool = pool
+        self.graphs = graphs  # captured steps on CUDA; None runs eagerly
         # Fault injection for the reliability tests (tests/test_reliability.py), never set
         # otherwise: called with a step's work before the forward pass; whatever it raises
         # is what a failing forward raises, so the engine's per-request isolation is tested for real.
@@ -82,5 +84,8 @@ class ModelRunner:
         if any(w.features is not None for w in work):
             plan = plan_rows([w.positions for w in work], [w.features for w in work], self.device)
             hook = FeatureReuseHook(self.pool, batch, plan, self.config.head_dim)
-        hidden = self.model(batch.input_ids, batch.positions, attention, hook)
+        if hook is None and self.graphs is not None and self.graphs.supports(len(batch.input_ids), len(batch.seq_lens)):
+            hidden = self.graphs.run(batch)
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, attention, hook)
         return self.model.compute_logits(hidden[rows])

@@ -160,12 +160,16 @@ class DiffusionTransformer(nn.Module):
         return self.final_norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits in fp32 for the given hidden rows only (the engine asks for few rows)."""
-        return self.lm_head(hidden).float()
+        """Logits (in the model's dtype) for the given hidden rows only (the engine asks for few rows).
+
+        They stay in the model's dtype: at LLaDA's 126k vocabulary an fp32 copy of a
+        large batch's rows is a gigabyte, and the confidence kernel reads bf16 directly.
+        """
+        return self.lm_head(hidden)
 
     def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full bidirectional forward of a [B, L] batch -> logits [B, L, V] (unshifted)."""
         b, n = input_ids.shape
         positions = torch.arange(n, device=input_ids.device).repeat(b)
         hidden = self.forward(input_ids.reshape(-1), positions, DenseAttention(b, n))
-        return self.compute_logits(hidden).view(b, n, -1)
+        return self.compute_logits(hidden).float().view(b, n, -1)
