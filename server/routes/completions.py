@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from engine.outputs import RequestOutput
 from server import translate
-from server.errors import APIError
-from server.generation import ClientDisconnected, DisconnectWatcher, Generation
-from server.http_metrics import CLIENT_CLOSED
+from server.generation import Generation
 from server.protocol import (
+    BlockState,
     CompletionChoice,
     CompletionChunk,
     CompletionChunkChoice,
     CompletionRequest,
     CompletionResponse,
 )
+from server.reply import Reply, respond
 from server.routes.docs import GENERATION_ERRORS, streaming_200
 from server.state import get_state, new_request_id
-from server.streaming import DONE, sse_event, sse_response
 
 router = APIRouter()
 
@@ -43,74 +41,30 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     request_id = new_request_id("cmpl")
     choices = translate.choice_requests(request_id, prompts, body, max_tokens, state.settings.defaults)
     gen = Generation.start(state.engine, choices, state.metrics, arrival, state.settings.retry_after_seconds)
-    watcher = DisconnectWatcher(request)
     echoes = [_echo_text(state.engine.tokenizer, c.prompt) for c in choices] if body.echo else None
-    reply = _Reply(request_id, int(time.time()), model, body.n, echoes)
-    headers = {"X-Request-Id": request_id}
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(_stream(gen, watcher, reply, include_usage), headers)
-    try:
-        finals = await gen.collect(watcher)
-    except ClientDisconnected:
-        return Response(status_code=CLIENT_CLOSED)
-    finally:
-        gen.close()
-        watcher.stop()
-    return JSONResponse(reply.response(finals).model_dump(mode="json"), headers=headers)
+    return await respond(request, gen, _CompletionReply(request_id, int(time.time()), model, body.n, echoes), body)
 
 
 def _echo_text(tokenizer, prompt: str | list[int]) -> str:
     return prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=False)
 
 
-class _Reply:
-    """Builds the response objects of one request (shared id, timestamp and model)."""
+class _CompletionReply(Reply):
+    response_type = CompletionResponse
+    chunk_type = CompletionChunk
 
     def __init__(self, request_id: str, created: int, model: str, n: int, echoes: list[str] | None):
-        self.id, self.created, self.model, self.n, self.echoes = request_id, created, model, n, echoes
+        super().__init__(request_id, created, model, n)
+        self.echoes = echoes
 
-    def response(self, finals: list[RequestOutput]) -> CompletionResponse:
-        choices = [
-            CompletionChoice(
-                index=i,
-                text=(self.echoes[i] if self.echoes else "") + out.text,
-                finish_reason=translate.finish_reason(out),
-            )
-            for i, out in enumerate(finals)
-        ]
-        return CompletionResponse(
-            id=self.id, created=self.created, model=self.model, choices=choices, usage=translate.usage(finals, self.n)
-        )
+    def choice(self, index: int, out: RequestOutput, finish_reason: str | None) -> CompletionChoice:
+        text = (self.echoes[index] if self.echoes else "") + out.text
+        return CompletionChoice(index=index, text=text, finish_reason=finish_reason)
 
-    def chunk(self, choices: list[CompletionChunkChoice], usage=None) -> bytes:
-        return sse_event(
-            CompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
-        )
+    def opening(self) -> list[CompletionChunkChoice]:
+        return [CompletionChunkChoice(index=i, text=echo) for i, echo in enumerate(self.echoes or [])]
 
-
-async def _stream(
-    gen: Generation, watcher: DisconnectWatcher, reply: _Reply, include_usage: bool
-) -> AsyncIterator[bytes]:
-    finals: list[RequestOutput | None] = [None] * len(gen.choices)
-    try:
-        for i, echo in enumerate(reply.echoes or []):
-            yield reply.chunk([CompletionChunkChoice(index=i, text=echo)])
-        async for index, out in gen.events(watcher):
-            reason = translate.finish_reason(out)
-            block = translate.block_state(out.block)
-            if out.delta_text or block is not None or reason is not None:
-                choice = CompletionChunkChoice(index=index, text=out.delta_text, finish_reason=reason, block=block)
-                yield reply.chunk([choice])
-            if out.finished:
-                finals[index] = out
-        if include_usage:
-            yield reply.chunk([], translate.usage(finals, reply.n))  # type: ignore[arg-type]
-        yield DONE
-    except APIError as error:  # the engine failed on this request after the stream began
-        yield error.sse_event()
-    except ClientDisconnected:
-        pass
-    finally:
-        gen.close()
-        watcher.stop()
+    def delta(
+        self, index: int, text: str, finish_reason: str | None, block: BlockState | None
+    ) -> CompletionChunkChoice:
+        return CompletionChunkChoice(index=index, text=text, finish_reason=finish_reason, block=block)
