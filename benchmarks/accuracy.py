@@ -1,0 +1,233 @@
+"""Exact-match accuracy of every decoding method on the held-out task problems, beside its speed.
+
+    python benchmarks/accuracy.py                                    # every configuration, 100 problems per family
+    python benchmarks/accuracy.py --n 20 --configs dual/lc4 dual/th0.9 --families arithmetic count
+
+Each configuration (a cache policy and an unmask policy, named `cache/unmask`)
+decodes the first `--n` held-out problems of each task family through the
+real engine, all of them submitted at once so the engine batches them
+continuously: greedy (temperature 0), blocks of 32, `--max-tokens` canvas.
+Unmask rules: `lc1`/`lc4` low-confidence at 1 or 4 tokens per step (32 or 8
+steps per block), `th0.7`/`th0.9` the confidence threshold, `factor` the
+Fast-dLLM factor rule at its default, `guided` the guide model's verdict.
+The reference decoding (`none/lc1`) always runs first; the speedup columns
+compare wall time and forward passes per request against it. Before timing,
+each configuration runs once on one batch (`--no-warmup` skips it) so
+kernel compilation and CUDA graph capture are not charged to whichever
+configuration meets a shape first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from benchmarks.tasks import FAMILIES, Example, held_out_set, is_correct
+from benchmarks.tasks.batches import chat_prompt
+from engine.guide import BUNDLED_GUIDE
+from engine.llm import LLM
+from engine.outputs import FinishReason, RequestOutput
+from engine.params import SamplingParams
+from engine.policies import CACHE_POLICIES
+from server.model_path import resolve_model_dir
+
+BLOCK_LENGTH = 32
+REFERENCE = "none/lc1"
+# unmask rule name -> (unmask policy, steps per block, threshold); None leaves the engine's default
+UNMASK_RULES: dict[str, tuple[str, int | None, float | None]] = {
+    "lc1": ("low_confidence", BLOCK_LENGTH, None),
+    "lc4": ("low_confidence", BLOCK_LENGTH // 4, None),
+    "th0.7": ("threshold", None, 0.7),
+    "th0.9": ("threshold", None, 0.9),
+    "factor": ("factor", None, None),
+    "guided": ("guided", None, None),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One row of the table: a cache policy and an unmask rule of `UNMASK_RULES`."""
+
+    cache: str
+    rule: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.cache}/{self.rule}"
+
+    @property
+    def needs_guide(self) -> bool:
+        return UNMASK_RULES[self.rule][0] == "guided"
+
+    def params(self, max_tokens: int) -> SamplingParams:
+        unmask, steps, threshold = UNMASK_RULES[self.rule]
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=0, block_length=BLOCK_LENGTH,
+                              steps=steps, cache=self.cache, unmask=unmask, threshold=threshold)
+
+
+FAST_DLLM_RULES = ("lc1", "lc4", "th0.7", "th0.9", "factor")
+CONFIGS: dict[str, Config] = {c.name: c for c in [
+    *(Config(cache, rule) for cache in ("none", "prefix", "dual") for rule in FAST_DLLM_RULES),
+    *(Config(cache, rule) for cache in ("dkv", "dkv-greedy", "dllm-cache", "freecache") for rule in ("lc1", "th0.9")),
+    Config("dual", "guided"),
+    Config("freecache", "guided"),
+]}
+
+
+@dataclass
+class Row:
+    """What one configuration scored and cost over the whole problem set."""
+
+    config: str
+    accuracy: dict[str, float]  # family -> exact-match accuracy
+    mean_accuracy: float  # over families
+    forward_passes: float  # per request
+    tokens_per_step: float  # tokens committed per forward pass, over all requests
+    tokens_per_s: float  # generated tokens (before end-of-text) per second of wall time
+    seconds: float
+    speedup: float  # the reference's wall time / this one's
+    pass_speedup: float  # the reference's forward passes per request / this one's
+
+
+def problem_set(families: list[str], n: int) -> list[Example]:
+    """The first `n` held-out problems of each family, interleaved so every batch mixes families."""
+    sets = [held_out_set(family, n) for family in families]
+    return [ex for group in zip(*sets) for ex in group]
+
+
+def generate(llm: LLM, config: Config, problems: list[Example], max_tokens: int) -> list[RequestOutput]:
+    """Every problem through the engine at once; an engine error aborts the benchmark."""
+    outputs = llm.generate([chat_prompt(ex.prompt) for ex in problems], config.params(max_tokens))
+    failed = [o for o in outputs if o.finish_reason is FinishReason.ERROR]
+    if failed:
+        raise RuntimeError(f"{config.name}: {len(failed)} request(s) failed, first: {failed[0].error}")
+    return outputs
+
+
+def measure(llm: LLM, config: Config, problems: list[Example], max_tokens: int, reference: Row | None) -> Row:
+    """Run `config` over `problems` and score it; `reference` None means this is the reference."""
+    start = time.perf_counter()
+    outputs = generate(llm, config, problems, max_tokens)
+    seconds = time.perf_counter() - start
+    correct: dict[str, list[bool]] = {}
+    for ex, out in zip(problems, outputs):
+        correct.setdefault(ex.family, []).append(is_correct(out.text, ex.answer))
+    accuracy = {family: sum(ok) / len(ok) for family, ok in correct.items()}
+    passes = sum(o.stats.forward_passes for o in outputs)
+    committed = sum(o.stats.tokens_committed for o in outputs)
+    per_request = passes / len(outputs)
+    return Row(
+        config=config.name,
+        accuracy=accuracy,
+        mean_accuracy=statistics.mean(accuracy.values()),
+        forward_passes=per_request,
+        tokens_per_step=committed / passes,
+        tokens_per_s=sum(len(o.token_ids) for o in outputs) / seconds,
+        seconds=seconds,
+        speedup=reference.seconds / seconds if reference else 1.0,
+        pass_speedup=reference.forward_passes / per_request if reference else 1.0,
+    )
+
+
+def device_name(device: torch.device) -> str:
+    return f"{torch.cuda.get_device_name(device)} (cuda)" if device.type == "cuda" else device.type
+
+
+def table_header(families: list[str]) -> str:
+    columns = ["config", *families, "mean", "fwd passes/req", "tok/step", "gen tok/s", "speedup (wall)",
+               "speedup (passes)"]
+    return "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"
+
+
+def table_line(row: Row) -> str:
+    cells = [row.config, *(f"{a:.3f}" for a in row.accuracy.values()), f"{row.mean_accuracy:.3f}",
+             f"{row.forward_passes:.1f}", f"{row.tokens_per_step:.2f}", f"{row.tokens_per_s:.0f}",
+             f"{row.speedup:.2f}x", f"{row.pass_speedup:.2f}x"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def select_configs(names: list[str], has_guide: bool) -> tuple[list[Config], list[str]]:
+    """The configurations to run, the reference first, and notes on what was left out."""
+    chosen = [CONFIGS[REFERENCE]] + [CONFIGS[n] for n in dict.fromkeys(names) if n != REFERENCE]
+    skipped = [c.name for c in chosen if c.needs_guide and not has_guide]
+    if not skipped:
+        return chosen, []
+    note = (f"skipped {', '.join(skipped)}: no guide model (the bundled {BUNDLED_GUIDE.name} is absent or does not "
+            "share the model's tokenizer; pass --guide-model DIR)")
+    return [c for c in chosen if c.name not in skipped], [note]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
+    p.add_argument("--guide-model", default=None,
+                   help="guide model for the guided rows (default: the bundled guide, if present)")
+    p.add_argument("--n", type=int, default=100, help="held-out problems per family")
+    p.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES), metavar="FAMILY",
+                   help=f"task families (default: all): {', '.join(FAMILIES)}")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), metavar="CONFIG",
+                   help=f"configurations to run (default: all): {', '.join(CONFIGS)}")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--kv-cache-mb", type=int, default=None, help="KV pool size (default: the engine's)")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
+    a = p.parse_args(argv)
+    if a.n < 1 or a.max_tokens < 1:
+        p.error("--n and --max-tokens must be at least 1")
+    try:
+        a.model = resolve_model_dir(a.model)
+    except FileNotFoundError as exc:
+        p.error(str(exc))
+    return a
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    a = parse_args(argv)
+    problems = problem_set(a.families, a.n)
+    llm = LLM(
+        str(a.model), device=a.device, dtype=a.dtype, max_num_seqs=a.max_num_seqs, max_waiting=len(problems),
+        kv_cache_memory=a.kv_cache_mb * 2**20 if a.kv_cache_mb else None,
+        feature_cache=any(CACHE_POLICIES[CONFIGS[n].cache].needs_features for n in a.configs),
+        guide_model=a.guide_model,  # None: the engine takes the bundled guide if it fits the model
+    )
+    configs, notes = select_configs(a.configs, llm.engine.guide is not None)
+    loaded = llm.engine.loaded
+    command = shlex.join(["python", "benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)])
+    guide = a.guide_model or (str(BUNDLED_GUIDE) if llm.engine.guide else None)
+    dtype = str(loaded.dtype).removeprefix("torch.")
+    header = {"command": command, "device": device_name(loaded.device), "dtype": dtype, "model": str(a.model),
+              "guide_model": guide, "n": a.n, "block_length": BLOCK_LENGTH, "max_tokens": a.max_tokens}
+    print(f"`{command}` | device {header['device']}, {dtype} | model {a.model} | guide {guide} | "
+          f"{a.n} problems per family, greedy, block {BLOCK_LENGTH}, max_tokens {a.max_tokens}")
+    for note in notes:
+        print(f"note: {note}")
+    if a.warmup:
+        for config in configs:
+            generate(llm, config, problems[: a.max_num_seqs], a.max_tokens)
+    print(table_header(a.families), flush=True)
+    rows: list[Row] = []
+    for config in configs:
+        rows.append(measure(llm, config, problems, a.max_tokens, rows[0] if rows else None))
+        print(table_line(rows[-1]), flush=True)
+    if a.json:
+        record = {**header, "notes": notes, "rows": [asdict(r) for r in rows]}
+        Path(a.json).write_text(json.dumps(record, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The accuracy benchmark (benchmarks/accuracy.py), and the bundled model's accuracy bar."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from benchmarks.accuracy import REFERENCE, main
+from benchmarks.tasks import FAMILIES
+from engine.models.make_random import make_random_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED_TOKENIZER = REPO / "models" / "unmask-tiny"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+CONFIGS = [REFERENCE, "none/lc4", "dual/th0.9", "freecache/lc1"]
+
+
+@pytest.fixture(scope="module")
+def random_model_dir(tmp_path_factory) -> Path:
+    """A random LLaDA checkpoint speaking the bundled tokenizer (same special-token ids), so prompts are realistic."""
+    out = make_random_checkpoint(tmp_path_factory.mktemp("accuracy"), arch="llada", layers=1, hidden=32, heads=2,
+                                 vocab=892)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(BUNDLED_TOKENIZER / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def guide_dir(tmp_path_factory) -> Path:
+    """A small random Llama guide with the bundled tokenizer."""
+    out = tmp_path_factory.mktemp("guide")
+    config = LlamaConfig(vocab_size=892, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZER)).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bench(random_model_dir, tmp_path_factory) -> tuple[list, dict, str]:
+    """One run of the benchmark: its rows, its JSON and its printed table."""
+    path = tmp_path_factory.mktemp("json") / "rows.json"
+    argv = ["--model", str(random_model_dir), "--n", "2", "--configs", *CONFIGS[1:], "--device", "cpu",
+            "--kv-cache-mb", "16", "--no-warmup", "--json", str(path)]
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        rows = main(argv)
+    return rows, json.loads(path.read_text()), printed.getvalue()
+
+
+def test_the_reference_runs_first_with_speedup_one(bench):
+    rows, _, _ = bench
+    assert [r.config for r in rows] == CONFIGS
+    assert rows[0].speedup == 1.0 and rows[0].pass_speedup == 1.0
+
+
+def test_every_family_is_scored_in_every_row(bench):
+    rows, _, _ = bench
+    for r in rows:
+        assert list(r.accuracy) == list(FAMILIES)
+        assert all(0.0 <= a <= 1.0 for a in r.accuracy.values())
+        assert r.mean_accuracy == pytest.approx(sum(r.accuracy.values()) / len(FAMILIES))
+
+
+def test_four_tokens_per_step_take_fewer_forward_passes(bench):
+    rows, _, _ = bench
+    by_name = {r.config: r for r in rows}
+    one, four = by_name[REFERENCE], by_name["none/lc4"]
+    assert one.forward_passes >= four.forward_passes
+    assert four.tokens_per_step == pytest.approx(4.0) and one.tokens_per_step == pytest.approx(1.0)
+    assert four.pass_speedup == pytest.approx(one.forward_passes / four.forward_passes)
+
+
+def test_speed_columns_are_positive(bench):
+    rows, _, _ = bench
+    for r in rows:
+        assert r.seconds > 0 and r.tokens_per_s >= 0 and r.speedup > 0 and r.forward_passes >= 1
+
+
+def test_json_holds_the_same_rows_and_the_run_setup(bench, random_model_dir):
+    rows, data, _ = bench
+    assert [r["config"] for r in data["rows"]] == CONFIGS
+    assert data["rows"][1]["accuracy"] == rows[1].accuracy
+    assert data["model"] == str(random_model_dir) and data["n"] == 2 and data["device"] == "cpu"
+    assert "--n 2" in data["command"]
+
+
+def test_the_table_has_a_header_line_and_one_line_per_row(bench, random_model_dir):
+    _, _, printed = bench
+    lines = printed.strip().splitlines()
+    assert "--n 2" in lines[0] and str(random_model_dir) in lines[0] and "cpu" in lines[0]
+    table = [line for line in lines if line.startswith("|")]
+    assert len(table) == 2 + len(CONFIGS)
+    assert all(line.count("|") == table[0].count("|") for line in table)
+
+
+def test_guided_rows_are_skipped_without_a_guide(random_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("engine.guide.BUNDLED_GUIDE", tmp_path / "no-guide")
+    rows = main(["--model", str(random_model_dir), "--n", "1", "--families", "count", "--configs", "dual/guided",
+                 "--device", "cpu", "--kv-cache-mb", "16", "--no-warmup"])
+    assert [r.config for r in rows] == [REFERENCE]
+    assert "skipped dual/guided" in capsys.readouterr().out
+
+
+def test_guided_rows_run_with_a_guide_model(random_model_dir, guide_dir, capsys):
+    rows = main(["--model", str(random_model_dir), "--guide-model", str(guide_dir), "--n", "1", "--families", "count",
+                 "lists", "--configs", "dual/guided", "freecache/guided", "--device", "cpu", "--kv-cache-mb", "16",
+                 "--no-warmup"])
+    assert [r.config for r in rows] == [REFERENCE, "dual/guided", "freecache/guided"]
+    assert all(r.tokens_per_step >= 1.0 for r in rows)
+    assert "note:" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_bundled_model_answers_90_percent_with_reference_decoding(bundled_model_dir):
+    """The bundled model's quality bar: 8 held-out problems per family, no cache, one token per step."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = main(["--model", str(bundled_model_dir), "--n", "8", "--configs", REFERENCE, "--device", device,
+                 "--no-warmup"])
+    assert rows[0].mean_accuracy >= 0.90, rows[0].accuracy
