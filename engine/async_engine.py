@@ -117,11 +117,16 @@ class AsyncEngine:
             self.engine.step_listeners.append(listener)
 
     # --- requests -----------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> "RequestStream":
-        """Validate now (raising ParamError / QueueFullError / EngineDeadError), then stream outputs."""
+    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> "RequestStream":
+        """Validate now (raising ParamError / QueueFullError / EngineDeadError), then stream outputs.
+
+        Tokenizing and validating run on a worker thread: a prompt of megabytes
+        takes long to tokenize, and the event loop must keep serving everyone else.
+        """
+        seq = await asyncio.to_thread(self._engine.make_sequence, request_id, prompt, params)
+        # Checked after the await, with no await before queueing: shutdown may have begun meanwhile.
         if not self.accepting:
             raise EngineDeadError("the engine is shutting down" if self._draining else "the engine is not running")
-        seq = self._engine.make_sequence(request_id, prompt, params)
         if self.num_waiting >= self.config.max_waiting:
             raise QueueFullError(f"{self.num_waiting} requests are waiting; the limit is {self.config.max_waiting}")
         if request_id in self._queues:

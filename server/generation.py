@@ -73,19 +73,21 @@ class Generation:
     _last: dict[int, RequestOutput] = field(default_factory=dict)
 
     @classmethod
-    def start(
+    async def start(
         cls, engine, choices: list[ChoiceRequest], metrics: Metrics, arrival: float, retry_after: int
     ) -> "Generation":
         """Add every choice to the engine, or none: on the first refusal, abort the rest and raise `APIError`."""
         gen = cls(engine, choices, metrics, arrival)
         streams = []
-        for choice in choices:
-            try:
-                streams.append(engine.add_request(choice.request_id, choice.prompt, choice.params))
-            except Exception as exc:
+        try:
+            for choice in choices:
+                streams.append(await engine.add_request(choice.request_id, choice.prompt, choice.params))
+        except Exception as exc:
+            raise from_engine_exception(exc, retry_after) from exc
+        finally:
+            if len(streams) < len(choices):  # refused, or cancelled while a prompt was being tokenized
                 for added in choices[: len(streams)]:
                     _abort(engine, added.request_id)
-                raise from_engine_exception(exc, retry_after) from exc
         gen._unfinished = set(range(len(choices)))
         gen._pumps = [asyncio.ensure_future(gen._pump(i, s)) for i, s in enumerate(streams)]
         return gen

@@ -32,7 +32,7 @@ def test_streamed_deltas_concatenate_to_the_offline_text(llada_dir):
 
     async def go():
         engine = await _started(llada_dir)
-        outs = [o async for o in engine.add_request("r1", PROMPT, params)]
+        outs = [o async for o in await engine.add_request("r1", PROMPT, params)]
         await engine.shutdown()
         return outs, engine
 
@@ -53,7 +53,7 @@ def test_concurrent_requests_all_finish_and_pages_return(llada_dir):
 
         async def one(i):
             p = SamplingParams(max_tokens=16 + 8 * i, block_length=8, cache=("none", "prefix", "dual")[i % 3])
-            return [o async for o in engine.add_request(f"r{i}", PROMPT, p)][-1]
+            return [o async for o in await engine.add_request(f"r{i}", PROMPT, p)][-1]
 
         finals = await asyncio.gather(*(one(i) for i in range(8)))
         free = engine.kv_pages_free
@@ -68,7 +68,8 @@ def test_concurrent_requests_all_finish_and_pages_return(llada_dir):
 def test_leaving_the_stream_early_aborts_and_frees_pages(llada_dir):
     async def go():
         engine = await _started(llada_dir)
-        stream = engine.add_request("r", PROMPT, SamplingParams(max_tokens=256, block_length=8, stream_blocks=True))
+        params = SamplingParams(max_tokens=256, block_length=8, stream_blocks=True)
+        stream = await engine.add_request("r", PROMPT, params)
         async for _ in stream:
             break
         await stream.aclose()
@@ -88,11 +89,11 @@ def test_invalid_requests_raise_before_streaming(llada_dir):
     async def go():
         engine = await _started(llada_dir, max_waiting=1)
         with pytest.raises(ParamError):
-            engine.add_request("bad", PROMPT, SamplingParams(max_tokens=8, cache="nope"))
+            await engine.add_request("bad", PROMPT, SamplingParams(max_tokens=8, cache="nope"))
         streams = []
         with pytest.raises(QueueFullError):
             for i in range(50):  # the first requests may already have been admitted
-                streams.append(engine.add_request(f"x{i}", PROMPT, SamplingParams(max_tokens=512)))
+                streams.append(await engine.add_request(f"x{i}", PROMPT, SamplingParams(max_tokens=512)))
         for stream in streams:  # closing unread streams aborts their requests
             await stream.aclose()
         for _ in range(100):
@@ -102,6 +103,6 @@ def test_invalid_requests_raise_before_streaming(llada_dir):
         assert engine.kv_pages_free == engine.kv_pages_total and engine.num_waiting == 0
         await engine.shutdown(drain=False)
         with pytest.raises(EngineDeadError):
-            engine.add_request("late", PROMPT, SamplingParams(max_tokens=8))
+            await engine.add_request("late", PROMPT, SamplingParams(max_tokens=8))
 
     run(go())

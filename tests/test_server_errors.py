@@ -103,6 +103,15 @@ def test_prompt_plus_max_tokens_beyond_the_context_is_400(live_server):
     assert str(too_many) in error["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_prompt_of_most_of_the_body_limit_is_400_for_the_context(live_server, path):
+    text = "The quick brown fox jumps over the lazy dog. " * (MAX_REQUEST_BYTES // 64)
+    prompt = {"prompt": text} if path == "/v1/completions" else {"messages": [{"role": "user", "content": text}]}
+    response = post(live_server, path, {"model": live_server.model, "max_tokens": 8, **prompt})
+    error = assert_error(response, 400, "max_tokens")
+    assert str(live_server.engine.max_model_len) in error["message"]
+
+
 @pytest.mark.parametrize(
     "path, fields, param",
     [

@@ -167,6 +167,59 @@ def test_other_requests_keep_streaming_while_one_client_leaves(live_server):
     assert wait_until(lambda: pool_is_full(live_server))
 
 
+# --- slow prompts -------------------------------------------------------------------------------------------
+
+SLOW = " [tokenized slowly]"
+
+
+@pytest.fixture
+def slow_tokenizer(live_server, monkeypatch):
+    """Text containing SLOW tokenizes only once the test sets `release`, as a huge prompt takes its time.
+
+    Yields (entered, release): `entered` is set once such a text is being tokenized.
+    """
+    tokenizer = live_server.engine.tokenizer
+    encode = tokenizer.encode
+    entered, release = threading.Event(), threading.Event()
+
+    def gated_encode(text, *args, **kwargs):
+        if SLOW in text:
+            entered.set()
+            release.wait(60)
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", gated_encode)
+    yield entered, release
+    release.set()
+
+
+@pytest.mark.parametrize(
+    "path,fields",
+    [
+        ("/v1/completions", {"prompt": PROMPT + SLOW}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT + SLOW}]}),
+    ],
+)
+def test_health_answers_while_a_prompt_is_being_tokenized(live_server, slow_tokenizer, path, fields):
+    entered, release = slow_tokenizer
+    responses: list[httpx.Response] = []
+
+    def generate() -> None:
+        with live_server.http() as http:
+            responses.append(http.post(path, json={"model": live_server.model, "max_tokens": 8, **fields}))
+
+    client = threading.Thread(target=generate)
+    client.start()
+    assert entered.wait(30), "the prompt never reached the tokenizer"
+    with live_server.http(auth=False) as http:
+        health = http.get("/health", timeout=10)  # times out if tokenizing blocks the event loop
+    assert health.status_code == 200
+    release.set()
+    client.join(60)
+    assert responses[0].status_code == 200
+    assert responses[0].json()["usage"]["completion_tokens"] <= 8
+
+
 # --- OpenAPI -----------------------------------------------------------------------------------------------
 
 

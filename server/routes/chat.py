@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Request
@@ -42,11 +43,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     model = state.check_model(body.model)
     engine = state.engine
     translate.check_choice_count(1, body.n, engine.config.max_waiting)
-    prompt_ids = translate.chat_prompt_ids(engine.tokenizer, body.messages)
+    # Off the event loop: rendering and tokenizing megabytes of messages would stall every other request.
+    prompt_ids = await asyncio.to_thread(translate.chat_prompt_ids, engine.tokenizer, body.messages)
     max_tokens = translate.chat_max_tokens(body, len(prompt_ids), engine.max_model_len, state.settings.chat_max_tokens)
     request_id = new_request_id("chatcmpl")
     choices = translate.choice_requests(request_id, [prompt_ids], body, max_tokens, state.settings.defaults)
-    gen = Generation.start(engine, choices, state.metrics, arrival, state.settings.retry_after_seconds)
+    gen = await Generation.start(engine, choices, state.metrics, arrival, state.settings.retry_after_seconds)
     return await respond(request, gen, _ChatReply(request_id, int(time.time()), model, body.n), body)
 
 

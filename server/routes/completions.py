@@ -40,7 +40,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     max_tokens = body.max_tokens if body.max_tokens is not None else state.settings.completion_max_tokens
     request_id = new_request_id("cmpl")
     choices = translate.choice_requests(request_id, prompts, body, max_tokens, state.settings.defaults)
-    gen = Generation.start(state.engine, choices, state.metrics, arrival, state.settings.retry_after_seconds)
+    gen = await Generation.start(state.engine, choices, state.metrics, arrival, state.settings.retry_after_seconds)
+    # On the event loop, but cheap: the engine has accepted every prompt, so none is longer than the context.
     echoes = [_echo_text(state.engine.tokenizer, c.prompt) for c in choices] if body.echo else None
     return await respond(request, gen, _CompletionReply(request_id, int(time.time()), model, body.n, echoes), body)
 
