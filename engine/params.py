@@ -85,6 +85,7 @@ class SamplingParams:
     freecache_window: int | None = None  # freecache: masked blocks after the current one kept in attention
     guide_relative: float | None = None  # guided: accept a draft with p_guide >= this * p_guide(top-1)
     stream_blocks: bool = False
+    ignore_eos: bool = False  # run to max_tokens: end-of-text neither ends the request nor cuts its tokens
 
     def resolve(self, defaults: EngineDefaults) -> "SamplingParams":
         """Return a copy with every unset denoising field taken from `defaults`, validated."""
@@ -136,6 +137,8 @@ class SamplingParams:
         _check_int("freecache_window", self.freecache_window, low=0)
         _check_float("dllm_rho", self.dllm_rho, low=0.0, high=1.0)
         _check_float("guide_relative", self.guide_relative, low=0.0, high=1.0, low_open=True)
+        for name in ("stream_blocks", "ignore_eos"):
+            _check_bool(name, getattr(self, name))
         if self.steps is not None:
             _check_int("steps", self.steps, low=1)
             if self.steps > self.block_size:
@@ -168,6 +171,11 @@ def _check_int(name: str, value, low: int | None = None, high: int | None = None
         raise ParamError(name, f"{name} must be >= {low}, got {value}")
     if high is not None and value > high:
         raise ParamError(name, f"{name} must be <= {high}, got {value}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ParamError(name, f"{name} must be true or false, got {value!r}")
 
 
 def _check_float(name: str, value, low: float, high: float, low_open: bool = False) -> None:

@@ -103,16 +103,18 @@ class Sequence:
         return canvas[: int(masked[0])] if masked.numel() else canvas
 
     def committed_prefix(self) -> list[int]:
-        """The contiguous committed run, cut before end-of-text.
+        """The contiguous committed run, cut before end-of-text (unless the request ignores it).
 
         Commits are never revised, so this prefix is final text.
         """
         prefix = self._committed_run().tolist()
-        return prefix[: prefix.index(self.eos_id)] if self.eos_id in prefix else prefix
+        if self.params.ignore_eos or self.eos_id not in prefix:
+            return prefix
+        return prefix[: prefix.index(self.eos_id)]
 
     def hit_eos(self) -> bool:
-        """End-of-text lies in the committed run: nothing after it can matter."""
-        return bool((self._committed_run() == self.eos_id).any())
+        """End-of-text lies in the committed run, so nothing after it can matter (never, with `ignore_eos`)."""
+        return not self.params.ignore_eos and bool((self._committed_run() == self.eos_id).any())
 
     @property
     def canvas_done(self) -> bool:

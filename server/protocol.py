@@ -205,6 +205,11 @@ class _SamplingFields(DiffusionFields):
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
         None, description="Up to 16 non-empty strings; the text ends before the first one."
     )
+    ignore_eos: Bool = Field(
+        False,
+        description="Extension (as in vLLM): generate past end-of-text, so that the completion has exactly "
+        "max_tokens tokens unless a stop string ends it (end-of-text tokens count, but are not in the text).",
+    )
     stream: Bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="Accepted for compatibility; not used.")

@@ -44,6 +44,7 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
         top_p=_DEFAULTS.top_p if body.top_p is None else body.top_p,
         seed=None if body.seed is None else body.seed + choice,
         stop=stop_strings(body.stop),
+        ignore_eos=body.ignore_eos,
         block_length=body.block_length,
         steps=body.steps,
         cache=body.cache,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import pytest
 import torch
 
@@ -91,21 +93,31 @@ def test_a_failing_request_fails_alone_and_frees_its_pages(llm):
     assert pool.num_free == pool.num_pages
 
 
-def test_end_of_text_in_a_finished_block_stops_the_request_early(llm):
+@pytest.fixture
+def eos_everywhere(llm) -> Iterator[int]:
+    """Bias the LM head towards end-of-text, so that every position predicts it confidently; yields its id."""
     eos = llm.engine.model_config.eos_token_id
-    # Bias the LM head towards end-of-text: every position predicts it confidently.
     bias = torch.zeros(llm.engine.model_config.vocab_size)
     bias[eos] = 50.0
     handle = llm.engine.loaded.model.lm_head.register_forward_hook(lambda m, i, out: out + bias)
-    try:
-        out = llm.generate(PROMPT, SamplingParams(max_tokens=96, block_length=16))[0]
-    finally:
-        handle.remove()
+    yield eos
+    handle.remove()
+
+
+def test_end_of_text_in_a_finished_block_stops_the_request_early(llm, eos_everywhere):
+    out = llm.generate(PROMPT, SamplingParams(max_tokens=96, block_length=16))[0]
     assert out.finish_reason is FinishReason.STOP
     assert out.text == "" and out.token_ids == []
     # End-of-text at the start of the canvas ends the request inside its first block, not after 96 steps.
     assert out.stats.forward_passes <= 16
     assert llm.engine.pool.num_free == llm.engine.pool.num_pages
+
+
+def test_ignore_eos_generates_the_whole_canvas(llm, eos_everywhere):
+    out = llm.generate(PROMPT, SamplingParams(max_tokens=40, block_length=16, ignore_eos=True))[0]
+    assert out.finish_reason is FinishReason.LENGTH
+    assert out.token_ids == [eos_everywhere] * 40
+    assert out.text == ""  # end-of-text is a special token: counted, never shown
 
 
 def test_stop_string_cuts_the_text_and_finishes(llm):
@@ -152,6 +164,7 @@ def test_threshold_and_factor_commit_several_tokens_per_step(llm):
         ("top_p", 0.0),
         ("max_tokens", 0),
         ("temperature", float("nan")),
+        ("ignore_eos", 1),
     ],
 )
 def test_bad_parameters_raise_an_error_naming_the_field(llm, field, value):

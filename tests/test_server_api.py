@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import fields
+from typing import Iterator
 
 import openai
 import pytest
+import torch
 from server_fixtures import live_server, sse_json  # noqa: F401  (pytest fixture)
 
 from engine.params import CACHE_POLICIES, METHOD_FIELDS, UNMASK_POLICIES, EngineDefaults, ParamError, SamplingParams
@@ -182,6 +184,30 @@ def test_chat_accepts_text_content_parts(live_server):
         .choices[0]
         .message.content
     )
+
+
+# --- ignore_eos ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def eos_everywhere(live_server) -> Iterator[None]:
+    """Bias the served model's LM head so that every position predicts end-of-text confidently."""
+    engine = live_server.engine.engine
+    bias = torch.zeros(engine.model_config.vocab_size)
+    bias[engine.model_config.eos_token_id] = 50.0
+    handle = engine.loaded.model.lm_head.register_forward_hook(lambda m, i, out: out + bias.to(out))
+    yield
+    handle.remove()
+
+
+@pytest.mark.parametrize("create", [complete, chat], ids=["completions", "chat"])
+def test_ignore_eos_generates_exactly_max_tokens(live_server, eos_everywhere, create):
+    client = live_server.openai()
+    stopped = create(client, live_server, max_tokens=24)
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 0
+    result = create(client, live_server, max_tokens=24, extra_body={**SMALL, "ignore_eos": True})
+    assert result.choices[0].finish_reason == "length"
+    assert result.usage.completion_tokens == 24
 
 
 # --- streaming -----------------------------------------------------------------------------------

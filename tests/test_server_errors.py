@@ -61,6 +61,7 @@ def test_missing_body_is_400(live_server):
         ({"cache": "nope"}, "cache"),
         ({"unmask": "nope"}, "unmask"),
         ({"stream_blocks": "sometimes"}, "stream_blocks"),
+        ({"ignore_eos": 1}, "ignore_eos"),
         ({"block_lenght": 8}, "block_lenght"),
     ],
 )
