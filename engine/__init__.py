@@ -1,13 +1,30 @@
-"""Unmask's engine: everything between a request and the GPU (see DESIGN.md §3)."""
+"""Unmask's engine: everything between a request and the GPU (see DESIGN.md §3).
 
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
-from engine.llm import LLM
-from engine.outputs import BlockView, FinishReason, RequestOutput, RequestStats, StepStats
-from engine.params import EngineDefaults, ParamError, SamplingParams
+The public names are imported on first use, not here: importing a light module
+such as `engine.params` (the CLI parser does) must not pull in torch.
+"""
 
-__all__ = [
-    "LLM", "AsyncEngine", "BlockView", "EngineConfig", "EngineDefaults", "FinishReason", "LLMEngine",
-    "ParamError", "RequestOutput", "RequestStats", "SamplingParams", "StepStats",
-]
+from importlib import import_module
+
+_HOMES = {
+    "LLM": "engine.llm",
+    "AsyncEngine": "engine.async_engine",
+    "BlockView": "engine.outputs",
+    "EngineConfig": "engine.config",
+    "EngineDefaults": "engine.params",
+    "FinishReason": "engine.outputs",
+    "LLMEngine": "engine.engine",
+    "ParamError": "engine.params",
+    "RequestOutput": "engine.outputs",
+    "RequestStats": "engine.outputs",
+    "SamplingParams": "engine.params",
+    "StepStats": "engine.outputs",
+}
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    return getattr(import_module(_HOMES[name]), name)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from engine.policies import CACHE_POLICIES as _CACHE_REGISTRY
-from engine.policies import UNMASK_POLICIES as _UNMASK_REGISTRY
-
-CACHE_POLICIES = tuple(_CACHE_REGISTRY)
-UNMASK_POLICIES = tuple(_UNMASK_REGISTRY)
+# The policy names a request may choose, spelled out rather than read from the registries
+# in `engine.policies` (which need torch), so that the CLI parser and the protocol load
+# without it; tests/test_methods.py checks that the registries implement exactly these.
+CACHE_POLICIES = ("none", "prefix", "dual", "dkv", "dkv-greedy", "dllm-cache", "freecache")
+UNMASK_POLICIES = ("low_confidence", "random", "threshold", "factor", "guided")
 CONFIDENCE_KINDS = ("prob", "margin", "entropy")
 # The parameters that belong to one cache or unmask method: field -> (kind, method).
 METHOD_FIELDS = {

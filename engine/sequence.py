@@ -8,12 +8,8 @@ from enum import Enum
 
 import torch
 
-from typing import TYPE_CHECKING
-
 from engine.outputs import FinishReason, RequestStats
-
-if TYPE_CHECKING:  # params imports the policy registries, which import this module
-    from engine.params import SamplingParams
+from engine.params import SamplingParams
 
 
 class SequenceStatus(Enum):

@@ -15,13 +15,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+import engine.params as engine_params
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.guide import BUNDLED_GUIDE, guide_state, leading_agreement
 from engine.llm import LLM
 from engine.outputs import FinishReason
 from engine.params import ParamError, SamplingParams
-from engine.policies import CACHE_POLICIES
+from engine.policies import CACHE_POLICIES, UNMASK_POLICIES
 from engine.runner import SequenceWork
 
 PROMPT = [5, 9, 13, 17, 21, 25]
@@ -335,6 +336,11 @@ def test_the_agreement_rule_is_top_two_within_the_relative_threshold():
 
 
 # --- parameters and refusals -----------------------------------------------------------------------
+
+
+def test_the_policy_names_a_request_may_choose_are_exactly_the_implemented_ones():
+    assert tuple(CACHE_POLICIES) == engine_params.CACHE_POLICIES
+    assert tuple(UNMASK_POLICIES) == engine_params.UNMASK_POLICIES
 
 
 @pytest.mark.parametrize("field,value,cache,unmask", [

@@ -100,6 +100,21 @@ def test_help_lists_the_serving_options(capsys):
         assert option in out
 
 
+def test_help_imports_neither_torch_nor_transformers():
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "server", "serve", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and "--block-length" in result.stdout
+    # -X importtime writes one "import time: self | cumulative | module" line per module imported.
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "server.cli" in imported
+    assert not {name.split(".")[0] for name in imported} & {"torch", "transformers"}
+
+
 def test_every_engine_default_is_a_serve_option():
     serve = build_parser().parse_args(["serve"])
     for f in fields(EngineDefaults):
