@@ -1,12 +1,8 @@
 """Bidirectional attention of packed ragged queries over each sequence's KV pages.
 
-A step packs the active positions of S sequences into one flat batch of T
-tokens. Query rows cu_seqlens_q[s]:cu_seqlens_q[s+1] belong to sequence s and
-attend over all of its keys, positions 0..seq_lens[s]-1, which live in the
-pages page_table[s, p // page_size] at slot p % page_size. Attention is
-bidirectional (no causal mask); block-diffusion models pass
-`block_causal_size`, and then a query at position p sees the keys of its own
-block and all earlier ones: positions < (p // size + 1) * size.
+`paged_attention` states the contract (arguments, layout, the block-causal
+option) and picks an implementation; `paged_attention_reference` (PyTorch:
+CPUs and tests) and `paged_attention_triton` both keep it.
 
 The Triton kernel is a flash-attention forward over gathered pages:
 
@@ -351,6 +347,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of packed ragged queries over their own sequences' paged K/V; returns out [T, H, D].
 
+    A step packs the active positions of S sequences into one flat batch of T tokens.
     q: [T, H, D]; k_cache, v_cache: [num_pages, page_size, KVH, D] with H a
     multiple of KVH (GQA: query head h reads KV head h // (H // KVH)).
     cu_seqlens_q: int32 [S+1], the query rows of sequence s are cu[s]:cu[s+1].
@@ -359,8 +356,9 @@ def paged_attention(
     page_table[s, p // page_size], slot p % page_size.
     scale: multiplies q.k (usually head_dim ** -0.5).
     Bidirectional: every query sees all keys of its sequence, unless
-    `block_causal_size` is given: then the query at position
-    query_positions[t] (int [T]) sees keys at positions < (p // size + 1) * size.
+    `block_causal_size` is given (block-diffusion models): then the query at
+    position p = query_positions[t] (int [T]) sees the keys of its own block and
+    all earlier ones, positions < (p // size + 1) * size.
     Accumulates in fp32; out has q's dtype (pass `out` to write into a
     preallocated [T, H, D] buffer, e.g. a CUDA-graph static one).
     The Triton path does no host synchronisation and can be captured in a
