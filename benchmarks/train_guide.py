@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.tasks import FAMILIES, is_correct, held_out_set
-from benchmarks.tasks.batches import EOS, Batch, BatchSpec, batch_loader, chat_prompt, load_tokenizer
+from benchmarks.tasks.batches import EOS, BatchSpec, PackedBatch, batch_loader, chat_prompt, load_tokenizer
 from benchmarks.train_tiny import (
     DEFAULT_TOKENIZER,
     MAX_FILE_BYTES,
@@ -56,6 +56,7 @@ class GuideConfig:
     intermediate: int = 704
     batch_tokens: int = 16384
     max_canvas: int = 128
+    row_length: int = 640
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup: float = 0.03
@@ -91,11 +92,9 @@ def build_model(cfg: GuideConfig, tok: Tokenizer) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def labels_for(batch: Batch) -> torch.Tensor:
+def labels_for(batch: PackedBatch) -> torch.Tensor:
     """Next-token targets on the canvas only (transformers shifts labels by one itself)."""
-    ids = batch.input_ids
-    pos = torch.arange(ids.shape[1], device=ids.device)[None, :]
-    return torch.where(pos >= batch.prompt_lens[:, None], ids, torch.full_like(ids, IGNORE))
+    return torch.where(batch.canvas_pos >= 0, batch.input_ids, torch.full_like(batch.input_ids, IGNORE))
 
 
 def train(cfg: GuideConfig) -> tuple[LlamaForCausalLM, dict]:
@@ -104,8 +103,11 @@ def train(cfg: GuideConfig) -> tuple[LlamaForCausalLM, dict]:
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.tokenizer)
     # Start the data workers before CUDA is initialised: forking a CUDA process is fragile.
+    # Packed rows (see PackedBatch), as for the diffusion model; examples in a row may see
+    # earlier ones (no per-example mask), as in usual causal-LM packing: harmless, since
+    # every example ends in end-of-text padding and the model learns to ignore what precedes a prompt.
     spec = BatchSpec(tokens=cfg.batch_tokens, max_canvas=cfg.max_canvas, families=family_list(cfg.families),
-                     easy_fraction=cfg.easy_fraction)
+                     easy_fraction=cfg.easy_fraction, row_length=cfg.row_length)
     data = batch_loader(cfg.tokenizer, spec, cfg.seed, cfg.workers, pin_memory=device.type == "cuda")
     model = build_model(cfg, tok).to(device).train()
     params = sum(p.numel() for p in model.parameters())

@@ -15,6 +15,11 @@ after it is fully masked. Each masked token is weighted by 1/(its masking
 probability), so the objective stays an importance-weighted mean. It teaches
 the semi-autoregressive states that i.i.d. masking almost never produces.
 
+Examples are packed into fixed-length rows with attention kept inside each
+example (`PackedBatch`): every batch mixes all task families (length-sorted
+batches would alternate between long recall prompts and short problems) and
+the fixed shape suits `--compile`.
+
 At the end the script decodes held-out problems with the reference sampler
 (no cache, low-confidence, one token per step, blocks of 32) and prints the
 exact-match accuracy per family.
@@ -39,10 +44,10 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from benchmarks.tasks import FAMILIES, is_correct, held_out_set
-from benchmarks.tasks.batches import EOS, MASK, Batch, BatchSpec, batch_loader, chat_prompt, load_tokenizer
+from benchmarks.tasks.batches import EOS, MASK, BatchSpec, PackedBatch, batch_loader, chat_prompt, load_tokenizer
 from engine.models.checkpoint import load_weights, save_checkpoint
 from engine.models.config import ModelConfig
-from engine.models.transformer import DenseAttention, DiffusionTransformer
+from engine.models.transformer import DiffusionTransformer
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TOKENIZER = REPO / "models" / "unmask-tiny"
@@ -65,6 +70,8 @@ class TrainConfig:
     intermediate: int | None = None
     batch_tokens: int = 16384
     max_canvas: int = 128
+    row_length: int = 640  # examples are packed into rows of this many tokens
+    compile: bool = False  # torch.compile the training forward (fixed [B, L] shapes make it pay)
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup: float = 0.03
@@ -137,47 +144,65 @@ class Noised:
     weight: torch.Tensor  # [B, L] float: 1 / (masking probability) / canvas length
 
 
-def noise_batch(batch: Batch, mask_id: int, eps: float, block_prob: float, block_length: int,
+def noise_batch(batch: PackedBatch, mask_id: int, eps: float, block_prob: float, block_length: int,
                 gen: torch.Generator) -> Noised:
-    """Mask canvas tokens: i.i.d. with ratio t per row, or block-structured for `block_prob` of rows.
+    """Mask canvas tokens: i.i.d. with ratio t per example, or block-structured for `block_prob` of examples.
 
-    t is stratified over the batch (one uniform offset, evenly spaced) so every
-    batch covers all noise levels; that lowers the variance of the 1/t weights.
+    Per-example draws come from a [B, L] table indexed by each token's example,
+    so the whole batch is masked without a host round trip.
     """
-    ids, plens = batch.input_ids, batch.prompt_lens
+    ids, seg = batch.input_ids, batch.segment.clamp_min(0)
     b, length = ids.shape
     dev = ids.device
-    u = torch.rand(1, generator=gen, device=dev)
-    t = (u + torch.randperm(b, generator=gen, device=dev) / b) % 1.0
-    t = eps + (1.0 - eps) * t
-    pos = torch.arange(length, device=dev)[None, :]
-    canvas = pos >= plens[:, None]
-    canvas_len = (length - plens).float()
-    draw = torch.rand(b, length, generator=gen, device=dev)
 
-    prob = torch.where(canvas, t[:, None], torch.zeros((), device=dev))
-    structured = torch.rand(b, generator=gen, device=dev) < block_prob
-    if structured.any():
-        n_blocks = torch.ceil(canvas_len / block_length)
-        k = torch.floor(torch.rand(b, generator=gen, device=dev) * n_blocks)
-        start = plens + (k * block_length).long()
-        end = start + block_length
-        block_prob_map = torch.where(pos < start[:, None], 0.0, torch.where(pos < end[:, None], t[:, None], 1.0))
-        prob = torch.where(structured[:, None] & canvas, block_prob_map, prob)
-    masked = draw < prob
-    weight = torch.where(masked, 1.0 / prob.clamp_min(eps), torch.zeros((), device=dev)) / canvas_len[:, None]
+    def per_example() -> torch.Tensor:
+        return torch.rand(b, length, generator=gen, device=dev).gather(1, seg)
+
+    t = eps + (1.0 - eps) * per_example()
+    structured = per_example() < block_prob
+    pos = batch.canvas_pos
+    start = torch.floor(per_example() * torch.ceil(batch.canvas_len / block_length)) * block_length
+    block_map = torch.where(pos < start, 0.0, torch.where(pos < start + block_length, t, 1.0))
+    prob = torch.where(pos >= 0, torch.where(structured, block_map, t), 0.0)
+    masked = torch.rand(b, length, generator=gen, device=dev) < prob
+    weight = torch.where(masked, 1.0 / prob.clamp_min(eps), 0.0) / batch.canvas_len
     return Noised(torch.where(masked, torch.full_like(ids, mask_id), ids), masked, weight)
 
 
-def diffusion_loss(model: DiffusionTransformer, batch: Batch, noised: Noised) -> torch.Tensor:
-    """Weighted CE on the masked positions, summed per row, averaged over rows."""
+class MaskedDenseAttention:
+    """Bidirectional attention over a [B, L] batch where `mask` (True = attend) says which keys each query sees.
+
+    `mask` is [B, 1, L, L] (packed examples) or [B, 1, 1, L] (right-padded rows).
+    """
+
+    def __init__(self, batch: int, length: int, mask: torch.Tensor):
+        self.batch, self.length, self.mask = batch, length, mask
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, n = self.batch, self.length
+        q, k, v = (t.view(b, n, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.shape[1] != q.shape[1])
+        return out.transpose(1, 2).reshape(b * n, q.shape[1], q.shape[3])
+
+
+def diffusion_loss(model: torch.nn.Module, batch: PackedBatch, noised: Noised) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted CE on the masked positions, summed per example, averaged over examples.
+
+    Also returns the argmax accuracy on the masked *response* tokens (not the
+    end-of-text padding): the number that shows whether the model reads its prompt.
+    """
     b, length = batch.input_ids.shape
-    positions = torch.arange(length, device=batch.input_ids.device).repeat(b)
-    hidden = model(noised.input_ids.reshape(-1), positions, DenseAttention(b, length))
+    attention = MaskedDenseAttention(b, length, batch.same_segment())
+    hidden = model(noised.input_ids.reshape(-1), batch.positions.reshape(-1), attention)
     # Logits everywhere, zero weight off the masked positions: the vocabulary is small,
     # and selecting rows would need the mask count on the host (a GPU sync every step).
-    ce = F.cross_entropy(model.compute_logits(hidden), batch.input_ids.reshape(-1), reduction="none")
-    return (ce * noised.weight.reshape(-1)).sum() / b
+    logits = model.compute_logits(hidden)
+    targets = batch.input_ids.reshape(-1)
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")
+    loss = (ce * noised.weight.reshape(-1)).sum() / batch.num_examples
+    scored = (noised.masked & batch.answer).reshape(-1)
+    hits = (logits.argmax(dim=-1) == targets) & scored
+    return loss, hits.sum() / scored.sum().clamp_min(1)
 
 
 def lr_at(progress: float, peak: float, warmup: float, min_ratio: float) -> float:
@@ -249,6 +274,7 @@ def train(cfg: TrainConfig) -> tuple[DiffusionTransformer, dict]:
     tok = load_tokenizer(cfg.tokenizer)
     # Start the data workers before CUDA is initialised: forking a CUDA process is fragile.
     spec = BatchSpec(tokens=cfg.batch_tokens, max_canvas=cfg.max_canvas, canvas_multiple=cfg.block_length,
+                     row_length=cfg.row_length,
                      families=family_list(cfg.families), easy_fraction=cfg.easy_fraction)
     data = batch_loader(cfg.tokenizer, spec, cfg.seed, cfg.workers, pin_memory=device.type == "cuda")
     if cfg.init:
@@ -262,6 +288,7 @@ def train(cfg: TrainConfig) -> tuple[DiffusionTransformer, dict]:
     opt = make_optimizer(model, cfg, fused=device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     clock = Clock(cfg.steps, cfg.minutes)
+    forward = torch.compile(model) if cfg.compile else model
     step, tokens, window, history, data_wait = 0, 0, [], [], 0.0
     while clock.progress(step) < 1.0:
         lr = lr_at(clock.progress(step), cfg.lr, cfg.warmup, cfg.min_lr_ratio)
@@ -273,44 +300,31 @@ def train(cfg: TrainConfig) -> tuple[DiffusionTransformer, dict]:
         batch = batch.to(device)
         noised = noise_batch(batch, mcfg.mask_token_id, cfg.eps, cfg.block_mask_prob, cfg.block_length, gen)
         with autocast(device):
-            loss = diffusion_loss(model, batch, noised)
+            loss, answer_acc = diffusion_loss(forward, batch, noised)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
         tokens += batch.num_tokens
-        window.append(loss.detach())
+        window.append(torch.stack((loss.detach(), answer_acc)))
         if step % cfg.log_every == 0:
-            mean = torch.stack(window).mean().item()
+            mean, acc = torch.stack(window).mean(dim=0).tolist()
             window.clear()
-            history.append((step, mean))
+            history.append((step, mean, acc))
             el = clock.elapsed()
-            print(f"step {step:6d}  {el:7.1f}s  loss {mean:.4f}  lr {lr:.2e}  {step / el:.1f} steps/s  "
-                  f"{tokens / el / 1e3:.0f}k tok/s  waiting for data {100 * data_wait / el:.0f}%", flush=True)
+            print(f"step {step:6d}  {el:7.1f}s  loss {mean:.4f}  masked-answer acc {acc:.3f}  lr {lr:.2e}  "
+                  f"{step / el:.1f} steps/s  {tokens / el / 1e3:.0f}k tok/s  waiting for data {100 * data_wait / el:.0f}%",
+                  flush=True)
     wall = clock.elapsed()
     if window:
-        history.append((step, torch.stack(window).mean().item()))
+        history.append((step, *torch.stack(window).mean(dim=0).tolist()))
     summary = {"steps": step, "tokens": tokens, "train_seconds": round(wall, 1), "data_wait_seconds": round(data_wait, 1),
                "loss_history": history, "params": count_params(model)}
     return model.eval(), summary
 
 
 # --------------------------------------------------------------------------- reference decoding
-
-
-class PaddedDenseAttention:
-    """Bidirectional attention over right-padded rows; padded keys are never attended to."""
-
-    def __init__(self, batch: int, length: int, key_valid: torch.Tensor):
-        self.batch, self.length = batch, length
-        self.mask = key_valid[:, None, None, :]  # [B, 1, 1, L], True = attend
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        b, n = self.batch, self.length
-        q, k, v = (t.view(b, n, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.shape[1] != q.shape[1])
-        return out.transpose(1, 2).reshape(b * n, q.shape[1], q.shape[3])
 
 
 @torch.no_grad()
@@ -333,7 +347,7 @@ def reference_generate(model: DiffusionTransformer, prompts: list[list[int]], ge
         x[i, : len(p)] = torch.tensor(p, device=device)
         x[i, len(p) : len(p) + gen_length] = cfg.mask_token_id
     pos = torch.arange(length, device=device)
-    attention = PaddedDenseAttention(b, length, pos[None, :] < (plens + gen_length)[:, None])
+    attention = MaskedDenseAttention(b, length, (pos[None, :] < (plens + gen_length)[:, None])[:, None, None, :])
     positions = pos.repeat(b)
     rows = torch.arange(b, device=device)
     for start in range(0, gen_length, block_length):
@@ -399,13 +413,17 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
 _OPTIONAL_TYPES = {"init": str, "steps": int, "minutes": float, "kv_heads": int, "intermediate": int}
 
 
+def _flag(text: str) -> bool:
+    return text.lower() in ("1", "true", "yes")
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     for field, default in asdict(TrainConfig(out="")).items():
         if field == "out":
             continue
-        kind = _OPTIONAL_TYPES.get(field) or type(default)
+        kind = _OPTIONAL_TYPES.get(field) or (_flag if isinstance(default, bool) else type(default))
         p.add_argument("--" + field.replace("_", "-"), type=kind, default=default)
     return TrainConfig(**vars(p.parse_args(argv)))
 

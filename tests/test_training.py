@@ -15,7 +15,7 @@ from engine.models import load_model
 from engine.models.checkpoint import load_weights
 
 TOKENIZER = str(train_tiny.DEFAULT_TOKENIZER)
-TINY = ["--device", "cpu", "--hidden", "32", "--layers", "2", "--heads", "2", "--batch-tokens", "2048",
+TINY = ["--device", "cpu", "--hidden", "32", "--layers", "2", "--heads", "2", "--batch-tokens", "2048", "--row-length", "512",
         "--log-every", "10", "--workers", "0"]
 
 
@@ -61,11 +61,37 @@ def test_reference_sampler_gives_each_row_the_same_result_alone_or_batched(diffu
     assert all(model.cfg.mask_token_id not in (row[: row.index(eos)] if eos in row else row) for row in batched)
 
 
+def _segments(batch):
+    """(row, example) -> the example's canvas mask within the row, for every packed example."""
+    for r in range(batch.input_ids.shape[0]):
+        for s in range(int(batch.segment[r].max()) + 1):
+            yield r, (batch.segment[r] == s) & (batch.canvas_pos[r] >= 0)
+
+
+def test_packed_rows_hold_whole_examples_with_their_own_positions_and_canvas():
+    spec = BatchSpec(tokens=4096, row_length=512)
+    batch = next(batches(TOKENIZER, spec, seed=0))
+    tok = load_tokenizer(TOKENIZER)
+    assert batch.input_ids.shape == (8, 512)
+    assert batch.num_examples == sum(int(batch.segment[r].max()) + 1 for r in range(8))
+    for r, canvas in _segments(batch):
+        example = batch.segment[r] == batch.segment[r][canvas][0]
+        assert batch.positions[r][example].tolist() == list(range(int(example.sum())))
+        text = tok.decode(batch.input_ids[r][example].tolist(), skip_special_tokens=False)
+        assert text.startswith("<|user|>") and "<|assistant|>\n" in text
+        length = int(canvas.sum())
+        assert (batch.canvas_len[r][canvas] == length).all()
+        assert batch.canvas_pos[r][canvas].tolist() == list(range(length))
+        answer = batch.answer[r] & example
+        assert answer.sum() < length and (batch.input_ids[r][canvas & ~answer] == 0).all()  # end-of-text padding
+    mask = batch.same_segment()
+    assert mask.shape == (8, 1, 512, 512) and torch.equal(mask[0, 0].diagonal(), torch.ones(512, dtype=torch.bool))
+
+
 def test_noise_masks_only_the_canvas_with_weights_that_undo_the_masking_rate():
-    batch = next(batches(TOKENIZER, BatchSpec(tokens=4096), seed=0))
-    pos = torch.arange(batch.input_ids.shape[1])[None, :]
-    canvas = pos >= batch.prompt_lens[:, None]
-    total = torch.zeros(batch.input_ids.shape[0])
+    batch = next(batches(TOKENIZER, BatchSpec(tokens=4096, row_length=512), seed=0))
+    canvas = batch.canvas_pos >= 0
+    totals = torch.zeros(batch.num_examples)
     draws = 300
     for seed in range(draws):
         noised = train_tiny.noise_batch(batch, mask_id=1, eps=1e-3, block_prob=0.0, block_length=32,
@@ -73,17 +99,17 @@ def test_noise_masks_only_the_canvas_with_weights_that_undo_the_masking_rate():
         assert not (noised.masked & ~canvas).any()
         assert torch.equal(noised.input_ids == 1, noised.masked)
         assert torch.equal(noised.input_ids[~noised.masked], batch.input_ids[~noised.masked])
-        total += noised.weight.sum(dim=1)
-    # E[sum over the canvas of 1{masked} / t] / canvas_length = 1 for every row.
-    assert torch.allclose(total / draws, torch.ones_like(total), atol=0.35)
+        totals += torch.stack([noised.weight[r][c].sum() for r, c in _segments(batch)])
+    # E[sum over the canvas of 1{masked} / t] / canvas_length = 1 for every example.
+    assert torch.allclose(totals / draws, torch.ones_like(totals), atol=0.35)
 
 
 def test_block_structured_noise_keeps_earlier_blocks_clean_and_masks_later_ones():
-    batch = next(batches(TOKENIZER, BatchSpec(tokens=4096), seed=1))
+    batch = next(batches(TOKENIZER, BatchSpec(tokens=4096, row_length=512), seed=1))
     noised = train_tiny.noise_batch(batch, mask_id=1, eps=1e-3, block_prob=1.0, block_length=8,
                                     gen=torch.Generator().manual_seed(0))
-    for row, plen in zip(noised.masked, batch.prompt_lens.tolist()):
-        canvas = row[plen:]
+    for r, c in _segments(batch):
+        canvas = noised.masked[r][c]
         masked_at = canvas.nonzero().squeeze(1)
         if len(masked_at) == 0:
             continue
