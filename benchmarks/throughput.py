@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py --arch llada-8b            # the full table on a GPU
     python benchmarks/throughput.py --arch tiny --device cpu   # a smoke run anywhere
+    python benchmarks/throughput.py --arch llada-8b --tensor-parallel-size 2   # over 2 GPUs
 
 Builds a model with random weights directly on the device (no checkpoint),
 admits `batch` requests of `prompt` random tokens and a 256-token canvas, and
@@ -10,7 +11,12 @@ milliseconds of a refresh step (whole sequence) and of a cached step, the
 steady-state generated tokens/s over a block cycle, and beside them the floor:
 max(weight + KV bytes / bandwidth, FLOPs / matrix rate) per step and the
 model-FLOP utilisation. The reference (`none`) and the caches run in the same
-process, so the ratios compare like with like.
+process, so the ratios compare like with like. One engine, sized for the
+largest configuration, serves them all.
+
+With `--tensor-parallel-size N` the model is split over N GPUs (each rank
+draws random weights for its own shard) and the floor is that of N GPUs
+together: bytes and FLOPs divided evenly, communication not counted.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from engine.engine import LLMEngine
 from engine.models.config import ModelConfig
 from engine.models.loader import LoadedModel
 from engine.models.make_random import build_tokenizer
+from engine.parallel import RandomShards
 from engine.models.transformer import DiffusionTransformer
 from engine.params import SamplingParams
 
@@ -56,9 +63,13 @@ class Row:
     mfu: float
 
 
-def build_model(arch: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def model_config(arch: str) -> ModelConfig:
     # eos_token_id -1: random weights know no end-of-text, so every request runs its whole canvas.
-    cfg = ModelConfig(arch="llada", eos_token_id=-1, max_position=8192, **ARCHS[arch])
+    return ModelConfig(arch="llada", eos_token_id=-1, max_position=8192, **ARCHS[arch])
+
+
+def build_model(arch: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    cfg = model_config(arch)
     torch.manual_seed(0)
     with torch.device(device):
         model = DiffusionTransformer(cfg).to(dtype)
@@ -84,16 +95,26 @@ def step_floor(cfg: ModelConfig, batch: int, tokens: int, keys: int, dtype_bytes
     return max((weight_bytes + kv_bytes) / BANDWIDTH, flops / MATMUL_RATE), flops
 
 
-def run_config(loaded: LoadedModel, batch: int, prompt: int, tps: int, cache: str, gen: int, block: int) -> Row:
-    cfg = loaded.config
+def make_engine(a: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> LLMEngine:
+    """One engine with room for the largest configuration (on `tp` GPUs: a 1/tp share of the KV each)."""
+    cfg, tp = model_config(a.arch), a.tensor_parallel_size
+    batch, seq_len = max(a.batch), max(a.prompt) + a.gen
+    kv_bytes = int(batch * seq_len * 2 * cfg.num_layers * cfg.hidden_size * 2 * 1.05 / tp) + 2**24
+    config = EngineConfig(model_dir="<random>", page_size=16, max_num_seqs=batch, max_num_batched_tokens=batch * seq_len,
+                          kv_cache_memory=kv_bytes, tensor_parallel_size=tp, device=device.type if tp > 1 else str(device))
+    if tp == 1:
+        return LLMEngine(config, loaded=build_model(a.arch, device, dtype))
+    shards = RandomShards(cfg, tokenizer_dir=tempfile.mkdtemp(), dtype=str(dtype).removeprefix("torch."))
+    build_tokenizer(512, shards.tokenizer_dir)
+    return LLMEngine(config, shards=shards)
+
+
+def run_config(engine: LLMEngine, batch: int, prompt: int, tps: int, cache: str, gen: int, block: int) -> Row:
+    cfg, tp = engine.model_config, engine.config.tensor_parallel_size
     seq_len = prompt + gen
-    engine = LLMEngine(
-        EngineConfig(model_dir="<random>", page_size=16, max_num_seqs=batch, max_num_batched_tokens=batch * seq_len,
-                     kv_cache_memory=int(batch * seq_len * 2 * cfg.num_layers * cfg.hidden_size * 2 * 1.05) + 2**24),
-        loaded=loaded,
-    )
     times: list[tuple[int, float]] = []  # (active tokens, seconds)
-    engine.step_listeners.append(lambda s: times.append((s.active_tokens, s.step_seconds)))
+    listener = lambda s: times.append((s.active_tokens, s.step_seconds))  # noqa: E731
+    engine.step_listeners.append(listener)
     generator = torch.Generator().manual_seed(batch * 1000 + prompt)
     params = SamplingParams(max_tokens=gen, block_length=block, steps=block // tps, cache=cache)
     for i in range(batch):
@@ -106,19 +127,20 @@ def run_config(loaded: LoadedModel, batch: int, prompt: int, tps: int, cache: st
         engine.step()
     for i in range(batch):
         engine.abort(f"r{i}")
+    engine.step_listeners.remove(listener)
     measured = times[1:]
     full = [t for a, t in measured if a == batch * seq_len]
     partial = [t for a, t in measured if a != batch * seq_len]
     refresh = statistics.median(full)
     cached = statistics.median(partial) if partial else refresh
     cycle = refresh + (steps_per_block - 1) * cached
-    dtype_bytes = torch.empty((), dtype=loaded.dtype).element_size()
+    dtype_bytes = torch.empty((), dtype=engine.loaded.dtype).element_size()
     floor_refresh, flops_refresh = step_floor(cfg, batch, seq_len, seq_len, dtype_bytes)
     cached_tokens = {"none": seq_len, "prefix": gen, "dual": block}[cache]  # the first block's cached step
     floor_cached, flops_cached = step_floor(cfg, batch, cached_tokens, seq_len, dtype_bytes)
     flops_cycle = flops_refresh + (steps_per_block - 1) * flops_cached
     return Row(batch, prompt, tps, cache, refresh * 1e3, cached * 1e3, batch * block / cycle,
-               floor_refresh * 1e3, floor_cached * 1e3, flops_cycle / cycle / MATMUL_RATE)
+               floor_refresh / tp * 1e3, floor_cached / tp * 1e3, flops_cycle / cycle / (MATMUL_RATE * tp))
 
 
 def main() -> None:
@@ -131,20 +153,30 @@ def main() -> None:
     p.add_argument("--cache", nargs="+", default=["none", "prefix", "dual"])
     p.add_argument("--gen", type=int, default=256)
     p.add_argument("--block", type=int, default=32)
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="split the model over this many GPUs")
     a = p.parse_args()
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    loaded = build_model(a.arch, device, dtype)
-    run_config(loaded, 1, 16, 1, "dual", 64, 32)  # compile kernels and warm caches once
-    print(f"# {a.arch} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-          f"gen {a.gen}, block {a.block}, {dtype}")
+    engine = make_engine(a, device, dtype)
+    try:
+        run_all(engine, a, device, dtype)
+    finally:
+        engine.close()
+
+
+def run_all(engine: LLMEngine, a: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+    run_config(engine, 1, 16, 1, "dual", 64, 32)  # compile kernels and warm caches once
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if a.tensor_parallel_size > 1:
+        where = f"{a.tensor_parallel_size} x {where} (tensor parallel)"
+    print(f"# {a.arch} on {where}, gen {a.gen}, block {a.block}, {dtype}")
     header = ("batch", "prompt", "tok/step", "cache", "refresh ms", "cached ms", "gen tok/s",
               "floor refresh ms", "floor cached ms", "x floor (cached)", "MFU", "speedup vs none")
     print(" | ".join(header))
     baseline: dict[tuple, float] = {}
     for batch, prompt, tps, cache in itertools.product(a.batch, a.prompt, a.tokens_per_step, a.cache):
         try:
-            r = run_config(loaded, batch, prompt, tps, cache, a.gen, a.block)
+            r = run_config(engine, batch, prompt, tps, cache, a.gen, a.block)
         except torch.OutOfMemoryError:
             print(f"{batch} | {prompt} | {tps} | {cache} | out of memory")
             torch.cuda.empty_cache()

@@ -158,6 +158,8 @@ class AsyncEngine:
             log.exception("engine loop died")
             self._failure = exc
             self._fail_all(f"engine loop died: {type(exc).__name__}: {exc}")
+        finally:
+            engine.close()  # tensor-parallel workers stop with the loop that drives them
 
     def _drain_commands(self, block: bool) -> None:
         try:

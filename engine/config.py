@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.params import EngineDefaults
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_CPU_KV_BYTES = 512 * 2**20
 DEFAULT_GPU_MEMORY_FRACTION = 0.85
@@ -23,6 +27,9 @@ class EngineConfig:
     `cache=dllm-cache`). `guide_model` is the directory of the small causal
     LM behind `unmask=guided`; None means the bundled guide when it shares the
     model's tokenizer (and no guided decoding otherwise).
+    `tensor_parallel_size` > 1 splits the model over that many GPUs of the host
+    (or CPU processes), one process each (see `engine.parallel`); the KV budget
+    is then per GPU.
     """
 
     model_dir: str
@@ -37,11 +44,28 @@ class EngineConfig:
     cuda_graph_max_tokens: int = 2048
     feature_cache: bool = False
     guide_model: str | None = None
+    tensor_parallel_size: int = 1
     defaults: EngineDefaults = field(default_factory=EngineDefaults)
 
     def __post_init__(self) -> None:
-        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size > 1 and self.feature_cache:
+            # dLLM-Cache's V-verify ranks tokens by the similarity of their whole V; each rank
+            # holds only its heads' V, so the ranks would pick different tokens.
+            raise ValueError("feature_cache (cache=dllm-cache) does not support tensor_parallel_size > 1")
+
+    def kv_cache_bytes(self, device: torch.device) -> int:
+        """The KV pool's budget on `device`: `kv_cache_memory`, else 512 MiB on the CPU or
+        `gpu_memory_utilization` of the GPU memory free now."""
+        if self.kv_cache_memory is not None:
+            return self.kv_cache_memory
+        if device.type == "cuda":
+            import torch  # here, not at the top: the CLI reads this module without loading torch
+
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free * self.gpu_memory_utilization)
+        return DEFAULT_CPU_KV_BYTES

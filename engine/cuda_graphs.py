@@ -16,12 +16,16 @@ what makes them capturable; the static buffers are refilled before each replay.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.attention import PackedBatch, PagedAttention
 from engine.kv_pool import KVPool
 from engine.models.transformer import DiffusionTransformer
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
 
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -114,3 +118,11 @@ class CudaGraphRunner:
         step = _CapturedStep(graph, static, hidden)
         self._graphs[(tokens, seqs)] = step
         return step
+
+
+def build_graph_runner(model: DiffusionTransformer, pool: KVPool, config: EngineConfig) -> CudaGraphRunner | None:
+    """The engine's graph runner on CUDA (None on the CPU or with `cuda_graph_max_tokens` 0: every step runs eagerly)."""
+    if pool.k.device.type != "cuda" or config.cuda_graph_max_tokens <= 0:
+        return None
+    max_len = min(model.cfg.max_position, pool.num_pages * pool.page_size)
+    return CudaGraphRunner(model, pool, config.cuda_graph_max_tokens, config.max_num_seqs, pool.pages_for(max_len))

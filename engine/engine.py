@@ -13,57 +13,77 @@ from typing import Callable
 
 import torch
 
-from engine.config import DEFAULT_CPU_KV_BYTES, EngineConfig
-from engine.cuda_graphs import CudaGraphRunner
+from engine.config import EngineConfig
+from engine.cuda_graphs import build_graph_runner
 from engine.detokenizer import TextStream
+from engine.errors import EngineDeadError
 from engine.guide import GuideRunner, load_guide
 from engine.kv_pool import KVPool
 from engine.models.loader import LoadedModel, load_model
 from engine.outputs import BlockView, FinishReason, RequestOutput, StepStats
+from engine.parallel import ShardLoader, TensorParallelGroup, TensorParallelRunner
 from engine.params import ParamError, SamplingParams, check_text
 from engine.policies import CACHE_POLICIES, UNMASK_POLICIES
 from engine.runner import ModelRunner, SequenceWork
-from engine.sampling import RowGroup, propose_batch
+from engine.sampling import RowGroup
 from engine.scheduler import Scheduler, SchedulerLimits
 from engine.sequence import Sequence
 
 log = logging.getLogger("unmask.engine")
 
 StepListener = Callable[[StepStats], None]
+Proposals = tuple[torch.Tensor, torch.Tensor]  # (token ids [N], confidence [N]) of a step's logit rows
 
 
 def build_pool(loaded: LoadedModel, config: EngineConfig) -> KVPool:
     """Size the page pool from the explicit budget, or from free memory on the device."""
-    budget = config.kv_cache_memory
-    if budget is None:
-        if loaded.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(loaded.device)
-            budget = int(free * config.gpu_memory_utilization)
-        else:
-            budget = DEFAULT_CPU_KV_BYTES
+    budget = config.kv_cache_bytes(loaded.device)
     return KVPool.from_budget(loaded.config, budget, config.page_size, loaded.dtype, loaded.device, config.feature_cache)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+    """The engine; with `tensor_parallel_size` > 1 it is rank 0 of a tensor-parallel group.
+
+    `loaded` is a model already in memory (one device only); `shards` gives each
+    tensor-parallel rank its shard (default: slices of `config.model_dir`).
+    Call `close()` when done with a tensor-parallel engine: it stops the workers.
+    """
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, shards: ShardLoader | None = None):
         self.config = config
-        self.loaded = loaded or load_model(config.model_dir, config.dtype, config.device)
-        self.model_config = self.loaded.config
-        self.tokenizer = self.loaded.tokenizer
-        # Before the pool, which takes what memory is left.
-        self.guide: GuideRunner | None = load_guide(config.guide_model, self.loaded)
-        self.pool = build_pool(self.loaded, config)
-        self.runner = ModelRunner(self.loaded, self.pool, self._graph_runner())
+        self.parallel = TensorParallelGroup(config, shards) if config.tensor_parallel_size > 1 else None
+        try:
+            self._load(loaded)
+        except BaseException:
+            self.close()
+            raise
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)
         self.scheduler = Scheduler(self.pool, limits)
         self.streams: dict[str, TextStream] = {}
         self.step_listeners: list[StepListener] = []
 
-    def _graph_runner(self) -> CudaGraphRunner | None:
-        if self.loaded.device.type != "cuda" or self.config.cuda_graph_max_tokens <= 0:
-            return None
-        max_pages = self.pool.pages_for(self.max_model_len)
-        return CudaGraphRunner(self.loaded.model, self.pool, self.config.cuda_graph_max_tokens, self.config.max_num_seqs, max_pages)
+    def _load(self, loaded: LoadedModel | None) -> None:
+        """The model, the guide, the KV pool and the runner (with tensor parallelism: rank 0's shares)."""
+        config = self.config
+        if self.parallel is not None:
+            loaded = self.parallel.loaded
+        self.loaded = loaded or load_model(config.model_dir, config.dtype, config.device)
+        self.model_config = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        # Before the pool, which takes what memory is left.
+        self.guide: GuideRunner | None = load_guide(config.guide_model, self.loaded)
+        self.runner: ModelRunner | TensorParallelRunner
+        if self.parallel is not None:
+            self.runner = self.parallel.start()
+            self.pool = self.runner.pool
+        else:
+            self.pool = build_pool(self.loaded, config)
+            self.runner = ModelRunner(self.loaded, self.pool, build_graph_runner(self.loaded.model, self.pool, config))
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do on one device); no step runs after it."""
+        if self.parallel is not None:
+            self.parallel.close()
 
     # --- requests -------------------------------------------------------------
     @property
@@ -138,13 +158,12 @@ class LLMEngine:
         if not batch:
             return []
         start = time.perf_counter()
-        work, logits, failures = self._forward([self._work_for(seq) for seq in batch])
+        work, proposals, failures = self._forward([self._work_for(seq) for seq in batch])
         outputs = [self._fail(seq, exc) for seq, exc in failures]
         committed, finished_blocks = 0, []
         if work:
-            groups = [self._row_group(w) for w in work]
-            tokens, confidence = propose_batch(logits, groups, self.model_config.mask_token_id)
-            offsets = [0] + torch.tensor([g.rows for g in groups]).cumsum(0).tolist()
+            tokens, confidence = proposals
+            offsets = [0] + torch.tensor([w.logit_positions.numel() for w in work]).cumsum(0).tolist()
             self._consult_guide(work, tokens, offsets)
             for i, w in enumerate(work):
                 rows = slice(offsets[i], offsets[i + 1])
@@ -184,25 +203,35 @@ class LLMEngine:
 
     def _forward(
         self, work: list[SequenceWork]
-    ) -> tuple[list[SequenceWork], torch.Tensor | None, list[tuple[Sequence, Exception]]]:
-        """Run the batch; if it fails, rerun each sequence alone so only the culprit fails.
+    ) -> tuple[list[SequenceWork], Proposals | None, list[tuple[Sequence, Exception]]]:
+        """Run the batch and propose tokens; if it fails, rerun each sequence alone so only the culprit fails.
 
-        Returns the work that ran, its logits (rows in work order) and the failures.
+        Returns the work that ran, its proposals (rows in work order) and the failures.
+        An `EngineDeadError` (a tensor-parallel group failed) is no request's fault: it propagates.
         """
         try:
-            return work, self.runner.run(work), []
+            return work, self._propose(work), []
+        except EngineDeadError:
+            raise
         except Exception as exc:
             if len(work) == 1:
                 return [], None, [(work[0].seq, exc)]
             log.warning("batched step failed (%s); isolating the failing request", exc)
-        ok, logits, failures = [], [], []
+        ok, proposals, failures = [], [], []
         for w in work:
             try:
-                logits.append(self.runner.run([w]))
+                proposals.append(self._propose([w]))
                 ok.append(w)
+            except EngineDeadError:
+                raise
             except Exception as exc:
                 failures.append((w.seq, exc))
-        return ok, (torch.cat(logits) if logits else None), failures
+        if not proposals:
+            return ok, None, failures
+        return ok, (torch.cat([p[0] for p in proposals]), torch.cat([p[1] for p in proposals])), failures
+
+    def _propose(self, work: list[SequenceWork]) -> Proposals:
+        return self.runner.propose(work, [self._row_group(w) for w in work])
 
     def _consult_guide(self, work: list[SequenceWork], tokens: torch.Tensor, offsets: list[int]) -> None:
         """One batched guide pass over the guided sequences' proposals (see `engine.guide`)."""

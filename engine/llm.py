@@ -46,6 +46,10 @@ class LLM:
                     final[out.request_id] = out
         return [final[i] for i in ids]
 
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes (nothing to do on one device)."""
+        self.engine.close()
+
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
         """One chat turn through the checkpoint's chat template."""
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -17,6 +17,8 @@ from engine.cuda_graphs import CudaGraphRunner
 from engine.feature_cache import FeatureReuseHook, FeatureUse, plan_rows
 from engine.kv_pool import KVPool
 from engine.models.loader import LoadedModel
+from engine.models.transformer import LayerHook
+from engine.sampling import RowGroup, propose_batch
 from engine.sequence import Sequence
 
 
@@ -50,7 +52,12 @@ class ModelRunner:
         self.fault_hook: Callable[[list[SequenceWork]], None] | None = None
 
     def pack(self, work: list[SequenceWork]) -> tuple[PackedBatch, torch.Tensor]:
-        """Build the packed batch and the flat row index of every requested logit."""
+        """Build the packed batch and the flat row index of every requested logit (on the model's device)."""
+        batch, rows = self.pack_host(work)
+        return batch_to(batch, self.device), rows.to(self.device)
+
+    def pack_host(self, work: list[SequenceWork]) -> tuple[PackedBatch, torch.Tensor]:
+        """`pack` on the CPU (what a tensor-parallel engine sends to its workers)."""
         counts = [w.positions.numel() for w in work]
         offsets = torch.tensor([0] + counts).cumsum(0)
         max_pages = max(len(w.seq.pages) for w in work)
@@ -70,22 +77,33 @@ class ModelRunner:
             seq_lens=torch.tensor([w.key_length or w.seq.length for w in work], dtype=torch.int32),
             page_table=page_table,
         )
-        moved = PackedBatch(**{k: v.to(self.device, non_blocking=True) for k, v in vars(batch).items()})
-        return moved, torch.cat(rows).to(self.device)
+        return batch, torch.cat(rows)
 
     @torch.inference_mode()
     def run(self, work: list[SequenceWork]) -> torch.Tensor:
-        """Logits [sum of len(logit_positions), V] (fp32, on the model's device), sequences in order."""
+        """Logits [sum of len(logit_positions), V] (in the model's dtype, on its device), sequences in order."""
         if self.fault_hook is not None:
             self.fault_hook(work)
         batch, rows = self.pack(work)
-        attention = PagedAttention(self.pool, batch, self.config.head_dim)
         hook = None
         if any(w.features is not None for w in work):
             plan = plan_rows([w.positions for w in work], [w.features for w in work], self.device)
             hook = FeatureReuseHook(self.pool, batch, plan, self.config.head_dim)
+        return self.forward(batch, rows, hook)
+
+    def forward(self, batch: PackedBatch, rows: torch.Tensor, hook: LayerHook | None = None) -> torch.Tensor:
+        """The logits of the given rows of a packed batch (device tensors)."""
+        attention = PagedAttention(self.pool, batch, self.config.head_dim)
         if hook is None and self.graphs is not None and self.graphs.supports(len(batch.input_ids), len(batch.seq_lens)):
             hidden = self.graphs.run(batch)
         else:
             hidden = self.model(batch.input_ids, batch.positions, attention, hook)
         return self.model.compute_logits(hidden[rows])
+
+    def propose(self, work: list[SequenceWork], groups: list[RowGroup]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the step and propose a token and a confidence per logit row (CPU tensors, rows in order)."""
+        return propose_batch(self.run(work), groups, self.config.mask_token_id)
+
+
+def batch_to(batch: PackedBatch, device: torch.device) -> PackedBatch:
+    return PackedBatch(**{k: v.to(device, non_blocking=True) for k, v in vars(batch).items()})

@@ -45,35 +45,88 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+@dataclass
+class RowInputs:
+    """The per-row sampling inputs of one step's logit rows (one seed drawn per request)."""
+
+    seeds: list[int]  # one per group
+    fused: torch.Tensor  # bool [N]: rows of the fused path (`prob` confidence, no top-p)
+    temperature: torch.Tensor  # float32 [N]
+    row_seeds: torch.Tensor  # int64 [N]
+
+    @property
+    def general_rows(self) -> torch.Tensor:
+        """Rows outside the fused path, ascending: they need their full distribution."""
+        return (~self.fused).nonzero().flatten()
+
+
+def uses_fused_path(params: SamplingParams) -> bool:
+    return params.confidence == "prob" and params.top_p >= 1.0
+
+
+def row_inputs(groups: list[RowGroup]) -> RowInputs:
+    """Draw this step's seed of every group and spread the groups' settings over their rows."""
+    seeds = [int(torch.randint(_SEED_RANGE, (1,), generator=g.generator)) for g in groups]
+    fused, temps, row_seeds = [], [], []
+    for group, seed in zip(groups, seeds):
+        fused += [uses_fused_path(group.params)] * group.rows
+        temps += [group.params.temperature] * group.rows
+        row_seeds += [seed + i for i in range(group.rows)]
+    return RowInputs(
+        seeds, torch.tensor(fused, dtype=torch.bool), torch.tensor(temps, dtype=torch.float32), torch.tensor(row_seeds)
+    )
+
+
 def propose_batch(logits: torch.Tensor, groups: list[RowGroup], mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [N, V] of all masked positions of a step -> (token ids [N], confidence [N]) on the CPU."""
     logits[:, mask_id] = float("-inf")  # a committed token must never be the mask itself
-    seeds = [int(torch.randint(_SEED_RANGE, (1,), generator=g.generator)) for g in groups]
+    inputs = row_inputs(groups)
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     confidence = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    fast_rows, temps, row_seeds = [], [], []
-    start = 0
-    for group, seed in zip(groups, seeds):
-        rows = slice(start, start + group.rows)
-        start += group.rows
-        p = group.params
-        if p.confidence == "prob" and p.top_p >= 1.0:
-            fast_rows.append(torch.arange(rows.start, rows.stop))
-            temps += [p.temperature] * group.rows
-            row_seeds += [seed + i for i in range(group.rows)]
+    fused = inputs.fused.nonzero().flatten()
+    if fused.numel():
+        temperature = inputs.temperature[fused].to(logits.device)
+        seeds = inputs.row_seeds[fused].to(logits.device)
+        if fused.numel() == logits.shape[0]:  # the common case: every row, no gather copy
+            tokens, confidence = fused_confidence(logits, temperature, seeds)
         else:
-            tokens[rows], confidence[rows] = _propose_general(logits[rows], p, seed)
-    if fast_rows:
-        temperature = torch.tensor(temps, dtype=torch.float32, device=logits.device)
-        seed_tensor = torch.tensor(row_seeds, dtype=torch.long, device=logits.device)
-        if len(temps) == logits.shape[0]:  # the common case: every row, no gather copy
-            tokens, confidence = fused_confidence(logits, temperature, seed_tensor)
-        else:
-            index = torch.cat(fast_rows).to(logits.device)
-            tokens[index], confidence[index] = fused_confidence(logits[index], temperature, seed_tensor)
+            index = fused.to(logits.device)
+            tokens[index], confidence[index] = fused_confidence(logits[index], temperature, seeds)
+    general = inputs.general_rows
+    general_logits = logits[general.to(logits.device)] if general.numel() else None
+    return complete_proposals(tokens, confidence, general_logits, inputs, groups)
+
+
+def complete_proposals(
+    tokens: torch.Tensor,
+    confidence: torch.Tensor,
+    general_logits: torch.Tensor | None,
+    inputs: RowInputs,
+    groups: list[RowGroup],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill the rows outside the fused path from their full logits (`general_logits`, those rows
+    in order), bring the proposals to the CPU and apply `random` remasking."""
+    if general_logits is not None:
+        index = inputs.general_rows.to(tokens.device)
+        tokens[index], confidence[index] = _propose_general_groups(general_logits, groups, inputs.seeds)
     tokens, confidence = tokens.cpu(), confidence.cpu()
-    _randomize_confidence(confidence, groups, seeds)
+    _randomize_confidence(confidence, groups, inputs.seeds)
     return tokens, confidence
+
+
+def _propose_general_groups(
+    logits: torch.Tensor, groups: list[RowGroup], seeds: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Proposals of the groups outside the fused path; `logits` holds just their rows, in group order."""
+    tokens, confidence, start = [], [], 0
+    for group, seed in zip(groups, seeds):
+        if uses_fused_path(group.params):
+            continue
+        t, c = _propose_general(logits[start : start + group.rows], group.params, seed)
+        start += group.rows
+        tokens.append(t)
+        confidence.append(c.float())
+    return torch.cat(tokens), torch.cat(confidence)
 
 
 def _randomize_confidence(confidence: torch.Tensor, groups: list[RowGroup], seeds: list[int]) -> None:

@@ -89,10 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-cache-memory",
         type=parse_size,
         default=None,
-        help="KV pool size, e.g. 2GiB (default: 512MiB on CPU, most free GPU memory)",
+        help="KV pool size (per GPU), e.g. 2GiB (default: 512MiB on CPU, most free GPU memory)",
     )
     eng.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     eng.add_argument("--max-num-batched-tokens", type=int, default=16384, help="most positions recomputed in one step")
+    eng.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="split the model over this many GPUs of the host (cuda:0..N-1; one process each)",
+    )
 
     eng.add_argument(
         "--feature-cache", action="store_true", help="add feature pages to the KV pool (needed by cache=dllm-cache)"
@@ -174,6 +180,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             max_waiting=args.max_waiting,
             feature_cache=args.feature_cache,
             guide_model=args.guide_model,
+            tensor_parallel_size=args.tensor_parallel_size,
             defaults=defaults,
         )
     except ValueError as exc:

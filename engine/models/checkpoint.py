@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
@@ -64,15 +65,41 @@ def _tensor_files(model_dir: Path) -> list[Path]:
     return found
 
 
-def load_weights(model_dir: str | Path, dtype: torch.dtype, device: str | torch.device) -> DiffusionTransformer:
-    """Build the model described by `config.json` and fill it from the safetensors files."""
+class Sharding(Protocol):
+    """How one tensor-parallel rank's shard is built and read (see `engine.parallel.loading`)."""
+
+    def split(self, model: DiffusionTransformer) -> None:
+        """Shrink the (meta-device) model to this rank's shard, in place."""
+        ...
+
+    def read(self, tensor, shape: torch.Size) -> torch.Tensor:
+        """This rank's part, of `shape`, of a safetensors slice of the whole tensor."""
+        ...
+
+
+def materialize(model: DiffusionTransformer, dtype: torch.dtype, device: str | torch.device) -> DiffusionTransformer:
+    """Allocate a meta-device model's (uninitialised) weights on `device`."""
+    model = model.to_empty(device=device).to(dtype)
+    model.rotary = Rotary(model.cfg.head_dim, model.cfg.rope_theta).to(device)  # a computed buffer, not a weight
+    return model
+
+
+def load_weights(
+    model_dir: str | Path, dtype: torch.dtype, device: str | torch.device, sharding: Sharding | None = None
+) -> DiffusionTransformer:
+    """Build the model described by `config.json` and fill it from the safetensors files.
+
+    With `sharding`, only one tensor-parallel rank's shard is built, and only its
+    slice of each tensor is read.
+    """
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
     names = architecture_for(cfg.arch).tensor_names(cfg)
     with torch.device("meta"):
         model = DiffusionTransformer(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    model.rotary = Rotary(cfg.head_dim, cfg.rope_theta).to(device)  # a computed buffer, not a weight
+        if sharding is not None:
+            sharding.split(model)
+    model = materialize(model, dtype, device)
     params = dict(model.named_parameters())
     wanted = {names[ours]: ours for ours in params if ours in names}
     loaded: set[str] = set()
@@ -80,7 +107,9 @@ def load_weights(model_dir: str | Path, dtype: torch.dtype, device: str | torch.
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
                 if key in wanted:
-                    _copy_into(params[wanted[key]], f.get_tensor(key), key)
+                    param = params[wanted[key]]
+                    tensor = f.get_tensor(key) if sharding is None else sharding.read(f.get_slice(key), param.shape)
+                    _copy_into(param, tensor, key)
                     loaded.add(key)
     missing = sorted(set(wanted) - loaded)
     if missing:
