@@ -15,6 +15,13 @@ after it is fully masked. Each masked token is weighted by 1/(its masking
 probability), so the objective stays an importance-weighted mean. It teaches
 the semi-autoregressive states that i.i.d. masking almost never produces.
 
+Warm start (`--ar-warmup`, a share of the budget): the model first learns
+next-token prediction with causal attention, the way Dream and DiffuLLaMA
+adapt autoregressive models into diffusion models. Under a causal mask the
+circuits that find and copy tokens of the prompt form far sooner; the
+diffusion phase that follows reuses them. The checkpoint is a plain
+bidirectional LLaDA model either way.
+
 Examples are packed into fixed-length rows with attention kept inside each
 example (`PackedBatch`): every batch mixes all task families (length-sorted
 batches would alternate between long recall prompts and short problems) and
@@ -71,6 +78,7 @@ class TrainConfig:
     batch_tokens: int = 16384
     max_canvas: int = 128
     row_length: int = 640  # examples are packed into rows of this many tokens
+    ar_warmup: float = 0.0  # share of the budget spent on causal next-token training first (see `ar_loss`)
     compile: bool = False  # torch.compile the training forward (fixed [B, L] shapes make it pay)
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
@@ -205,6 +213,26 @@ def diffusion_loss(model: torch.nn.Module, batch: PackedBatch, noised: Noised) -
     return loss, hits.sum() / scored.sum().clamp_min(1)
 
 
+def ar_loss(model: torch.nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy on the canvas with causal attention inside each example (warm start).
+
+    Returns the mean loss and the next-token accuracy on response tokens.
+    """
+    b, length = batch.input_ids.shape
+    causal = torch.ones(length, length, dtype=torch.bool, device=batch.input_ids.device).tril()
+    attention = MaskedDenseAttention(b, length, batch.same_segment() & causal)
+    hidden = model(batch.input_ids.reshape(-1), batch.positions.reshape(-1), attention)
+    logits = model.compute_logits(hidden).view(b, length, -1)[:, :-1]
+    targets = batch.input_ids[:, 1:]
+    # A target counts when it is a canvas token of the same example as the position predicting it.
+    scored = (batch.canvas_pos[:, 1:] >= 0) & (batch.segment[:, 1:] == batch.segment[:, :-1])
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    loss = (ce * scored.reshape(-1)).sum() / scored.sum().clamp_min(1)
+    answer = batch.answer[:, 1:] & scored
+    hits = (logits.argmax(dim=-1) == targets) & answer
+    return loss, hits.sum() / answer.sum().clamp_min(1)
+
+
 def lr_at(progress: float, peak: float, warmup: float, min_ratio: float) -> float:
     """Linear warmup over the first `warmup` of training, then cosine decay to `min_ratio * peak`.
 
@@ -298,9 +326,12 @@ def train(cfg: TrainConfig) -> tuple[DiffusionTransformer, dict]:
         batch = next(data)
         data_wait += time.perf_counter() - t_data
         batch = batch.to(device)
-        noised = noise_batch(batch, mcfg.mask_token_id, cfg.eps, cfg.block_mask_prob, cfg.block_length, gen)
         with autocast(device):
-            loss, answer_acc = diffusion_loss(forward, batch, noised)
+            if clock.progress(step) < cfg.ar_warmup:
+                loss, answer_acc = ar_loss(forward, batch)
+            else:
+                noised = noise_batch(batch, mcfg.mask_token_id, cfg.eps, cfg.block_mask_prob, cfg.block_length, gen)
+                loss, answer_acc = diffusion_loss(forward, batch, noised)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -313,7 +344,8 @@ def train(cfg: TrainConfig) -> tuple[DiffusionTransformer, dict]:
             window.clear()
             history.append((step, mean, acc))
             el = clock.elapsed()
-            print(f"step {step:6d}  {el:7.1f}s  loss {mean:.4f}  masked-answer acc {acc:.3f}  lr {lr:.2e}  "
+            phase = "ar" if clock.progress(step) < cfg.ar_warmup else "diffusion"
+            print(f"step {step:6d}  {el:7.1f}s  {phase} loss {mean:.4f}  answer acc {acc:.3f}  lr {lr:.2e}  "
                   f"{step / el:.1f} steps/s  {tokens / el / 1e3:.0f}k tok/s  waiting for data {100 * data_wait / el:.0f}%",
                   flush=True)
     wall = clock.elapsed()

@@ -1,14 +1,20 @@
-"""Count how many times one word occurs in a list of 6-14 words drawn from a few."""
+"""Count how many times one word occurs in a list of 5-10 words drawn from a few.
+
+The worked line keeps a running count, one number per list item, so the
+answer is built one comparison at a time (a small model cannot count a
+whole list in one look).
+"""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from benchmarks.tasks.base import Example, join_items, with_answer
 from benchmarks.tasks.words import LIST_WORDS
 
 FAMILY = "count"
-MIN_ITEMS, MAX_ITEMS = 6, 14
+MIN_ITEMS, MAX_ITEMS = 5, 10
 
 
 def generate(rng: random.Random) -> Example:
@@ -17,7 +23,7 @@ def generate(rng: random.Random) -> Example:
 
 
 def generate_easy(rng: random.Random) -> Example:
-    """The same over 2-5 items (training only)."""
+    """The same over 2-4 items (training only)."""
     return _generate(rng, 2, MIN_ITEMS - 1)
 
 
@@ -28,5 +34,7 @@ def _generate(rng: random.Random, min_items: int, max_items: int) -> Example:
     target = rng.choice(items) if rng.random() < 0.9 else rng.choice([w for w in LIST_WORDS if w not in vocab])
     listed = join_items(items)
     prompt = f"Here is a list: {listed}\nHow many times does {target} appear in the list?"
-    answer = str(items.count(target))
-    return Example(FAMILY, prompt, with_answer([], answer), answer, f"{target}:{listed}")
+    running = list(itertools.accumulate(int(item == target) for item in items))
+    steps = [f"Running count: {join_items([str(c) for c in running])}"]
+    answer = str(running[-1])
+    return Example(FAMILY, prompt, with_answer(steps, answer), answer, f"{target}:{listed}")

@@ -8,7 +8,7 @@ from benchmarks.tasks.base import Example, join_items, with_answer
 from benchmarks.tasks.words import LIST_WORDS
 
 FAMILY = "lists"
-MIN_ITEMS, MAX_ITEMS = 4, 8
+MIN_ITEMS, MAX_ITEMS = 4, 7
 
 
 def _items(rng: random.Random, words: bool, n: int) -> list[str]:

@@ -1,6 +1,6 @@
-"""Key-value recall from a long prompt: 20-40 facts "The code of X is NNNN.", ask for one.
+"""Key-value recall from a long prompt: 20-30 facts "The code of X is NNNN.", ask for one.
 
-The answer sits anywhere in a prompt of roughly 250-450 tokens, so decoding
+The answer sits anywhere in a prompt of roughly 250-350 tokens, so decoding
 depends on the prompt's K/V, which is what the cache policies reuse.
 """
 
@@ -12,7 +12,7 @@ from benchmarks.tasks.base import Example, with_answer
 from benchmarks.tasks.words import KEYS
 
 FAMILY = "recall"
-MIN_FACTS, MAX_FACTS = 20, 40
+MIN_FACTS, MAX_FACTS = 20, 30
 
 
 def generate(rng: random.Random) -> Example:
