@@ -295,7 +295,9 @@ def paged_attention_triton(
     splits = num_splits or _choose_splits(num_tokens, num_seqs, expected_tiles, kv_heads, q.device)
     block_d = max(16, next_power_of_2(head_dim))  # tl.dot needs K >= 16
     # 128 keys a step measured fastest at head_dim 128 on an H200 (decode and prefill shapes alike).
-    block_n = block_n or (128 if block_d <= 128 else 64)
+    # fp32 caches halve it: two stages of 128-key fp32 K/V tiles overflow shared memory (~288 KiB > 227 KiB).
+    keys_per_step = 128 if block_d <= 128 else 64
+    block_n = block_n or (keys_per_step if k_cache.element_size() <= 2 else keys_per_step // 2)
     qpos = query_positions if block_causal_size is not None else cu_seqlens_q  # unused when not block-causal
 
     if splits == 1:
