@@ -133,6 +133,11 @@ class Metrics:
             buckets=_TOKENS,
             registry=r,
         )
+        # Series labelled by the model alone exist (at zero) from the start, so dashboards and
+        # alerts see them before the first observation, as Prometheus advises for known labels.
+        for metric in (self.prompt_tokens, self.generation_tokens, self.e2e, self.ttft, self.step_seconds,
+                       self.step_committed, self.step_batch, self.step_active):
+            metric.labels(model)
         self._gauges = {
             name: Gauge(name, doc, ["model"], registry=r).labels(model)
             for name, doc in (

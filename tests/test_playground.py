@@ -28,7 +28,8 @@ CHROMIUM_ARGS = [
 ]
 ENGINE_OPTIONS = {"max_num_seqs": 2, "max_waiting": 4, "kv_cache_memory": 32 * 2**20}
 KEY = "playground-key-42"
-PROMPT = "The capital of France is"
+# In the bundled model's chat format, so a trained model writes text (out of its tasks it ends at once).
+PROMPT = "<|user|>\nSort these words in alphabetical order: rose, apple, moon<|eot|>\n<|assistant|>\n"
 CHAT_MESSAGE = "What is 12 plus 30?"
 # Small blocks and fixed steps, so the run has several steps per block (4 tokens each) and more than one block.
 PARAMS = {"max_tokens": 32, "block_length": 16, "steps": 4, "cache": "dual", "unmask": "low_confidence", "seed": 7}

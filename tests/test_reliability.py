@@ -605,6 +605,12 @@ def poisoned_forward(server) -> Iterator[PoisonedForward]:
         server.engine.engine.runner.fault_hook = None
 
 
+def poisoned_spec(prompt: str, stream: bool = False) -> Spec:
+    """The request PoisonedForward fails: it must live past its first step, so it ignores
+    end-of-text (a trained model may commit it at once) and takes one token per step."""
+    return spec(prompt, stream=stream, max_tokens=8, block_length=8, steps=8, ignore_eos=True, seed=POISON_SEED)
+
+
 HEALTHY = [spec(PROMPTS[i % 4], chat=i % 3 == 2, stream=i % 2 == 1, max_tokens=16, block_length=16) for i in range(4)]
 
 
@@ -617,7 +623,7 @@ async def _healthy_and_poisoned(server: LiveServer, poisoned: Spec) -> tuple[lis
 
 def test_a_request_whose_forward_raises_gets_500_and_the_rest_of_its_batch_finishes(server, poisoned_forward):
     solo = run(solo_texts(server, HEALTHY))
-    healthy, bad = run(_healthy_and_poisoned(server, spec(PROMPTS[0], max_tokens=8, seed=POISON_SEED)))
+    healthy, bad = run(_healthy_and_poisoned(server, poisoned_spec(PROMPTS[0])))
     assert bad.status == 500
     assert bad.error["type"] == "server_error" and bad.error["code"] == "engine_error"
     assert "injected forward failure" in bad.error["message"]
@@ -630,7 +636,7 @@ def test_a_request_whose_forward_raises_gets_500_and_the_rest_of_its_batch_finis
 
 def test_a_stream_whose_forward_raises_ends_with_an_error_event_and_the_rest_finish(server, poisoned_forward):
     solo = run(solo_texts(server, HEALTHY))
-    healthy, bad = run(_healthy_and_poisoned(server, spec(PROMPTS[1], stream=True, max_tokens=8, seed=POISON_SEED)))
+    healthy, bad = run(_healthy_and_poisoned(server, poisoned_spec(PROMPTS[1], stream=True)))
     assert bad.status == 200 and not bad.done  # the stream had begun: the failure is its last event
     assert bad.error["code"] == "engine_error" and "injected forward failure" in bad.error["message"]
     assert poisoned_forward.shared_a_batch

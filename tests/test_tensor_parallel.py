@@ -46,11 +46,16 @@ REQUESTS = [
 
 
 def generate(engine: LLMEngine, requests: list[tuple[str, SamplingParams]]) -> list[list[int]]:
-    """Every request's final tokens (prompt + canvas), all admitted before the first step."""
+    """Every request's output tokens (up to end-of-text), all admitted before the first step.
+
+    Not the whole canvas: once end-of-text is committed the rest of its block is
+    never read, and which of those positions got filled before the request ended
+    can turn on near-ties that the ranks' summation order decides.
+    """
     seqs = [engine.add_request(f"r{i}", prompt, params) for i, (prompt, params) in enumerate(requests)]
     while engine.has_unfinished:
         engine.step()
-    return [seq.tokens.tolist() for seq in seqs]
+    return [seq.committed_prefix() for seq in seqs]
 
 
 @contextmanager
