@@ -34,13 +34,9 @@ exact-match accuracy per family.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import shutil
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -50,52 +46,39 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from benchmarks.tasks import FAMILIES, is_correct, held_out_set
-from benchmarks.tasks.batches import EOS, MASK, BatchSpec, PackedBatch, batch_loader, chat_prompt, load_tokenizer
+from benchmarks.tasks import Example
+from benchmarks.tasks.batches import EOS, MASK, PackedBatch, chat_prompt, load_tokenizer
+from benchmarks.training import (
+    MAX_FILE_BYTES,
+    RunConfig,
+    autocast,
+    count_params,
+    evaluate_into,
+    finish_output,
+    fit,
+    parse_config,
+    start,
+)
 from engine.models.checkpoint import load_weights, save_checkpoint
 from engine.models.config import ModelConfig
 from engine.models.transformer import DiffusionTransformer
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_TOKENIZER = REPO / "models" / "unmask-tiny"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-MAX_FILE_BYTES = 15 * 2**20  # shards stay under 16 MiB with room for the safetensors header
-
 
 @dataclass
-class TrainConfig:
-    out: str
-    tokenizer: str = str(DEFAULT_TOKENIZER)
-    init: str | None = None
-    device: str = "auto"
-    steps: int | None = None
-    minutes: float | None = None
+class TrainConfig(RunConfig):
+    """`RunConfig` plus the diffusion model's shape and objective."""
+
+    init: str | None = None  # start from this checkpoint instead of a fresh model
     hidden: int = 384
     layers: int = 8
     heads: int = 6
     kv_heads: int | None = None
     intermediate: int | None = None
-    batch_tokens: int = 16384
-    max_canvas: int = 128
-    row_length: int = 640  # examples are packed into rows of this many tokens
     ar_warmup: float = 0.0  # share of the budget spent on causal next-token training first (see `ar_loss`)
     compile: bool = False  # torch.compile the training forward (fixed [B, L] shapes make it pay)
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup: float = 0.03
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
     eps: float = 1e-3
     block_mask_prob: float = 0.3
     block_length: int = 32
-    seed: int = 0
-    workers: int = 0
-    log_every: int = 50
-    eval_n: int = 200
-    eval_gen: int = 64
-    eval_batch: int = 128
-    families: str = ""  # comma-separated subset of task families to train and evaluate on; "" = all
-    easy_fraction: float = 0.3  # share of training-only smaller problems (see benchmarks.tasks.EASY)
 
 
 # --------------------------------------------------------------------------- model
@@ -136,10 +119,6 @@ def init_weights(model: DiffusionTransformer) -> None:
             p.normal_(0.0, std)
 
 
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # --------------------------------------------------------------------------- objective
 
 
@@ -169,8 +148,8 @@ def noise_batch(batch: PackedBatch, mask_id: int, eps: float, block_prob: float,
     t = eps + (1.0 - eps) * per_example()
     structured = per_example() < block_prob
     pos = batch.canvas_pos
-    start = torch.floor(per_example() * torch.ceil(batch.canvas_len / block_length)) * block_length
-    block_map = torch.where(pos < start, 0.0, torch.where(pos < start + block_length, t, 1.0))
+    block_from = torch.floor(per_example() * torch.ceil(batch.canvas_len / block_length)) * block_length
+    block_map = torch.where(pos < block_from, 0.0, torch.where(pos < block_from + block_length, t, 1.0))
     prob = torch.where(pos >= 0, torch.where(structured, block_map, t), 0.0)
     masked = torch.rand(b, length, generator=gen, device=dev) < prob
     weight = torch.where(masked, 1.0 / prob.clamp_min(eps), 0.0) / batch.canvas_len
@@ -233,126 +212,26 @@ def ar_loss(model: torch.nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, t
     return loss, hits.sum() / answer.sum().clamp_min(1)
 
 
-def lr_at(progress: float, peak: float, warmup: float, min_ratio: float) -> float:
-    """Linear warmup over the first `warmup` of training, then cosine decay to `min_ratio * peak`.
-
-    `progress` runs from 0 to 1 (steps or wall time, see `Clock`).
-    """
-    if progress < warmup:
-        return peak * progress / warmup
-    frac = min(1.0, (progress - warmup) / max(1e-9, 1.0 - warmup))
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices except the embedding, none on norms."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.startswith("embed")]
-    other = [p for n, p in model.named_parameters() if p.ndim < 2 or n.startswith("embed")]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
-
-
-class Clock:
-    """Training progress in [0, 1] by steps or by wall time, whichever budget is given (and ends first)."""
-
-    def __init__(self, steps: int | None, minutes: float | None):
-        if steps is None and minutes is None:
-            raise ValueError("give --steps or --minutes")
-        self.steps, self.seconds = steps, None if minutes is None else minutes * 60.0
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def progress(self, step: int) -> float:
-        parts = []
-        if self.steps is not None:
-            parts.append(step / self.steps)
-        if self.seconds is not None:
-            parts.append(self.elapsed() / self.seconds)
-        return max(parts)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full precision elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-
-def family_list(spec: str) -> tuple[str, ...] | None:
-    """Parse a comma-separated family list; None for "" (all families)."""
-    names = tuple(f.strip() for f in spec.split(",") if f.strip())
-    unknown = [f for f in names if f not in FAMILIES]
-    if unknown:
-        raise ValueError(f"unknown task families {unknown}; known: {', '.join(FAMILIES)}")
-    return names or None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def train(cfg: TrainConfig) -> tuple[DiffusionTransformer, dict]:
     """Train for the configured budget; returns the model (fp32) and a summary of the run."""
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    tok = load_tokenizer(cfg.tokenizer)
-    # Start the data workers before CUDA is initialised: forking a CUDA process is fragile.
-    spec = BatchSpec(tokens=cfg.batch_tokens, max_canvas=cfg.max_canvas, canvas_multiple=cfg.block_length,
-                     row_length=cfg.row_length,
-                     families=family_list(cfg.families), easy_fraction=cfg.easy_fraction)
-    data = batch_loader(cfg.tokenizer, spec, cfg.seed, cfg.workers, pin_memory=device.type == "cuda")
+    device, data = start(cfg, canvas_multiple=cfg.block_length)
     if cfg.init:
         model = load_weights(cfg.init, torch.float32, device).train()
     else:
-        model = DiffusionTransformer(build_config(cfg, tok))
+        model = DiffusionTransformer(build_config(cfg, load_tokenizer(cfg.tokenizer)))
         init_weights(model)
         model.to(device)
-    mcfg = model.cfg
-    print(f"model: {count_params(model) / 1e6:.2f}M params, {mcfg}", flush=True)
-    opt = make_optimizer(model, cfg, fused=device.type == "cuda")
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    clock = Clock(cfg.steps, cfg.minutes)
+    print(f"model: {count_params(model) / 1e6:.2f}M params, {model.cfg}", flush=True)
     forward = torch.compile(model) if cfg.compile else model
-    step, tokens, window, history, data_wait = 0, 0, [], [], 0.0
-    while clock.progress(step) < 1.0:
-        lr = lr_at(clock.progress(step), cfg.lr, cfg.warmup, cfg.min_lr_ratio)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        t_data = time.perf_counter()
-        batch = next(data)
-        data_wait += time.perf_counter() - t_data
-        batch = batch.to(device)
-        with autocast(device):
-            if clock.progress(step) < cfg.ar_warmup:
-                loss, answer_acc = ar_loss(forward, batch)
-            else:
-                noised = noise_batch(batch, mcfg.mask_token_id, cfg.eps, cfg.block_mask_prob, cfg.block_length, gen)
-                loss, answer_acc = diffusion_loss(forward, batch, noised)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        step += 1
-        tokens += batch.num_tokens
-        window.append(torch.stack((loss.detach(), answer_acc)))
-        if step % cfg.log_every == 0:
-            mean, acc = torch.stack(window).mean(dim=0).tolist()
-            window.clear()
-            history.append((step, mean, acc))
-            el = clock.elapsed()
-            phase = "ar" if clock.progress(step) < cfg.ar_warmup else "diffusion"
-            print(f"step {step:6d}  {el:7.1f}s  {phase} loss {mean:.4f}  answer acc {acc:.3f}  lr {lr:.2e}  "
-                  f"{step / el:.1f} steps/s  {tokens / el / 1e3:.0f}k tok/s  waiting for data {100 * data_wait / el:.0f}%",
-                  flush=True)
-    wall = clock.elapsed()
-    if window:
-        history.append((step, *torch.stack(window).mean(dim=0).tolist()))
-    summary = {"steps": step, "tokens": tokens, "train_seconds": round(wall, 1), "data_wait_seconds": round(data_wait, 1),
-               "loss_history": history, "params": count_params(model)}
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    def loss_fn(batch: PackedBatch, progress: float) -> tuple[torch.Tensor, torch.Tensor, str]:
+        if progress < cfg.ar_warmup:
+            return (*ar_loss(forward, batch), "ar")
+        noised = noise_batch(batch, model.cfg.mask_token_id, cfg.eps, cfg.block_mask_prob, cfg.block_length, gen)
+        return (*diffusion_loss(forward, batch, noised), "diffusion")
+
+    summary = fit(model, cfg, device, data, loss_fn)
     return model.eval(), summary
 
 
@@ -382,9 +261,9 @@ def reference_generate(model: DiffusionTransformer, prompts: list[list[int]], ge
     attention = MaskedDenseAttention(b, length, (pos[None, :] < (plens + gen_length)[:, None])[:, None, None, :])
     positions = pos.repeat(b)
     rows = torch.arange(b, device=device)
-    for start in range(0, gen_length, block_length):
-        width = min(block_length, gen_length - start)
-        cols = plens[:, None] + start + torch.arange(width, device=device)[None, :]
+    for block_start in range(0, gen_length, block_length):
+        width = min(block_length, gen_length - block_start)
+        cols = plens[:, None] + block_start + torch.arange(width, device=device)[None, :]
         for _ in range(width):
             with autocast(device):
                 hidden = model(x.reshape(-1), positions, attention).view(b, length, -1)
@@ -393,7 +272,7 @@ def reference_generate(model: DiffusionTransformer, prompts: list[list[int]], ge
             conf = conf.masked_fill(x[rows[:, None], cols] != cfg.mask_token_id, -math.inf)
             j = conf.argmax(dim=-1)
             x[rows, cols[rows, j]] = x0[rows, j]
-        done_cols = plens[:, None] + torch.arange(start + width, device=device)[None, :]
+        done_cols = plens[:, None] + torch.arange(block_start + width, device=device)[None, :]
         if (x[rows[:, None], done_cols] == cfg.eos_token_id).any(dim=1).all():
             break
     return [x[i, plens[i] : plens[i] + gen_length].tolist() for i in range(b)]
@@ -406,75 +285,29 @@ def canvas_text(tok: Tokenizer, canvas: list[int], eos_id: int) -> str:
     return tok.decode(canvas, skip_special_tokens=True)
 
 
-def evaluate(model: DiffusionTransformer, tok: Tokenizer, n: int, gen_length: int, block_length: int,
-             batch_size: int, families: tuple[str, ...] = tuple(FAMILIES)) -> dict[str, float]:
-    """Exact-match accuracy of reference decoding on the first `n` held-out problems of each family."""
-    accuracy = {}
-    for family in families:
-        examples = held_out_set(family, n)
-        correct = 0
-        for i in range(0, n, batch_size):
-            chunk = examples[i : i + batch_size]
-            prompts = [tok.encode(chat_prompt(ex.prompt)).ids for ex in chunk]
-            outs = reference_generate(model, prompts, gen_length, block_length)
-            correct += sum(is_correct(canvas_text(tok, o, model.cfg.eos_token_id), ex.answer) for o, ex in zip(outs, chunk))
-        accuracy[family] = correct / n
-    return accuracy
+def decoder(model: DiffusionTransformer, tok: Tokenizer, gen_length: int, block_length: int):
+    """Held-out examples -> response texts, by `reference_generate`."""
+
+    def decode(examples: list[Example]) -> list[str]:
+        prompts = [tok.encode(chat_prompt(ex.prompt)).ids for ex in examples]
+        canvases = reference_generate(model, prompts, gen_length, block_length)
+        return [canvas_text(tok, canvas, model.cfg.eos_token_id) for canvas in canvases]
+
+    return decode
 
 
 # --------------------------------------------------------------------------- output
 
 
-def save(model: DiffusionTransformer, out: str | Path, tokenizer_dir: str | Path, summary: dict) -> Path:
-    """Write the bf16 checkpoint (LLaDA layout), the tokenizer files and `training.json`."""
-    out = Path(out)
-    save_checkpoint(model, out, dtype=torch.bfloat16, max_shard_bytes=MAX_FILE_BYTES)
-    copy_tokenizer(tokenizer_dir, out)
-    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return out
-
-
-def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
-    src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        return
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(src / name, dst / name)
-
-
-_OPTIONAL_TYPES = {"init": str, "steps": int, "minutes": float, "kv_heads": int, "intermediate": int}
-
-
-def _flag(text: str) -> bool:
-    return text.lower() in ("1", "true", "yes")
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
-    for field, default in asdict(TrainConfig(out="")).items():
-        if field == "out":
-            continue
-        kind = _OPTIONAL_TYPES.get(field) or (_flag if isinstance(default, bool) else type(default))
-        p.add_argument("--" + field.replace("_", "-"), type=kind, default=default)
-    return TrainConfig(**vars(p.parse_args(argv)))
-
-
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(argv)
+    cfg = parse_config(TrainConfig, __doc__.splitlines()[0], argv)
     model, summary = train(cfg)
-    summary["config"] = asdict(cfg)
-    if cfg.eval_n > 0:
-        t0 = time.perf_counter()
-        tok = load_tokenizer(cfg.tokenizer)
-        summary["eval"] = evaluate(model, tok, cfg.eval_n, cfg.eval_gen, cfg.block_length, cfg.eval_batch,
-                                   family_list(cfg.families) or tuple(FAMILIES))
-        summary["eval_seconds"] = round(time.perf_counter() - t0, 1)
-        summary["eval_setup"] = (f"{cfg.eval_n} held-out problems per family, reference decoding: no cache, "
-                                 f"low_confidence, 1 token/step, block {cfg.block_length}, gen {cfg.eval_gen}")
-        print("held-out accuracy: " + "  ".join(f"{f} {a:.3f}" for f, a in summary["eval"].items()), flush=True)
-    save(model, cfg.out, cfg.tokenizer, summary)
-    print(f"wrote {cfg.out}", flush=True)
+    decode = decoder(model, load_tokenizer(cfg.tokenizer), cfg.eval_gen, cfg.block_length)
+    evaluate_into(summary, cfg, decode, f"reference decoding: no cache, low_confidence, 1 token/step, "
+                                        f"block {cfg.block_length}, gen {cfg.eval_gen}")
+    out = Path(cfg.out)
+    save_checkpoint(model, out, dtype=torch.bfloat16, max_shard_bytes=MAX_FILE_BYTES)
+    finish_output(out, cfg, summary)
 
 
 if __name__ == "__main__":

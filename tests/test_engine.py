@@ -7,7 +7,6 @@ from typing import Iterator
 import pytest
 import torch
 
-from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.llm import LLM
 from engine.outputs import FinishReason

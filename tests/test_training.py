@@ -9,12 +9,13 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from benchmarks import train_guide, train_tiny
+from benchmarks.training import DEFAULT_TOKENIZER
 from benchmarks.tasks import held_out_set
 from benchmarks.tasks.batches import BatchSpec, batches, chat_prompt, load_tokenizer
 from engine.models import load_model
 from engine.models.checkpoint import load_weights
 
-TOKENIZER = str(train_tiny.DEFAULT_TOKENIZER)
+TOKENIZER = str(DEFAULT_TOKENIZER)
 TINY = ["--device", "cpu", "--hidden", "32", "--layers", "2", "--heads", "2", "--batch-tokens", "2048", "--row-length", "512",
         "--log-every", "10", "--workers", "0"]
 
