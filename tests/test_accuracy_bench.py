@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from benchmarks.accuracy import REFERENCE, main
+from benchmarks.accuracy import CONFIGS as BENCH_CONFIGS
+from benchmarks.accuracy import REFERENCE, generate, main, problem_set
 from benchmarks.tasks import FAMILIES, held_out_set, is_correct
 from benchmarks.tasks.batches import chat_prompt, load_tokenizer
 from benchmarks.train_tiny import canvas_text, reference_generate
@@ -144,3 +145,39 @@ def test_the_engine_decodes_the_bundled_model_exactly_as_the_reference_sampler(b
     got = [out.text for out in llm.generate([chat_prompt(ex.prompt) for ex in examples], params)]
     assert got == expected
     assert sum(is_correct(text, ex.answer) for text, ex in zip(got, examples)) > 0  # a trained model, not noise
+
+
+# --- each method against its recorded benchmark row -------------------------------------------------
+
+RECORDED = REPO / "benchmarks" / "accuracy_cpu.json"  # `python benchmarks/accuracy.py --n 8 --json ...` on the CPU
+# One configuration per method (cache policy, parallel unmasking rule, guide); the families whose prompts are short.
+CI_CONFIGS = ["none/th0.9", "prefix/th0.9", "dual/th0.9", "dual/th0.7", "dual/factor", "dual/lc4", "dkv/th0.9",
+              "dkv-greedy/th0.9", "dllm-cache/th0.9", "freecache/th0.9", "dual/guided", "freecache/guided"]
+CI_FAMILIES = ["arithmetic", "lists", "count"]
+
+
+@pytest.fixture(scope="module")
+def recorded() -> dict:
+    record = json.loads(RECORDED.read_text())
+    assert Path(record["model"]).name == "unmask-tiny" and record["device"] == "cpu"
+    return record
+
+
+@pytest.fixture(scope="module")
+def bundled_llm(bundled_model_dir, recorded) -> LLM:
+    return LLM(str(bundled_model_dir), device="cpu", dtype=recorded["dtype"], feature_cache=True, max_waiting=64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CI_CONFIGS)
+def test_each_method_keeps_the_accuracy_its_benchmark_row_recorded(bundled_llm, recorded, name):
+    """The recorded table's problems (the first n held-out ones), run again through the engine: every method
+    scores what the benchmark recorded for it, give or take one problem per family (the batch here holds no
+    recall prompts, and batching may tip a near-tie in the guide's padded forward)."""
+    row = next(r for r in recorded["rows"] if r["config"] == name)
+    n = recorded["n"]
+    problems = problem_set(CI_FAMILIES, n)
+    outputs = generate(bundled_llm, BENCH_CONFIGS[name], problems, recorded["max_tokens"])
+    for family in CI_FAMILIES:
+        right = sum(is_correct(out.text, ex.answer) for ex, out in zip(problems, outputs) if ex.family == family)
+        assert right >= round(row["accuracy"][family] * n) - 1, (family, right, row["accuracy"][family])
