@@ -10,8 +10,8 @@ the canvas length (LLaDA's normalisation by the padded answer length).
 
 One addition to the paper: a fraction of sequences (`--block-mask-prob`) are
 masked the way blockwise decoding sees them: the canvas before a random
-32-token block is clean, the block is masked with probability t, everything
-after it is fully masked. Each masked token is weighted by 1/(its masking
+block (of a length from `--block-mask-lengths`) is clean, the block is masked
+with probability t, everything after it is fully masked. Each masked token is weighted by 1/(its masking
 probability), so the objective stays an importance-weighted mean. It teaches
 the semi-autoregressive states that i.i.d. masking almost never produces.
 
@@ -78,7 +78,8 @@ class TrainConfig(RunConfig):
     compile: bool = False  # torch.compile the training forward (fixed [B, L] shapes make it pay)
     eps: float = 1e-3
     block_mask_prob: float = 0.3
-    block_length: int = 32
+    block_mask_lengths: str = "32"  # comma-separated block lengths of the block-structured masking
+    block_length: int = 32  # decoding block of the evaluation; canvases are mostly multiples of it
 
 
 # --------------------------------------------------------------------------- model
@@ -131,12 +132,14 @@ class Noised:
     weight: torch.Tensor  # [B, L] float: 1 / (masking probability) / canvas length
 
 
-def noise_batch(batch: PackedBatch, mask_id: int, eps: float, block_prob: float, block_length: int,
+def noise_batch(batch: PackedBatch, mask_id: int, eps: float, block_prob: float, block_lengths: tuple[int, ...],
                 gen: torch.Generator) -> Noised:
     """Mask canvas tokens: i.i.d. with ratio t per example, or block-structured for `block_prob` of examples.
 
-    Per-example draws come from a [B, L] table indexed by each token's example,
-    so the whole batch is masked without a host round trip.
+    A block-structured example draws its block length from `block_lengths`
+    (length 1 gives the left-to-right state: clean prefix, one token to guess,
+    everything after masked). Per-example draws come from a [B, L] table
+    indexed by each token's example, so the batch is masked without a host round trip.
     """
     ids, seg = batch.input_ids, batch.segment.clamp_min(0)
     b, length = ids.shape
@@ -148,6 +151,8 @@ def noise_batch(batch: PackedBatch, mask_id: int, eps: float, block_prob: float,
     t = eps + (1.0 - eps) * per_example()
     structured = per_example() < block_prob
     pos = batch.canvas_pos
+    choices = torch.tensor(block_lengths, device=dev, dtype=torch.float32)
+    block_length = choices[(per_example() * len(block_lengths)).long().clamp_max(len(block_lengths) - 1)]
     block_from = torch.floor(per_example() * torch.ceil(batch.canvas_len / block_length)) * block_length
     block_map = torch.where(pos < block_from, 0.0, torch.where(pos < block_from + block_length, t, 1.0))
     prob = torch.where(pos >= 0, torch.where(structured, block_map, t), 0.0)
@@ -224,11 +229,12 @@ def train(cfg: TrainConfig) -> tuple[DiffusionTransformer, dict]:
     print(f"model: {count_params(model) / 1e6:.2f}M params, {model.cfg}", flush=True)
     forward = torch.compile(model) if cfg.compile else model
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    block_lengths = tuple(int(x) for x in cfg.block_mask_lengths.split(","))
 
     def loss_fn(batch: PackedBatch, progress: float) -> tuple[torch.Tensor, torch.Tensor, str]:
         if progress < cfg.ar_warmup:
             return (*ar_loss(forward, batch), "ar")
-        noised = noise_batch(batch, model.cfg.mask_token_id, cfg.eps, cfg.block_mask_prob, cfg.block_length, gen)
+        noised = noise_batch(batch, model.cfg.mask_token_id, cfg.eps, cfg.block_mask_prob, block_lengths, gen)
         return (*diffusion_loss(forward, batch, noised), "diffusion")
 
     summary = fit(model, cfg, device, data, loss_fn)

@@ -95,7 +95,7 @@ def test_noise_masks_only_the_canvas_with_weights_that_undo_the_masking_rate():
     totals = torch.zeros(batch.num_examples)
     draws = 300
     for seed in range(draws):
-        noised = train_tiny.noise_batch(batch, mask_id=1, eps=1e-3, block_prob=0.0, block_length=32,
+        noised = train_tiny.noise_batch(batch, mask_id=1, eps=1e-3, block_prob=0.0, block_lengths=(32,),
                                         gen=torch.Generator().manual_seed(seed))
         assert not (noised.masked & ~canvas).any()
         assert torch.equal(noised.input_ids == 1, noised.masked)
@@ -105,18 +105,19 @@ def test_noise_masks_only_the_canvas_with_weights_that_undo_the_masking_rate():
     assert torch.allclose(totals / draws, torch.ones_like(totals), atol=0.35)
 
 
-def test_block_structured_noise_keeps_earlier_blocks_clean_and_masks_later_ones():
+@pytest.mark.parametrize("block", [1, 8])
+def test_block_structured_noise_keeps_earlier_blocks_clean_and_masks_later_ones(block):
     batch = next(batches(TOKENIZER, BatchSpec(tokens=4096, row_length=512), seed=1))
-    noised = train_tiny.noise_batch(batch, mask_id=1, eps=1e-3, block_prob=1.0, block_length=8,
+    noised = train_tiny.noise_batch(batch, mask_id=1, eps=1e-3, block_prob=1.0, block_lengths=(block,),
                                     gen=torch.Generator().manual_seed(0))
     for r, c in _segments(batch):
         canvas = noised.masked[r][c]
         masked_at = canvas.nonzero().squeeze(1)
         if len(masked_at) == 0:
             continue
-        block_start = (masked_at[0].item() // 8) * 8
+        block_start = (masked_at[0].item() // block) * block
         assert not canvas[:block_start].any()  # blocks before the working one are clean
-        assert canvas[block_start + 8 :].all()  # blocks after it are fully masked
+        assert canvas[block_start + block :].all()  # blocks after it are fully masked
 
 
 def test_guide_training_reduces_the_loss_and_saves_a_loadable_model(tmp_path):
