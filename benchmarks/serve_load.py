@@ -12,6 +12,9 @@ seconds, whichever comes first; requests in flight then are awaited.
 Each request picks (from its own seeded random stream, so a run is reproducible) a
 prompt length, a `max_tokens`, a policy (sent as the body's extension fields) and
 whether it streams. Prompts are words of a fixed vocabulary, about one token each.
+With `--ignore-eos` every request generates exactly its `max_tokens`, whatever the model
+writes: fixed lengths, as a load test of a server with random weights
+(`unmask serve DIR --load-format dummy`) wants.
 
 Reported, over the successful requests:
 - throughput: completed requests/s and generated tokens/s (usage.completion_tokens) over the wall time;
@@ -57,6 +60,7 @@ class RequestPlan:
     stream: bool
     policy: dict
     chat: bool
+    ignore_eos: bool = False
 
     def prompt(self) -> str:
         rng = random.Random(self.index)
@@ -64,6 +68,8 @@ class RequestPlan:
 
     def body(self, model: str | None) -> dict:
         body: dict = {"max_tokens": self.max_tokens, "temperature": 0, "stream": self.stream, **self.policy}
+        if self.ignore_eos:
+            body["ignore_eos"] = True
         if model:
             body["model"] = model
         if self.stream:
@@ -114,6 +120,7 @@ def make_plans(args: argparse.Namespace) -> list[RequestPlan]:
             stream=rng.random() < args.stream,
             policy=rng.choice(policies),
             chat=args.endpoint == "chat",
+            ignore_eos=args.ignore_eos,
         )
         for i in range(args.num_requests)
     ]
@@ -342,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="extension fields, e.g. cache=dual,unmask=threshold (repeat to mix)",
     )
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="send ignore_eos: every request generates exactly its max_tokens (fixed lengths; random weights)",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a request counts as failed")
     p.add_argument("--seed", type=int, default=0, help="seeds the request mix and the arrival times")
     p.add_argument("--json", dest="json_path", default=None, help="also write the summary and settings to this file")

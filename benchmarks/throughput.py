@@ -25,26 +25,19 @@ import argparse
 import itertools
 import statistics
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
+from engine.models.checkpoint import random_weights
 from engine.models.config import ModelConfig
 from engine.models.loader import LoadedModel
-from engine.models.make_random import build_tokenizer
+from engine.models.make_random import PRESETS, build_tokenizer
 from engine.parallel import RandomShards
-from engine.models.transformer import DiffusionTransformer
 from engine.params import SamplingParams
 
-ARCHS = {
-    # LLaDA-8B-Instruct's shapes (config.json of GSAI-ML/LLaDA-8B-Instruct)
-    "llada-8b": dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, intermediate_size=12288,
-                     vocab_size=126464, mask_token_id=126336, rope_theta=500000.0),
-    "tiny": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=384,
-                 vocab_size=512, mask_token_id=1, rope_theta=10000.0),
-}
 BANDWIDTH = 3.0e12  # H100 HBM3, measured device-to-device copy (bytes read + written)
 MATMUL_RATE = 790e12  # H100 bf16 dense, measured 8192^3 product
 
@@ -65,19 +58,13 @@ class Row:
 
 def model_config(arch: str) -> ModelConfig:
     # eos_token_id -1: random weights know no end-of-text, so every request runs its whole canvas.
-    return ModelConfig(arch="llada", eos_token_id=-1, max_position=8192, **ARCHS[arch])
+    return replace(PRESETS[arch], eos_token_id=-1, max_position=8192)
 
 
 def build_model(arch: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     cfg = model_config(arch)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = DiffusionTransformer(cfg).to(dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
     tokenizer = build_tokenizer(512, tempfile.mkdtemp())
-    return LoadedModel(model.eval(), cfg, tokenizer, device, dtype)
+    return LoadedModel(random_weights(cfg, dtype, device), cfg, tokenizer, device, dtype)
 
 
 def step_floor(cfg: ModelConfig, batch: int, tokens: int, keys: int, dtype_bytes: int) -> tuple[float, float]:
@@ -145,7 +132,7 @@ def run_config(engine: LLMEngine, batch: int, prompt: int, tps: int, cache: str,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", choices=list(ARCHS), default="llada-8b")
+    p.add_argument("--arch", choices=list(PRESETS), default="llada-8b")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--prompt", type=int, nargs="+", default=[128, 1024])

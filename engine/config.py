@@ -12,6 +12,11 @@ if TYPE_CHECKING:
 
 DEFAULT_CPU_KV_BYTES = 512 * 2**20
 DEFAULT_GPU_MEMORY_FRACTION = 0.85
+LOAD_FORMATS = ("auto", "dummy")
+DUMMY_NEEDS = (
+    "load format dummy reads the model's shapes from config.json and needs the tokenizer files beside it; "
+    "write such a directory with `python -m engine.models.make_random OUT --preset llada-8b --config-only`"
+)
 
 
 @dataclass
@@ -30,6 +35,10 @@ class EngineConfig:
     `tensor_parallel_size` > 1 splits the model over that many GPUs of the host
     (or CPU processes), one process each (see `engine.parallel`); the KV budget
     is then per GPU.
+    `load_format` "auto" reads the checkpoint's safetensors; "dummy" reads
+    only `config.json` and the tokenizer and draws random weights (N(0, 0.02))
+    on the device, on every rank its own shard: a load test of the model's
+    shapes without its weights (the text it writes is meaningless).
     """
 
     model_dir: str
@@ -45,12 +54,15 @@ class EngineConfig:
     feature_cache: bool = False
     guide_model: str | None = None
     tensor_parallel_size: int = 1
+    load_format: str = "auto"
     defaults: EngineDefaults = field(default_factory=EngineDefaults)
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.tensor_parallel_size > 1 and self.feature_cache:

@@ -67,7 +67,7 @@ class LLMEngine:
         config = self.config
         if self.parallel is not None:
             loaded = self.parallel.loaded
-        self.loaded = loaded or load_model(config.model_dir, config.dtype, config.device)
+        self.loaded = loaded or load_model(config.model_dir, config.dtype, config.device, config.load_format)
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         # Before the pool, which takes what memory is left.

@@ -76,6 +76,8 @@ def _lifespan(engine):
 async def _start_with_progress(engine) -> None:
     """Start the engine, logging progress while the model loads."""
     log.info("loading model %s ...", engine.model_name)
+    if engine.config.load_format == "dummy":
+        log.warning("--load-format dummy: the weights of %s are random, so its text is meaningless", engine.model_name)
     start = time.perf_counter()
     task = asyncio.ensure_future(engine.start())
     while True:

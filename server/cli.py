@@ -17,6 +17,7 @@ import sys
 from dataclasses import fields
 
 import engine.params as engine_params
+from engine.config import DUMMY_NEEDS, LOAD_FORMATS
 from engine.params import (
     CACHE_POLICIES,
     CONFIDENCE_KINDS,
@@ -101,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     eng.add_argument(
+        "--load-format",
+        default="auto",
+        choices=LOAD_FORMATS,
+        help="auto: the checkpoint's weights; dummy: only config.json and the tokenizer are read and the weights "
+        "are random (N(0, 0.02), drawn on the device), to load-test a model's shapes without its weights "
+        "(the text is meaningless)",
+    )
+    eng.add_argument(
         "--feature-cache", action="store_true", help="add feature pages to the KV pool (needed by cache=dllm-cache)"
     )
     eng.add_argument(
@@ -158,7 +167,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         model_dir = resolve_model_dir(args.model_dir)
         defaults = engine_defaults(args)
     except FileNotFoundError as exc:
-        parser.error(str(exc))
+        parser.error(f"{exc}. {DUMMY_NEEDS}" if args.load_format == "dummy" else str(exc))
     except ParamError as exc:
         parser.error(f"--{exc.param.replace('_', '-')}: {exc.message}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -181,6 +190,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             feature_cache=args.feature_cache,
             guide_model=args.guide_model,
             tensor_parallel_size=args.tensor_parallel_size,
+            load_format=args.load_format,
             defaults=defaults,
         )
     except ValueError as exc:

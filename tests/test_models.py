@@ -1,4 +1,4 @@
-"""The checkpoint loader: both public layouts, sharding, dtypes, and clear errors."""
+"""The checkpoint loader: both public layouts, sharding, dtypes, random (dummy) weights, and clear errors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from engine.config import EngineConfig
 from engine.models import CheckpointError, load_model
 from engine.models.checkpoint import INDEX_FILE, load_weights, read_config, save_checkpoint
+from engine.models.loader import load_tokenizer
+from engine.models.make_random import main as make_random
 from engine.models.make_random import make_random_checkpoint
 
 LLADA_NAMES = [
@@ -121,3 +124,38 @@ def test_make_random_cli_writes_a_loadable_checkpoint(tmp_path):
     text = "What is 12 plus 30?"
     assert loaded.tokenizer.decode(loaded.tokenizer.encode(text)) == text
     assert loaded.tokenizer.mask_token_id == loaded.config.mask_token_id
+
+
+# --- config-only directories and load_format="dummy" ---------------------------------------------------
+
+
+def test_llada_8b_preset_config_only_writes_its_shapes_and_a_tokenizer_covering_its_vocabulary(tmp_path):
+    make_random([str(tmp_path), "--preset", "llada-8b", "--config-only"])
+    cfg = read_config(tmp_path)
+    shapes = (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, cfg.vocab_size)
+    assert shapes == (4096, 32, 32, 32, 12288, 126464) and cfg.max_position == 4096
+    assert not list(tmp_path.glob("*.safetensors"))
+    tokenizer = load_tokenizer(tmp_path)
+    assert len(tokenizer) == cfg.vocab_size
+    assert (tokenizer.mask_token_id, tokenizer.eos_token_id) == (cfg.mask_token_id, cfg.eos_token_id)
+    assert tokenizer.decode([cfg.vocab_size - 1]).strip()  # the random model's every id decodes to some text
+    text = "What is 12 plus 30?"
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+def test_dummy_load_format_draws_the_configs_weights_at_random(tmp_path):
+    make_random([str(tmp_path), "--preset", "tiny", "--config-only", "--layers", "1"])
+    loaded = load_model(tmp_path, dtype="bfloat16", device="cpu", load_format="dummy")
+    weight = loaded.model.layers[0].mlp.up_proj.weight
+    assert loaded.config.num_layers == 1 and weight.dtype == torch.bfloat16
+    assert abs(weight.float().std().item() - 0.02) < 0.002
+
+
+def test_dummy_load_format_without_config_json_says_how_to_write_one(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json.*make_random .* --config-only"):
+        load_model(tmp_path, load_format="dummy")
+
+
+def test_an_unknown_load_format_is_refused():
+    with pytest.raises(ValueError, match="load_format"):
+        EngineConfig(model_dir="unused", load_format="safetensors")

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from server_fixtures import model_dir_for_tests, wait_until
 
+from engine.models.make_random import main as make_random
 from engine.params import EngineDefaults
 from server.cli import build_parser, main, parse_size
 
@@ -91,6 +92,7 @@ def test_help_lists_the_serving_options(capsys):
         "--kv-cache-memory",
         "--dtype",
         "--device",
+        "--load-format",
         "--cache",
         "--unmask",
         "--block-length",
@@ -137,6 +139,30 @@ def test_missing_model_directory_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["serve", str(tmp_path / "nowhere")])
     assert exit_.value.code == 2 and "no model checkpoint" in capsys.readouterr().err
+
+
+def test_load_format_dummy_on_a_directory_without_config_json_says_how_to_write_one(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", str(tmp_path), "--load-format", "dummy"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "config.json" in err and "make_random" in err and "--config-only" in err
+
+
+def test_load_format_dummy_serves_a_config_only_directory_to_max_tokens_with_ignore_eos(tmp_path):
+    # LLaDA-8B's vocabulary (so its padded tokenizer too) in one narrow layer, to stay fast on a CPU.
+    model_dir = tmp_path / "llada-8b-shaped"
+    make_random([str(model_dir), "--preset", "llada-8b", "--config-only", "--layers", "1", "--hidden", "256", "--heads", "4"])
+    proc = unmask("serve", str(model_dir), "--load-format", "dummy", "--port", "0", "--kv-cache-memory", "64MiB")
+    try:
+        _, url = wait_for_url(proc)
+        body = {"prompt": "Hello world", "max_tokens": 40, "block_length": 8, "ignore_eos": True}
+        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
+        assert reply["usage"]["completion_tokens"] == 40
+        assert reply["choices"][0]["finish_reason"] == "length" and reply["choices"][0]["text"]
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+        print(f"server stderr:\n{err}")
 
 
 def test_serve_prints_its_url_serves_and_drains_in_flight_requests_on_sigterm(model_dir):

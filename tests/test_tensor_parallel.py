@@ -23,7 +23,7 @@ from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.errors import EngineDeadError
 from engine.models.checkpoint import read_config
-from engine.models.make_random import make_random_checkpoint
+from engine.models.make_random import PRESETS, make_random_checkpoint, write_config_only
 from engine.parallel.layers import VocabShard
 from engine.parallel.loading import CheckpointShards
 from engine.parallel.state import ParallelState
@@ -192,6 +192,14 @@ def test_tp2_sampling_is_seeded_and_the_same_alone_or_batched(llada_dir):
         alone = generate(engine, [sampled])[0]
         batched = generate(engine, [REQUESTS[0], sampled, REQUESTS[1]])[1]
     assert alone == batched
+
+
+def test_tp2_load_format_dummy_draws_each_ranks_shard_of_a_config_only_directory(tmp_path):
+    model_dir = write_config_only(tmp_path, PRESETS["tiny"])
+    with tp_engine(model_dir, load_format="dummy") as engine:
+        assert engine.loaded.model.embed.weight.shape[0] == -(-engine.model_config.vocab_size // 2)
+        (tokens,) = generate(engine, [("Hello world", SamplingParams(max_tokens=24, block_length=8, ignore_eos=True))])
+    assert len(tokens) == 24
 
 
 def test_close_stops_every_worker(llada_dir):

@@ -77,11 +77,42 @@ class Sharding(Protocol):
         ...
 
 
-def materialize(model: DiffusionTransformer, dtype: torch.dtype, device: str | torch.device) -> DiffusionTransformer:
-    """Allocate a meta-device model's (uninitialised) weights on `device`."""
-    model = model.to_empty(device=device).to(dtype)
-    model.rotary = Rotary(model.cfg.head_dim, model.cfg.rope_theta).to(device)  # a computed buffer, not a weight
+def empty_model(
+    cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device, sharding: Sharding | None = None
+) -> DiffusionTransformer:
+    """The model of `cfg` (with `sharding`, one rank's shard), its weights allocated but not set.
+
+    Built on the meta device and allocated once, on `device` and in `dtype`, so
+    no copy of the weights ever exists in float32 or on the CPU.
+    """
+    with torch.device("meta"):
+        model = DiffusionTransformer(cfg)
+        if sharding is not None:
+            sharding.split(model)
+    model = model.to(dtype).to_empty(device=device)
+    model.rotary = Rotary(cfg.head_dim, cfg.rope_theta).to(device)  # a computed buffer, not a weight
     return model
+
+
+def random_weights(
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    sharding: Sharding | None = None,
+    std: float = 0.02,
+    seed: int = 0,
+) -> DiffusionTransformer:
+    """The model of `cfg` with every weight drawn from N(0, `std`), made directly on `device`.
+
+    For load tests and benchmarks of a model's shapes without its checkpoint
+    (`--load-format dummy`): what it writes is meaningless text.
+    """
+    model = empty_model(cfg, dtype, device, sharding)
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std, generator=generator)
+    return model.eval()
 
 
 def load_weights(
@@ -95,11 +126,7 @@ def load_weights(
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
     names = architecture_for(cfg.arch).tensor_names(cfg)
-    with torch.device("meta"):
-        model = DiffusionTransformer(cfg)
-        if sharding is not None:
-            sharding.split(model)
-    model = materialize(model, dtype, device)
+    model = empty_model(cfg, dtype, device, sharding)
     params = dict(model.named_parameters())
     wanted = {names[ours]: ours for ours in params if ours in names}
     loaded: set[str] = set()
@@ -149,9 +176,16 @@ def save_checkpoint(
             weight_map.update({key: name for key in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    hf = arch.to_hf_config(cfg) | {"torch_dtype": str(dtype).removeprefix("torch.")}
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    write_config(cfg, out, dtype)
     return out
+
+
+def write_config(cfg: ModelConfig, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write `config.json` of `cfg` in its family's public layout; returns its path."""
+    hf = architecture_for(cfg.arch).to_hf_config(cfg) | {"torch_dtype": str(dtype).removeprefix("torch.")}
+    path = Path(out_dir) / "config.json"
+    path.write_text(json.dumps(hf, indent=2) + "\n")
+    return path
 
 
 def _split_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:

@@ -10,8 +10,9 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from engine.config import DUMMY_NEEDS
 from engine.models.arch import CheckpointError
-from engine.models.checkpoint import load_weights, read_config
+from engine.models.checkpoint import load_weights, random_weights, read_config
 from engine.models.config import ModelConfig
 from engine.models.transformer import DiffusionTransformer
 
@@ -56,11 +57,25 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
         raise CheckpointError(f"cannot load the tokenizer from {str(model_dir)!r}: {exc}") from exc
 
 
-def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "auto") -> LoadedModel:
-    """Load config, weights and tokenizer of a local LLaDA/Dream checkpoint directory."""
-    config = read_config(model_dir)
+def read_dummy_config(model_dir: str | Path) -> ModelConfig:
+    """`config.json` of a directory served with `load_format="dummy"`; its absence is explained."""
+    if not (Path(model_dir) / "config.json").is_file():
+        raise CheckpointError(f"{str(model_dir)!r} has no config.json. {DUMMY_NEEDS}")
+    return read_config(model_dir)
+
+
+def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "auto", load_format: str = "auto") -> LoadedModel:
+    """Load config, weights and tokenizer of a local LLaDA/Dream checkpoint directory.
+
+    `load_format="dummy"` reads only `config.json` and the tokenizer and draws
+    the weights at random (N(0, 0.02)) on the device, for load tests.
+    """
+    config = read_dummy_config(model_dir) if load_format == "dummy" else read_config(model_dir)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     tokenizer = load_tokenizer(model_dir)
-    model = load_weights(model_dir, torch_dtype, dev)
+    if load_format == "dummy":
+        model = random_weights(config, torch_dtype, dev)
+    else:
+        model = load_weights(model_dir, torch_dtype, dev)
     return LoadedModel(model, config, tokenizer, dev, torch_dtype)

@@ -17,7 +17,7 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import CudaGraphRunner
 from engine.kv_pool import KVPool
 from engine.models.loader import LoadedModel
-from engine.parallel.loading import CheckpointShards, ShardLoader
+from engine.parallel.loading import ShardLoader, shard_loader
 from engine.parallel.plan import Join, SamplingPlan, StepPlan
 from engine.parallel.processes import WorkerGroup
 from engine.parallel.rank import RankModel, join, kv_pages, run_step
@@ -67,7 +67,7 @@ class TensorParallelGroup:
         if self.state.device.type == "cuda" and torch.cuda.device_count() < tp:
             raise ValueError(f"tensor_parallel_size {tp} needs {tp} GPUs; {torch.cuda.device_count()} are visible")
         self.state.select_device()
-        shards = shards or CheckpointShards(config.model_dir, config.dtype)
+        shards = shards or shard_loader(config)
         self.workers = WorkerGroup(config, shards)
         try:
             self.loaded: LoadedModel = shards.load(self.state)  # while the workers load theirs

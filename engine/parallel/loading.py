@@ -15,10 +15,11 @@ from typing import Protocol
 
 import torch
 
+from engine.config import EngineConfig
 from engine.models.arch import CheckpointError
-from engine.models.checkpoint import load_weights, materialize, read_config
+from engine.models.checkpoint import load_weights, random_weights, read_config
 from engine.models.config import ModelConfig
-from engine.models.loader import LoadedModel, load_tokenizer, resolve_dtype
+from engine.models.loader import LoadedModel, load_tokenizer, read_dummy_config, resolve_dtype
 from engine.models.transformer import DiffusionTransformer
 from engine.parallel.layers import shard_model
 from engine.parallel.state import ParallelState
@@ -85,7 +86,7 @@ class CheckpointShards:
 class RandomShards:
     """Random weights (normal, `std`) of `config`'s shapes, drawn by each rank for its own shard.
 
-    For benchmarks of large shapes: nothing is written to disk or read back.
+    For benchmarks of large shapes and `--load-format dummy`: nothing is written to disk or read back.
     The weights differ from a single-device random model's.
     """
 
@@ -97,13 +98,15 @@ class RandomShards:
 
     def load(self, state: ParallelState) -> LoadedModel:
         dtype = resolve_dtype(self.dtype, state.device)
-        with torch.device("meta"):
-            model = DiffusionTransformer(self.config)
-            shard_model(model, state)
-        model = materialize(model, dtype, state.device)
-        generator = torch.Generator(state.device).manual_seed(self.seed * 1009 + state.rank)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0.0, self.std, generator=generator)
+        seed = self.seed * 1009 + state.rank
+        model = random_weights(self.config, dtype, state.device, RankSlicer(state), self.std, seed)
         tokenizer = load_tokenizer(self.tokenizer_dir) if state.rank == 0 else None
-        return LoadedModel(model.eval(), self.config, tokenizer, state.device, dtype)
+        return LoadedModel(model, self.config, tokenizer, state.device, dtype)
+
+
+def shard_loader(config: EngineConfig) -> ShardLoader:
+    """How the ranks load `config.model_dir`: slices of its weights, or (`load_format="dummy"`)
+    random weights of its `config.json`'s shapes."""
+    if config.load_format == "dummy":
+        return RandomShards(read_dummy_config(config.model_dir), tokenizer_dir=config.model_dir, dtype=config.dtype)
+    return CheckpointShards(config.model_dir, config.dtype)
