@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     a = parse_args(argv)
     problems = problem_set(a.families, a.n)
     llm = LLM(
-        str(a.model), device=a.device, dtype=a.dtype, max_num_seqs=a.max_num_seqs, max_waiting=len(problems),
+        str(a.model), device=a.device, dtype=a.dtype, max_num_seqs=a.max_num_seqs,
         kv_cache_memory=a.kv_cache_mb * 2**20 if a.kv_cache_mb else None,
         feature_cache=any(CACHE_POLICIES[CONFIGS[n].cache].needs_features for n in a.configs),
         guide_model=a.guide_model,  # None: the engine takes the bundled guide if it fits the model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections import deque
 from dataclasses import fields
 
 from engine.config import EngineConfig
@@ -37,14 +38,24 @@ class LLM:
         if len(per_prompt) != len(batch):
             raise ValueError(f"{len(per_prompt)} params for {len(batch)} prompts")
         ids = [f"offline-{uuid.uuid4().hex}" for _ in batch]
-        for request_id, prompt, p in zip(ids, batch, per_prompt):
-            self.engine.add_request(request_id, prompt, p)
+        pending = deque(zip(ids, batch, per_prompt))
         final: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished:
-            for out in self.engine.step():
-                if out.finished:
-                    final[out.request_id] = out
+        try:
+            while pending or self.engine.has_unfinished:
+                self._admit(pending)
+                for out in self.engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+        except BaseException:
+            for request_id in ids:  # a bad prompt met late, or an interrupt: leave no request behind
+                self.engine.abort(request_id)
+            raise
         return [final[i] for i in ids]
+
+    def _admit(self, pending: deque[tuple[str, str | list[int], SamplingParams]]) -> None:
+        """Hand prompts to the engine while its waiting queue has room (any number of prompts fits a call)."""
+        while pending and len(self.engine.scheduler.waiting) < self.engine.config.max_waiting:
+            self.engine.add_request(*pending.popleft())
 
     def close(self) -> None:
         """Stop the tensor-parallel worker processes (nothing to do on one device)."""

@@ -165,7 +165,7 @@ def recorded() -> dict:
 
 @pytest.fixture(scope="module")
 def bundled_llm(bundled_model_dir, recorded) -> LLM:
-    return LLM(str(bundled_model_dir), device="cpu", dtype=recorded["dtype"], feature_cache=True, max_waiting=64)
+    return LLM(str(bundled_model_dir), device="cpu", dtype=recorded["dtype"], feature_cache=True)
 
 
 @pytest.mark.slow

@@ -198,3 +198,22 @@ def test_step_statistics_reach_listeners(llm):
     assert any(s.finished_blocks for s in seen)
     # dual recomputes one block after the refresh: fewer active positions than the full sequences
     assert min(s.active_tokens for s in seen) == 32
+
+
+def test_offline_generate_takes_more_prompts_than_the_waiting_queue_holds(llada_dir):
+    llm = LLM(str(llada_dir), kv_cache_memory=4 * 2**20, max_num_seqs=2, max_waiting=2)
+    prompts = [f"{PROMPT} ({i})" for i in range(7)]
+    params = SamplingParams(max_tokens=16, block_length=8)
+    outs = llm.generate(prompts, params)
+    assert [o.prompt_token_ids for o in outs] == [llm.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    assert all(o.finished and o.finish_reason is not FinishReason.ERROR for o in outs)
+    assert outs[5].token_ids == llm.generate(prompts[5], params)[0].token_ids  # admitted late, decoded the same
+
+
+def test_a_bad_prompt_met_late_aborts_the_others_and_frees_their_pages(llada_dir):
+    llm = LLM(str(llada_dir), kv_cache_memory=4 * 2**20, max_num_seqs=2, max_waiting=2)
+    too_long = [5] * (llm.engine.max_model_len + 1)
+    with pytest.raises(ParamError):
+        llm.generate([PROMPT, PROMPT, PROMPT, too_long], SamplingParams(max_tokens=16, block_length=8))
+    assert not llm.engine.has_unfinished
+    assert llm.engine.runner.pool.num_free == llm.engine.runner.pool.num_pages
