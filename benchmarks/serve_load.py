@@ -37,8 +37,15 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
+
+from benchmarks.tasks import FAMILIES, held_out_set
+from benchmarks.tasks.batches import chat_prompt
 
 DEFAULT_CONCURRENCY = 8
 WORDS = (
@@ -55,16 +62,12 @@ class RequestPlan:
     """One request of the run."""
 
     index: int
-    prompt_words: int
+    text: str  # the user's text: random words, or a held-out task problem (`--prompts tasks`)
     max_tokens: int
     stream: bool
     policy: dict
     chat: bool
     ignore_eos: bool = False
-
-    def prompt(self) -> str:
-        rng = random.Random(self.index)
-        return " ".join(rng.choice(WORDS) for _ in range(self.prompt_words))
 
     def body(self, model: str | None) -> dict:
         body: dict = {"max_tokens": self.max_tokens, "temperature": 0, "stream": self.stream, **self.policy}
@@ -75,9 +78,9 @@ class RequestPlan:
         if self.stream:
             body["stream_options"] = {"include_usage": True}
         if self.chat:
-            body["messages"] = [{"role": "user", "content": self.prompt()}]
+            body["messages"] = [{"role": "user", "content": self.text}]
         else:
-            body["prompt"] = self.prompt()
+            body["prompt"] = self.text
         return body
 
 
@@ -109,17 +112,31 @@ def _number_or_text(value: str):
     return {"true": True, "false": False}.get(value.lower(), value)
 
 
+def random_words(index: int, words: int) -> str:
+    rng = random.Random(index)
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def task_prompts(n: int, chat: bool) -> list[str]:
+    """`n` held-out problems of the bundled model's tasks, families in turn (chat-templated for completions)."""
+    per_family = -(-n // len(FAMILIES))
+    problems = [ex for group in zip(*(held_out_set(f, per_family) for f in FAMILIES)) for ex in group][:n]
+    return [ex.prompt if chat else chat_prompt(ex.prompt) for ex in problems]
+
+
 def make_plans(args: argparse.Namespace) -> list[RequestPlan]:
     rng = random.Random(args.seed)
     policies = args.policy or [{}]
+    chat = args.endpoint == "chat"
+    tasks = task_prompts(args.num_requests, chat) if args.prompts == "tasks" else None
     return [
         RequestPlan(
             index=i,
-            prompt_words=rng.choice(args.prompt_len),
+            text=tasks[i] if tasks else random_words(i, rng.choice(args.prompt_len)),
             max_tokens=rng.choice(args.max_tokens),
             stream=rng.random() < args.stream,
             policy=rng.choice(policies),
-            chat=args.endpoint == "chat",
+            chat=chat,
             ignore_eos=args.ignore_eos,
         )
         for i in range(args.num_requests)
@@ -339,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-requests", type=int, default=100, help="stop after this many requests")
     p.add_argument("--duration", type=float, default=math.inf, help="stop sending new requests after this many seconds")
+    p.add_argument("--prompts", choices=("words", "tasks"), default="words",
+                   help="random words (--prompt-len), or held-out problems of the bundled model's tasks, "
+                        "which it answers with text")
     p.add_argument("--prompt-len", type=parse_ints, default=[16, 64], help="prompt lengths in words (~tokens) to mix")
     p.add_argument("--max-tokens", type=parse_ints, default=[32, 64], help="max_tokens values to mix")
     p.add_argument("--stream", type=float, default=0.0, help="fraction of requests that stream (0 to 1)")
