@@ -61,7 +61,7 @@ from benchmarks.training import (
 )
 from engine.models.checkpoint import load_weights, save_checkpoint
 from engine.models.config import ModelConfig
-from engine.models.transformer import DiffusionTransformer
+from engine.models.transformer import DenseAttention, DiffusionTransformer
 
 
 @dataclass
@@ -161,22 +161,6 @@ def noise_batch(batch: PackedBatch, mask_id: int, eps: float, block_prob: float,
     return Noised(torch.where(masked, torch.full_like(ids, mask_id), ids), masked, weight)
 
 
-class MaskedDenseAttention:
-    """Bidirectional attention over a [B, L] batch where `mask` (True = attend) says which keys each query sees.
-
-    `mask` is [B, 1, L, L] (packed examples) or [B, 1, 1, L] (right-padded rows).
-    """
-
-    def __init__(self, batch: int, length: int, mask: torch.Tensor):
-        self.batch, self.length, self.mask = batch, length, mask
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        b, n = self.batch, self.length
-        q, k, v = (t.view(b, n, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.shape[1] != q.shape[1])
-        return out.transpose(1, 2).reshape(b * n, q.shape[1], q.shape[3])
-
-
 def diffusion_loss(model: torch.nn.Module, batch: PackedBatch, noised: Noised) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted CE on the masked positions, summed per example, averaged over examples.
 
@@ -184,7 +168,7 @@ def diffusion_loss(model: torch.nn.Module, batch: PackedBatch, noised: Noised) -
     end-of-text padding): the number that shows whether the model reads its prompt.
     """
     b, length = batch.input_ids.shape
-    attention = MaskedDenseAttention(b, length, batch.same_segment())
+    attention = DenseAttention(b, length, batch.same_segment())
     hidden = model(noised.input_ids.reshape(-1), batch.positions.reshape(-1), attention)
     # Logits everywhere, zero weight off the masked positions: the vocabulary is small,
     # and selecting rows would need the mask count on the host (a GPU sync every step).
@@ -204,7 +188,7 @@ def ar_loss(model: torch.nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, t
     """
     b, length = batch.input_ids.shape
     causal = torch.ones(length, length, dtype=torch.bool, device=batch.input_ids.device).tril()
-    attention = MaskedDenseAttention(b, length, batch.same_segment() & causal)
+    attention = DenseAttention(b, length, batch.same_segment() & causal)
     hidden = model(batch.input_ids.reshape(-1), batch.positions.reshape(-1), attention)
     logits = model.compute_logits(hidden).view(b, length, -1)[:, :-1]
     targets = batch.input_ids[:, 1:]
@@ -264,7 +248,7 @@ def reference_generate(model: DiffusionTransformer, prompts: list[list[int]], ge
         x[i, : len(p)] = torch.tensor(p, device=device)
         x[i, len(p) : len(p) + gen_length] = cfg.mask_token_id
     pos = torch.arange(length, device=device)
-    attention = MaskedDenseAttention(b, length, (pos[None, :] < (plens + gen_length)[:, None])[:, None, None, :])
+    attention = DenseAttention(b, length, (pos[None, :] < (plens + gen_length)[:, None])[:, None, None, :])
     positions = pos.repeat(b)
     rows = torch.arange(b, device=device)
     for block_start in range(0, gen_length, block_length):

@@ -37,15 +37,19 @@ class LayerHook(Protocol):
 
 
 class DenseAttention:
-    """Bidirectional attention over whole sequences of a [B, L] batch (training, references)."""
+    """Bidirectional attention over whole sequences of a [B, L] batch (training, references).
 
-    def __init__(self, batch: int, length: int):
-        self.batch, self.length = batch, length
+    `mask` (True = attend), if given, says which keys each query sees: [B, 1, L, L]
+    (e.g. examples packed in a row) or [B, 1, 1, L] (right-padded rows).
+    """
+
+    def __init__(self, batch: int, length: int, mask: torch.Tensor | None = None):
+        self.batch, self.length, self.mask = batch, length, mask
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, n = self.batch, self.length
         q, k, v = (t.view(b, n, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.shape[1] != q.shape[1])
         return out.transpose(1, 2).reshape(b * n, q.shape[1], q.shape[3])
 
 
