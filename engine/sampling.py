@@ -15,6 +15,7 @@ for the whole step; the step then makes one host transfer of the results.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -54,9 +55,9 @@ class RowInputs:
     temperature: torch.Tensor  # float32 [N]
     row_seeds: torch.Tensor  # int64 [N]
 
-    @property
+    @cached_property
     def general_rows(self) -> torch.Tensor:
-        """Rows outside the fused path, ascending: they need their full distribution."""
+        """Rows outside the fused path, ascending: they need their full distribution (computed once per step)."""
         return (~self.fused).nonzero().flatten()
 
 
