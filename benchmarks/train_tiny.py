@@ -74,7 +74,9 @@ class TrainConfig(RunConfig):
     heads: int = 6
     kv_heads: int | None = None
     intermediate: int | None = None
-    ar_warmup: float = 0.0  # share of the budget spent on causal next-token training first (see `ar_loss`)
+    ar_warmup: float = 0.0  # share of the budget spent on next-token training first
+    warm_start: str = "in-place"  # the warm-start objective: "in-place" (`in_place_ar_loss`) or "causal" (`ar_loss`)
+    warm_copies: int = 256  # masked copies per row of the in-place warm start
     compile: bool = False  # torch.compile the training forward (fixed [B, L] shapes make it pay)
     eps: float = 1e-3
     block_mask_prob: float = 0.3
@@ -201,6 +203,73 @@ def ar_loss(model: torch.nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, t
     return loss, hits.sum() / answer.sum().clamp_min(1)
 
 
+@dataclass
+class InPlaceRows:
+    """Packed rows extended by masked copies of their response tokens (see `in_place_ar_loss`)."""
+
+    input_ids: torch.Tensor  # [B, L + C]: the clean row, then C mask tokens
+    positions: torch.Tensor  # [B, L + C]: each copy at its token's position
+    attention: torch.Tensor  # [B, 1, L + C, L + C] bool, True = attend
+    targets: torch.Tensor  # [B, C]: the token each copy must predict
+    valid: torch.Tensor  # [B, C] bool: a copy of a response token or of the first end-of-text
+    answer: torch.Tensor  # [B, C] bool: a copy of a response token
+
+
+def in_place_rows(batch: PackedBatch, mask_id: int, copies: int) -> InPlaceRows:
+    """Append `copies` mask tokens to each row, one per response token (and first end-of-text), in row order.
+
+    Visibility: a prompt token sees its prompt; a clean canvas token sees the
+    prompt and the canvas up to itself; a copy of canvas token i sees the
+    prompt, the clean canvas before i and the copies of tokens i and after
+    (the masks ahead during left-to-right decoding). A fixed number of copies keeps shapes static.
+    """
+    ids, order = batch.input_ids, batch.canvas_pos  # order: -1 on the prompt (and row padding)
+    b, length = ids.shape
+    after_answer = torch.cat((torch.zeros_like(batch.answer[:, :1]), batch.answer[:, :-1]), dim=1) | (order == 0)
+    chosen = batch.answer | ((order >= 0) & after_answer)
+    idx = torch.argsort((~chosen).long() * length + torch.arange(length, device=ids.device), dim=1)[:, :copies]
+    valid = chosen.gather(1, idx)
+    copy_seg = torch.where(valid, batch.segment.gather(1, idx), -2)
+    copy_order = order.gather(1, idx)
+    seg = batch.segment
+    clean_to_clean = (seg[:, :, None] == seg[:, None, :]) & (order[:, None, :] <= order[:, :, None])
+    copy_to_clean = (copy_seg[:, :, None] == seg[:, None, :]) & (order[:, None, :] < copy_order[:, :, None])
+    itself = torch.eye(copies, dtype=torch.bool, device=ids.device)[None]  # no copy is left without a key
+    copy_to_copy = (copy_seg[:, :, None] == copy_seg[:, None, :]) & (copy_order[:, None, :] >= copy_order[:, :, None])
+    attention = torch.cat((torch.cat((clean_to_clean, torch.zeros_like(copy_to_clean.transpose(1, 2))), dim=2),
+                           torch.cat((copy_to_clean, copy_to_copy | itself), dim=2)), dim=1)
+    return InPlaceRows(
+        input_ids=torch.cat((ids, torch.full_like(idx, mask_id)), dim=1),
+        positions=torch.cat((batch.positions, batch.positions.gather(1, idx)), dim=1),
+        attention=attention[:, None],
+        targets=ids.gather(1, idx),
+        valid=valid,
+        answer=batch.answer.gather(1, idx) & valid,
+    )
+
+
+def in_place_ar_loss(model: torch.nn.Module, batch: PackedBatch, mask_id: int,
+                     copies: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every response token predicted at its own masked position from a clean prefix, all in one pass.
+
+    Causal next-token training learns these tasks fast but predicts token i
+    at position i-1, while the diffusion model predicts a masked token in
+    place (a causal warm start followed by diffusion training kept little of
+    it: benchmarks/RESULTS.md). Predicting masked copies (`in_place_rows`) trains what a left-to-right decoding step
+    asks, for all response tokens at once: block diffusion's vectorised
+    training with blocks of one token. Returns the mean loss over the copies
+    and the accuracy on response tokens.
+    """
+    rows = in_place_rows(batch, mask_id, copies)
+    b, total = rows.input_ids.shape
+    hidden = model(rows.input_ids.reshape(-1), rows.positions.reshape(-1), DenseAttention(b, total, rows.attention))
+    logits = model.compute_logits(hidden.view(b, total, -1)[:, total - copies :]).float()
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows.targets.reshape(-1), reduction="none")
+    loss = (ce.view(b, copies) * rows.valid).sum() / rows.valid.sum().clamp_min(1)
+    hits = (logits.argmax(dim=-1) == rows.targets) & rows.answer
+    return loss, hits.sum() / rows.answer.sum().clamp_min(1)
+
+
 def train(cfg: TrainConfig) -> tuple[DiffusionTransformer, dict]:
     """Train for the configured budget; returns the model (fp32) and a summary of the run."""
     device, data = start(cfg, canvas_multiple=cfg.block_length)
@@ -216,8 +285,10 @@ def train(cfg: TrainConfig) -> tuple[DiffusionTransformer, dict]:
     block_lengths = tuple(int(x) for x in cfg.block_mask_lengths.split(","))
 
     def loss_fn(batch: PackedBatch, progress: float) -> tuple[torch.Tensor, torch.Tensor, str]:
-        if progress < cfg.ar_warmup:
+        if progress < cfg.ar_warmup and cfg.warm_start == "causal":
             return (*ar_loss(forward, batch), "ar")
+        if progress < cfg.ar_warmup:
+            return (*in_place_ar_loss(forward, batch, model.cfg.mask_token_id, cfg.warm_copies), "in-place ar")
         noised = noise_batch(batch, model.cfg.mask_token_id, cfg.eps, cfg.block_mask_prob, block_lengths, gen)
         return (*diffusion_loss(forward, batch, noised), "diffusion")
 

@@ -120,6 +120,7 @@ def test_recall_answer_is_the_code_of_the_asked_key():
         key = re.search(r"What is the code of (\w+)\?", ex.prompt).group(1)
         facts = dict(re.findall(r"The code of (\w+) is (\d+)\.", ex.prompt))
         assert 20 <= len(facts) <= 40 and facts[key] == ex.answer
+        assert ex.response.splitlines()[0] == f"The code of {key} is {ex.answer}."  # the worked line
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

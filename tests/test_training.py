@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from benchmarks import train_guide, train_tiny
 from benchmarks.training import DEFAULT_TOKENIZER
 from benchmarks.tasks import held_out_set
-from benchmarks.tasks.batches import BatchSpec, batches, chat_prompt, load_tokenizer
+from benchmarks.tasks.batches import BatchSpec, PackedBatch, batches, chat_prompt, load_tokenizer
 from engine.models import load_model
 from engine.models.checkpoint import load_weights
 
@@ -129,3 +129,33 @@ def test_guide_training_reduces_the_loss_and_saves_a_loadable_model(tmp_path):
     tok = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
     assert model.config.eos_token_id == tok.eos_token_id and model.config.vocab_size >= len(tok)
     assert model.dtype == torch.bfloat16
+
+
+def test_in_place_copies_see_the_clean_prefix_and_not_their_own_token():
+    batch = next(batches(TOKENIZER, BatchSpec(tokens=4096, row_length=512), seed=2))
+    cfg = train_tiny.build_config(train_tiny.TrainConfig(out="", hidden=32, layers=2, heads=2), load_tokenizer(TOKENIZER))
+    torch.manual_seed(0)
+    model = train_tiny.DiffusionTransformer(cfg).eval()
+
+    def copy_logits(b) -> tuple[train_tiny.InPlaceRows, torch.Tensor]:
+        rows = train_tiny.in_place_rows(b, cfg.mask_token_id, copies=200)
+        n, total = rows.input_ids.shape
+        attention = train_tiny.DenseAttention(n, total, rows.attention)
+        with torch.no_grad():
+            hidden = model(rows.input_ids.reshape(-1), rows.positions.reshape(-1), attention).view(n, total, -1)
+        return rows, hidden[:, -200:]
+
+    rows, before = copy_logits(batch)
+    r, c = next(_segments(batch))
+    canvas = c.nonzero().squeeze(1)
+    response = canvas[batch.answer[r][canvas]]
+    assert rows.valid[r].sum() >= len(response) + 1 and torch.equal(rows.targets[r][: len(response)],
+                                                                    batch.input_ids[r][response])
+    assert torch.equal(rows.positions[r][-200:][: len(response)], batch.positions[r][response])
+    k = len(response) // 2  # change the response from its k-th token on
+    changed = batch.input_ids.clone()
+    changed[r, response[k:]] = (changed[r, response[k:]] + 7) % cfg.vocab_size
+    _, after = copy_logits(PackedBatch(changed, *batch._tensors(lambda t: t)[1:], batch.num_examples))
+    change = (after[r] - before[r]).abs().amax(dim=-1)
+    assert change[: k + 1].max() < 1e-3  # copies up to k never see tokens k, k+1, ... (float noise ~1e-4)
+    assert change[k + 1 : len(response)].min() > 1e-3  # later copies see the changed prefix

@@ -2,6 +2,12 @@
 
 The answer sits anywhere in a prompt of roughly 250-350 tokens, so decoding
 depends on the prompt's K/V, which is what the cache policies reuse.
+
+The worked line restates the fact ("The code of X is NNNN.") before the answer:
+the key is copied from the question, and then each digit of the code follows
+the same tokens as in the prompt, a pattern (find the earlier occurrence of
+what precedes, copy what came next) that small transformers learn quickly;
+asked cold, the code must be found by a two-step lookup they barely learn.
 """
 
 from __future__ import annotations
@@ -29,7 +35,11 @@ def _generate(rng: random.Random, n: int) -> Example:
     keys = rng.sample(KEYS, n)
     codes = rng.sample(range(1000, 10000), n)
     target = rng.randrange(n)
-    facts = "\n".join(f"The code of {k} is {c}." for k, c in zip(keys, codes))
-    prompt = f"Remember these codes.\n{facts}\nWhat is the code of {keys[target]}?"
+    facts = [_fact(k, c) for k, c in zip(keys, codes)]
+    prompt = "\n".join(["Remember these codes.", *facts, f"What is the code of {keys[target]}?"])
     answer = str(codes[target])
-    return Example(FAMILY, prompt, with_answer([], answer), answer, prompt)
+    return Example(FAMILY, prompt, with_answer([facts[target]], answer), answer, prompt)
+
+
+def _fact(key: str, code: int) -> str:
+    return f"The code of {key} is {code}."
