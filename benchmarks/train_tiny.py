@@ -15,12 +15,13 @@ with probability t, everything after it is fully masked. Each masked token is we
 probability), so the objective stays an importance-weighted mean. It teaches
 the semi-autoregressive states that i.i.d. masking almost never produces.
 
-Warm start (`--ar-warmup`, a share of the budget): the model first learns
-next-token prediction with causal attention, the way Dream and DiffuLLaMA
-adapt autoregressive models into diffusion models. Under a causal mask the
-circuits that find and copy tokens of the prompt form far sooner; the
-diffusion phase that follows reuses them. The checkpoint is a plain
-bidirectional LLaDA model either way.
+Alongside it, every step (`--in-place-weight`): each response token is also
+predicted at a masked copy of its own position from its clean prefix, all
+tokens of a row in one pass (`in_place_ar_loss`). Masked diffusion alone
+learns these tasks far more slowly than next-token training, and a causal
+next-token warm start is mostly lost when the objective switches to in-place
+prediction (benchmarks/RESULTS.md); this term is next-token training in the
+diffusion model's own output layout (token i predicted at position i).
 
 Examples are packed into fixed-length rows with attention kept inside each
 example (`PackedBatch`): every batch mixes all task families (length-sorted
@@ -74,9 +75,8 @@ class TrainConfig(RunConfig):
     heads: int = 6
     kv_heads: int | None = None
     intermediate: int | None = None
-    ar_warmup: float = 0.0  # share of the budget spent on next-token training first
-    warm_start: str = "in-place"  # the warm-start objective: "in-place" (`in_place_ar_loss`) or "causal" (`ar_loss`)
-    warm_copies: int = 256  # masked copies per row of the in-place warm start
+    in_place_weight: float = 1.0  # weight of `in_place_ar_loss` beside the diffusion loss (0: LLaDA's objective alone)
+    in_place_copies: int = 256  # masked copies per row (response tokens beyond them are left out of that term)
     compile: bool = False  # torch.compile the training forward (fixed [B, L] shapes make it pay)
     eps: float = 1e-3
     block_mask_prob: float = 0.3
@@ -183,26 +183,6 @@ def diffusion_loss(model: torch.nn.Module, batch: PackedBatch, noised: Noised) -
     return loss, hits.sum() / scored.sum().clamp_min(1)
 
 
-def ar_loss(model: torch.nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy on the canvas with causal attention inside each example (warm start).
-
-    Returns the mean loss and the next-token accuracy on response tokens.
-    """
-    b, length = batch.input_ids.shape
-    causal = torch.ones(length, length, dtype=torch.bool, device=batch.input_ids.device).tril()
-    attention = DenseAttention(b, length, batch.same_segment() & causal)
-    hidden = model(batch.input_ids.reshape(-1), batch.positions.reshape(-1), attention)
-    logits = model.compute_logits(hidden).view(b, length, -1)[:, :-1]
-    targets = batch.input_ids[:, 1:]
-    # A target counts when it is a canvas token of the same example as the position predicting it.
-    scored = (batch.canvas_pos[:, 1:] >= 0) & (batch.segment[:, 1:] == batch.segment[:, :-1])
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    loss = (ce * scored.reshape(-1)).sum() / scored.sum().clamp_min(1)
-    answer = batch.answer[:, 1:] & scored
-    hits = (logits.argmax(dim=-1) == targets) & answer
-    return loss, hits.sum() / answer.sum().clamp_min(1)
-
-
 @dataclass
 class InPlaceRows:
     """Packed rows extended by masked copies of their response tokens (see `in_place_ar_loss`)."""
@@ -220,8 +200,9 @@ def in_place_rows(batch: PackedBatch, mask_id: int, copies: int) -> InPlaceRows:
 
     Visibility: a prompt token sees its prompt; a clean canvas token sees the
     prompt and the canvas up to itself; a copy of canvas token i sees the
-    prompt, the clean canvas before i and the copies of tokens i and after
-    (the masks ahead during left-to-right decoding). A fixed number of copies keeps shapes static.
+    prompt, the clean canvas before i and itself. Not the other copies: the
+    copy of a later token sees token i, so attending to it would pass token i
+    to its own copy through two layers. A fixed number of copies keeps shapes static.
     """
     ids, order = batch.input_ids, batch.canvas_pos  # order: -1 on the prompt (and row padding)
     b, length = ids.shape
@@ -234,10 +215,9 @@ def in_place_rows(batch: PackedBatch, mask_id: int, copies: int) -> InPlaceRows:
     seg = batch.segment
     clean_to_clean = (seg[:, :, None] == seg[:, None, :]) & (order[:, None, :] <= order[:, :, None])
     copy_to_clean = (copy_seg[:, :, None] == seg[:, None, :]) & (order[:, None, :] < copy_order[:, :, None])
-    itself = torch.eye(copies, dtype=torch.bool, device=ids.device)[None]  # no copy is left without a key
-    copy_to_copy = (copy_seg[:, :, None] == copy_seg[:, None, :]) & (copy_order[:, None, :] >= copy_order[:, :, None])
+    itself = torch.eye(copies, dtype=torch.bool, device=ids.device)[None].expand(b, -1, -1)
     attention = torch.cat((torch.cat((clean_to_clean, torch.zeros_like(copy_to_clean.transpose(1, 2))), dim=2),
-                           torch.cat((copy_to_clean, copy_to_copy | itself), dim=2)), dim=1)
+                           torch.cat((copy_to_clean, itself), dim=2)), dim=1)
     return InPlaceRows(
         input_ids=torch.cat((ids, torch.full_like(idx, mask_id)), dim=1),
         positions=torch.cat((batch.positions, batch.positions.gather(1, idx)), dim=1),
@@ -255,10 +235,10 @@ def in_place_ar_loss(model: torch.nn.Module, batch: PackedBatch, mask_id: int,
     Causal next-token training learns these tasks fast but predicts token i
     at position i-1, while the diffusion model predicts a masked token in
     place (a causal warm start followed by diffusion training kept little of
-    it: benchmarks/RESULTS.md). Predicting masked copies (`in_place_rows`) trains what a left-to-right decoding step
-    asks, for all response tokens at once: block diffusion's vectorised
-    training with blocks of one token. Returns the mean loss over the copies
-    and the accuracy on response tokens.
+    it: benchmarks/RESULTS.md). Predicting masked copies (`in_place_rows`)
+    trains what a left-to-right decoding step asks, for all response tokens
+    at once: block diffusion's vectorised training with blocks of one token.
+    Returns the mean loss over the copies and the accuracy on response tokens.
     """
     rows = in_place_rows(batch, mask_id, copies)
     b, total = rows.input_ids.shape
@@ -285,12 +265,12 @@ def train(cfg: TrainConfig) -> tuple[DiffusionTransformer, dict]:
     block_lengths = tuple(int(x) for x in cfg.block_mask_lengths.split(","))
 
     def loss_fn(batch: PackedBatch, progress: float) -> tuple[torch.Tensor, torch.Tensor, str]:
-        if progress < cfg.ar_warmup and cfg.warm_start == "causal":
-            return (*ar_loss(forward, batch), "ar")
-        if progress < cfg.ar_warmup:
-            return (*in_place_ar_loss(forward, batch, model.cfg.mask_token_id, cfg.warm_copies), "in-place ar")
         noised = noise_batch(batch, model.cfg.mask_token_id, cfg.eps, cfg.block_mask_prob, block_lengths, gen)
-        return (*diffusion_loss(forward, batch, noised), "diffusion")
+        loss, accuracy = diffusion_loss(forward, batch, noised)
+        if cfg.in_place_weight > 0:
+            loss = loss + cfg.in_place_weight * in_place_ar_loss(forward, batch, model.cfg.mask_token_id,
+                                                                 cfg.in_place_copies)[0]
+        return loss, accuracy, "diffusion"
 
     summary = fit(model, cfg, device, data, loss_fn)
     return model.eval(), summary
