@@ -17,7 +17,7 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import build_graph_runner
 from engine.detokenizer import TextStream
 from engine.errors import EngineDeadError
-from engine.guide import GuideRunner, load_guide
+from engine.guide import GuideRunner, guide_state, load_guide
 from engine.kv_pool import KVPool
 from engine.models.loader import LoadedModel, load_model
 from engine.outputs import BlockView, FinishReason, RequestOutput, StepStats
@@ -234,15 +234,23 @@ class LLMEngine:
         return self.runner.propose(work, [self._row_group(w) for w in work])
 
     def _consult_guide(self, work: list[SequenceWork], tokens: torch.Tensor, offsets: list[int]) -> None:
-        """One batched guide pass over the guided sequences' proposals (see `engine.guide`)."""
-        items = [(w.seq, tokens[offsets[i] : offsets[i + 1]]) for i, w in enumerate(work) if w.seq.params.unmask == "guided"]
-        if not items:
+        """One batched guide pass over the guided sequences' proposals (see `engine.guide`).
+
+        Where the guide rejected a draft, its own token replaces that proposal in `tokens`.
+        """
+        guided = [i for i, w in enumerate(work) if w.seq.params.unmask == "guided"]
+        if not guided:
             return
         assert self.guide is not None  # guided requests are refused without one
         try:
-            self.guide.verify(items)
+            self.guide.verify([(work[i].seq, tokens[offsets[i] : offsets[i + 1]]) for i in guided])
         except Exception:  # the guided requests then fail in their commit; the others go on
             log.exception("the guide model failed")
+            return
+        for i in guided:
+            state = guide_state(work[i].seq)
+            if state.correction is not None:
+                tokens[offsets[i] + state.agreed] = state.correction
 
     @staticmethod
     def _row_group(w: SequenceWork) -> RowGroup:

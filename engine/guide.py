@@ -7,8 +7,12 @@ prefix and the drafts, it predicts each draft from the ones before it. A draft
 is *agreed* when the guide ranks it among its top two tokens with at least
 `guide_relative` of the top token's probability (the paper's "top-2 relative"
 rule; `guide_relative=1` asks for the guide's own top token). The guided
-unmask policy then commits the leading run of agreed drafts, and at least the
-first draft, so every step commits one token or more.
+unmask policy then commits the leading run of agreed drafts and, in place of
+the first draft the guide rejects, the guide's own top token (its
+*correction*), as speculative decoding does and as FlashDLM's implementation
+does for every acceptance rule; so every step commits one token or more. A
+correction is never the mask token or an id past the diffusion model's
+vocabulary.
 
 The guide keeps each request's KV over its committed prefix across steps, so
 a step feeds it only the tokens committed since the last step and the new
@@ -47,6 +51,7 @@ class GuideState:
     kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer [kv_heads, length, head_dim]
     length: int = 0
     agreed: int | None = None  # leading drafts the guide agreed with at this step; None before it ran
+    correction: int | None = None  # the guide's token for the first draft it rejected; None if it took them all
 
 
 def guide_state(seq: Sequence) -> GuideState:
@@ -66,10 +71,11 @@ class _Pending:
 
 
 class GuideRunner:
-    def __init__(self, model: PreTrainedModel, device: torch.device):
+    def __init__(self, model: PreTrainedModel, device: torch.device, mask_id: int, model_vocab: int):
         self.model = model
         self.device = device
         self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.mask_id, self.model_vocab = mask_id, model_vocab  # what a correction must never be
         # transformers 5 renamed `past_key_values` to `cache`; the project accepts both versions.
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.tokens_fed = 0  # tokens run through the guide, for tests and metrics
@@ -86,7 +92,8 @@ class GuideRunner:
             model = AutoModelForCausalLM.from_pretrained(str(guide_dir), local_files_only=True, trust_remote_code=False)
         except Exception as exc:  # transformers raises many types; the user needs one clear message
             raise CheckpointError(f"cannot load the guide model from {str(guide_dir)!r}: {exc}") from exc
-        runner = cls(model.to(device=loaded.device, dtype=loaded.dtype).eval(), loaded.device)
+        model = model.to(device=loaded.device, dtype=loaded.dtype).eval()
+        runner = cls(model, loaded.device, loaded.config.mask_token_id, loaded.config.vocab_size)
         largest = max(i for i in loaded.tokenizer.get_vocab().values() if i != loaded.config.mask_token_id)
         if largest >= runner.vocab_size:
             raise CheckpointError(f"the guide model's {runner.vocab_size} embeddings miss token id {largest}")
@@ -96,21 +103,23 @@ class GuideRunner:
     def verify(self, items: list[tuple[Sequence, torch.Tensor]]) -> None:
         """Check each sequence's drafts for its current block's masked positions (in order, CPU).
 
-        Sets every sequence's `GuideState.agreed`, and keeps in its KV the
-        committed prefix as it will stand once the policy has committed.
+        Sets every sequence's `GuideState.agreed` and `correction`, and keeps
+        in its KV the committed prefix as it will stand once the policy has committed.
         """
         pending = [self._prepare(seq, drafts) for seq, drafts in items]
         for p in pending:
-            p.state.agreed = None  # stays None, for the policy to notice, if the forward fails
+            p.state.agreed = p.state.correction = None  # stay None, for the policy to notice, if the forward fails
         logits, cache, past_len = self._forward(pending)
-        for i, (p, agreed) in enumerate(zip(pending, self._agreements(pending, logits))):
+        for i, (p, (agreed, correction)) in enumerate(zip(pending, self._verdicts(pending, logits))):
             # Keep the KV of every position the policy commits but the last: the next
-            # step feeds that one again, for its output predicts the next position.
-            self._keep(p.state, cache, i, past_len, p.first_draft_row + max(1, agreed))
-            p.state.agreed = agreed
+            # step feeds that one again, for its output predicts the next position
+            # (and a corrected token's KV, computed from the rejected draft, is never kept).
+            commits = agreed + (correction is not None)
+            self._keep(p.state, cache, i, past_len, p.first_draft_row + commits)
+            p.state.agreed, p.state.correction = agreed, correction
 
-    def _agreements(self, pending: list[_Pending], logits: torch.Tensor) -> list[int]:
-        """Each request's leading agreed drafts, from logits [B, K, V] of the last K new rows."""
+    def _verdicts(self, pending: list[_Pending], logits: torch.Tensor) -> list[tuple[int, int | None]]:
+        """Each request's leading agreed drafts and its correction, from logits [B, K, V] of the last K new rows."""
         width = max(p.drafts.numel() for p in pending)
         first_kept = logits.shape[1] - max(p.new_ids.numel() for p in pending)  # <= 0: rows before it were dropped
         rows = torch.zeros(len(pending), width, dtype=torch.long)
@@ -123,7 +132,15 @@ class GuideRunner:
             drafts[i, :n], valid[i, :n] = p.drafts, True
         dev = logits.device
         picked = logits.gather(1, rows.to(dev)[:, :, None].expand(-1, -1, logits.shape[-1])).float()
-        return leading_agreement(picked, drafts.to(dev), relative.to(dev), valid.to(dev)).tolist()
+        agreed = leading_agreement(picked, drafts.to(dev), relative.to(dev), valid.to(dev)).tolist()
+        own = self._own_tokens(picked).tolist()
+        return [(a, own[i][a] if a < p.drafts.numel() else None) for i, (p, a) in enumerate(zip(pending, agreed))]
+
+    def _own_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """The guide's top token per row among those the diffusion model may commit (not the mask)."""
+        allowed = torch.arange(logits.shape[-1], device=logits.device) < self.model_vocab
+        allowed[self.mask_id] = False
+        return logits.masked_fill(~allowed, float("-inf")).argmax(-1)
 
     @staticmethod
     def _prepare(seq: Sequence, drafts: torch.Tensor) -> _Pending:

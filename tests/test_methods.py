@@ -280,6 +280,31 @@ def test_guided_commits_the_whole_agreed_run_in_one_step(model_dir, guide_dir):
     assert out.stats.steps_per_block == [1, 1, 1]  # a block per step: both models agree on every draft
 
 
+def test_where_the_guide_rejects_a_draft_it_commits_its_own_token(model_dir, guide_dir):
+    engine = make_engine(model_dir, guide_dir)
+    model_token, guide_token = (int(engine.tokenizer.encode(w, add_special_tokens=False)[0]) for w in (" fox", " dog"))
+    handles = [_bias_towards(engine.loaded.model.lm_head, model_token), _bias_towards(engine.guide.model.lm_head, guide_token)]
+    try:
+        (out,) = run(engine, [PROMPT], [SamplingParams(max_tokens=40, block_length=16, unmask="guided")])
+    finally:
+        for h in handles:
+            h.remove()
+    assert out.token_ids == [guide_token] * 40  # every first draft rejected and replaced by the guide's token
+    assert out.stats.steps_per_block == [16, 16, 8]
+
+
+def test_a_guide_that_prefers_the_mask_token_never_commits_it(model_dir, guide_dir):
+    engine = make_engine(model_dir, guide_dir)
+    mask = engine.model_config.mask_token_id
+    handle = _bias_towards(engine.guide.model.lm_head, mask)
+    try:
+        (out,) = run(engine, [PROMPT], [SamplingParams(max_tokens=24, block_length=8, unmask="guided")])
+    finally:
+        handle.remove()
+    assert len(out.token_ids) == 24 and mask not in out.token_ids
+    assert all(t < engine.model_config.vocab_size for t in out.token_ids)
+
+
 def test_guided_writes_left_to_right_at_least_one_token_per_step(model_dir, guide_dir):
     engine = make_engine(model_dir, guide_dir)
     seq = engine.add_request("r", PROMPT, SamplingParams(max_tokens=32, block_length=16, unmask="guided"))
@@ -319,7 +344,7 @@ def test_batched_guide_verification_equals_one_request_at_a_time(model_dir, guid
     engine.guide.verify(list(zip(seqs, drafts)))
     for seq, single in zip(seqs, alone):
         batched = guide_state(seq)
-        assert batched.agreed == single.agreed and batched.length == single.length
+        assert (batched.agreed, batched.correction, batched.length) == (single.agreed, single.correction, single.length)
         for (k1, v1), (k2, v2) in zip(batched.kv, single.kv):
             torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-5)

@@ -3,8 +3,9 @@
 The engine runs the guide model over every guided sequence's drafts once per
 step (`engine.guide.GuideRunner.verify`, batched); this policy turns the
 guide's verdict into commits: the leading run of drafts the guide agreed
-with, and at least the first masked position of the block, so a block is
-written left to right and every step commits something.
+with and, where it rejected one, the next position (the engine has put the
+guide's own token there), so a block is written left to right and every
+step commits something.
 """
 
 from __future__ import annotations
@@ -23,4 +24,5 @@ class Guided(UnmaskPolicy):
         agreed = guide_state(seq).agreed
         if agreed is None:
             raise RuntimeError("the guide model did not check this step's proposals")
-        return torch.arange(min(max(1, agreed), confidence.numel()))
+        corrected = guide_state(seq).correction is not None
+        return torch.arange(min(agreed + corrected, confidence.numel()))
