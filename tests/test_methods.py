@@ -7,6 +7,7 @@ statistics must match it step for step.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,24 +259,28 @@ def test_each_method_gives_the_same_output_alone_or_batched_with_other_policies(
 # --- guided -----------------------------------------------------------------------------------------
 
 
-def _bias_towards(module: torch.nn.Module, token: int):
-    """Make an LM head predict `token` everywhere, confidently."""
-    def hook(_module, _inputs, out):
-        out = out.clone()
-        out[..., token] += 50.0
-        return out
-    return module.register_forward_hook(hook)
+@contextlib.contextmanager
+def _biased(*heads: tuple[torch.nn.Module, int]):
+    """Make each LM head predict its token everywhere, confidently, inside the block."""
+    def hook_for(token: int):
+        def hook(_module, _inputs, out):
+            out = out.clone()
+            out[..., token] += 50.0
+            return out
+        return hook
+    handles = [module.register_forward_hook(hook_for(token)) for module, token in heads]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def test_guided_commits_the_whole_agreed_run_in_one_step(model_dir, guide_dir):
     engine = make_engine(model_dir, guide_dir)
     token = int(engine.tokenizer.encode(" fox", add_special_tokens=False)[0])
-    handles = [_bias_towards(engine.loaded.model.lm_head, token), _bias_towards(engine.guide.model.lm_head, token)]
-    try:
+    with _biased((engine.loaded.model.lm_head, token), (engine.guide.model.lm_head, token)):
         (out,) = run(engine, [PROMPT], [SamplingParams(max_tokens=40, block_length=16, unmask="guided")])
-    finally:
-        for h in handles:
-            h.remove()
     assert out.token_ids == [token] * 40
     assert out.stats.steps_per_block == [1, 1, 1]  # a block per step: both models agree on every draft
 
@@ -283,12 +288,8 @@ def test_guided_commits_the_whole_agreed_run_in_one_step(model_dir, guide_dir):
 def test_where_the_guide_rejects_a_draft_it_commits_its_own_token(model_dir, guide_dir):
     engine = make_engine(model_dir, guide_dir)
     model_token, guide_token = (int(engine.tokenizer.encode(w, add_special_tokens=False)[0]) for w in (" fox", " dog"))
-    handles = [_bias_towards(engine.loaded.model.lm_head, model_token), _bias_towards(engine.guide.model.lm_head, guide_token)]
-    try:
+    with _biased((engine.loaded.model.lm_head, model_token), (engine.guide.model.lm_head, guide_token)):
         (out,) = run(engine, [PROMPT], [SamplingParams(max_tokens=40, block_length=16, unmask="guided")])
-    finally:
-        for h in handles:
-            h.remove()
     assert out.token_ids == [guide_token] * 40  # every first draft rejected and replaced by the guide's token
     assert out.stats.steps_per_block == [16, 16, 8]
 
@@ -296,11 +297,8 @@ def test_where_the_guide_rejects_a_draft_it_commits_its_own_token(model_dir, gui
 def test_a_guide_that_prefers_the_mask_token_never_commits_it(model_dir, guide_dir):
     engine = make_engine(model_dir, guide_dir)
     mask = engine.model_config.mask_token_id
-    handle = _bias_towards(engine.guide.model.lm_head, mask)
-    try:
+    with _biased((engine.guide.model.lm_head, mask)):
         (out,) = run(engine, [PROMPT], [SamplingParams(max_tokens=24, block_length=8, unmask="guided")])
-    finally:
-        handle.remove()
     assert len(out.token_ids) == 24 and mask not in out.token_ids
     assert all(t < engine.model_config.vocab_size for t in out.token_ids)
 
