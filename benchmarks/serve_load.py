@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import httpx
 
-from benchmarks.tasks import FAMILIES, held_out_set
+from benchmarks.tasks import FAMILIES, Example, held_out_set, is_correct
 from benchmarks.tasks.batches import chat_prompt
 
 DEFAULT_CONCURRENCY = 8
@@ -68,6 +68,7 @@ class RequestPlan:
     policy: dict
     chat: bool
     ignore_eos: bool = False
+    answer: str | None = None  # the expected answer of a task problem (`--prompts tasks`)
 
     def body(self, model: str | None) -> dict:
         body: dict = {"max_tokens": self.max_tokens, "temperature": 0, "stream": self.stream, **self.policy}
@@ -117,27 +118,33 @@ def random_words(index: int, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-def task_prompts(n: int, chat: bool) -> list[str]:
-    """`n` held-out problems of the bundled model's tasks, families in turn (chat-templated for completions)."""
+def task_problems(n: int) -> list[Example]:
+    """`n` held-out problems of the bundled model's tasks, families in turn."""
     per_family = -(-n // len(FAMILIES))
-    problems = [ex for group in zip(*(held_out_set(f, per_family) for f in FAMILIES)) for ex in group][:n]
-    return [ex.prompt if chat else chat_prompt(ex.prompt) for ex in problems]
+    return [ex for group in zip(*(held_out_set(f, per_family) for f in FAMILIES)) for ex in group][:n]
 
 
 def make_plans(args: argparse.Namespace) -> list[RequestPlan]:
     rng = random.Random(args.seed)
     policies = args.policy or [{}]
     chat = args.endpoint == "chat"
-    tasks = task_prompts(args.num_requests, chat) if args.prompts == "tasks" else None
+    tasks = task_problems(args.num_requests) if args.prompts == "tasks" else None
+
+    def text(i: int) -> str:
+        if tasks is None:
+            return random_words(i, rng.choice(args.prompt_len))
+        return tasks[i].prompt if chat else chat_prompt(tasks[i].prompt)  # completions get the chat template
+
     return [
         RequestPlan(
             index=i,
-            text=tasks[i] if tasks else random_words(i, rng.choice(args.prompt_len)),
+            text=text(i),
             max_tokens=rng.choice(args.max_tokens),
             stream=rng.random() < args.stream,
             policy=rng.choice(policies),
             chat=chat,
             ignore_eos=args.ignore_eos,
+            answer=tasks[i].answer if tasks else None,
         )
         for i in range(args.num_requests)
     ]
@@ -154,8 +161,14 @@ class Measurement:
     ok: bool = False
     error: str | None = None
     output_tokens: int = 0
+    text: str = ""
     ttft: float | None = None
     e2e: float | None = None
+
+    @property
+    def correct(self) -> bool | None:
+        """For a task problem, whether the answer text is right (exact match); None otherwise."""
+        return None if self.plan.answer is None else is_correct(self.text, self.plan.answer)
 
     @property
     def tpot(self) -> float | None:
@@ -175,7 +188,9 @@ async def send(client: httpx.AsyncClient, plan: RequestPlan, model: str | None) 
         else:
             response = await client.post(path, json=plan.body(model))
             _check(response)
-            m.output_tokens = response.json()["usage"]["completion_tokens"]
+            reply = response.json()
+            m.output_tokens = reply["usage"]["completion_tokens"]
+            m.text = "".join(_choice_text(c) for c in reply["choices"])
         m.e2e = time.perf_counter() - start
         m.ok = m.error is None
     except _HTTPFailure as failure:
@@ -212,17 +227,18 @@ async def _stream(
             if "error" in event:
                 m.error = f"stream error {event['error'].get('code') or ''}".strip()
                 continue
-            if m.ttft is None and _has_text(event):
+            delta = "".join(_choice_text(c) for c in event.get("choices", []))
+            if m.ttft is None and delta:
                 m.ttft = time.perf_counter() - start
+            m.text += delta
             if event.get("usage"):
                 m.output_tokens = event["usage"]["completion_tokens"]
 
 
-def _has_text(event: dict) -> bool:
-    for choice in event.get("choices", []):
-        if choice.get("text") or (choice.get("delta") or {}).get("content"):
-            return True
-    return False
+def _choice_text(choice: dict) -> str:
+    """The text of a completion or chat choice, whole or a stream delta."""
+    content = choice.get("text") or (choice.get("message") or choice.get("delta") or {}).get("content")
+    return content or ""
 
 
 # --- arrival patterns --------------------------------------------------------------------------------
@@ -278,6 +294,7 @@ class Summary:
     tpot: dict = field(default_factory=dict)
     e2e: dict = field(default_factory=dict)
     errors: dict = field(default_factory=dict)
+    correct: int | None = None  # task problems answered right, of those that succeeded (`--prompts tasks`)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -312,6 +329,7 @@ def summarize(measurements: list[Measurement], wall: float) -> Summary:
         tpot=distribution([m.tpot for m in ok if m.tpot is not None]),
         e2e=distribution([m.e2e for m in ok if m.e2e is not None]),
         errors=dict(Counter(m.error for m in measurements if m.error)),
+        correct=sum(bool(m.correct) for m in ok) if any(m.plan.answer is not None for m in measurements) else None,
     )
 
 
@@ -336,6 +354,8 @@ def render(summary: Summary, args: argparse.Namespace) -> str:
             lines.append(f"{name:<22}{0:>6}{'-':>10}")
     errors = ", ".join(f"{kind}: {count}" for kind, count in sorted(summary.errors.items())) or "none"
     lines.append(f"errors: {errors}")
+    if summary.correct is not None:
+        lines.append(f"answers: {summary.correct} of {summary.succeeded} correct (exact match)")
     return "\n".join(lines)
 
 
