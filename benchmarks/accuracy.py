@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from benchmarks.tasks import FAMILIES, Example, held_out_set, is_correct
+from benchmarks.tasks import FAMILIES, Example, held_out_mix, is_correct
 from benchmarks.tasks.batches import chat_prompt
 from engine.guide import BUNDLED_GUIDE
 from engine.llm import LLM
@@ -98,12 +98,6 @@ class Row:
     seconds: float
     speedup: float  # the reference's wall time / this one's
     pass_speedup: float  # the reference's forward passes per request / this one's
-
-
-def problem_set(families: list[str], n: int) -> list[Example]:
-    """The first `n` held-out problems of each family, interleaved so every batch mixes families."""
-    sets = [held_out_set(family, n) for family in families]
-    return [ex for group in zip(*sets) for ex in group]
 
 
 def generate(llm: LLM, config: Config, problems: list[Example], max_tokens: int) -> list[RequestOutput]:
@@ -197,7 +191,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[Row]:
     a = parse_args(argv)
-    problems = problem_set(a.families, a.n)
+    problems = held_out_mix(a.families, a.n)
     llm = LLM(
         str(a.model), device=a.device, dtype=a.dtype, max_num_seqs=a.max_num_seqs,
         kv_cache_memory=a.kv_cache_mb * 2**20 if a.kv_cache_mb else None,

@@ -8,7 +8,7 @@ of the canvas] asks for token i: the state a left-to-right decoding step is
 in when everything before it was right. It prints, per task family, the
 per-token accuracy in those states, the share of problems whose every
 token is right (an upper bound for left-to-right decoding), and beside
-them the exact match of the reference sampler (`train_tiny.reference_generate`,
+them the exact match of the reference sampler (`train_tiny.decoder`,
 greedy) with blocks of 32 and of 1.
 
 A diagnostic for training work, not a quality figure: quality is claimed from
@@ -29,10 +29,10 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from benchmarks.tasks import FAMILIES, Example, held_out_set, is_correct
+from benchmarks.tasks import FAMILIES, Example, held_out_set
 from benchmarks.tasks.batches import chat_prompt, load_tokenizer
-from benchmarks.train_tiny import canvas_text, reference_generate
-from benchmarks.training import DEFAULT_TOKENIZER
+from benchmarks.train_tiny import decoder
+from benchmarks.training import DEFAULT_TOKENIZER, exact_match
 from engine.models.checkpoint import load_weights
 from engine.models.transformer import DiffusionTransformer
 
@@ -66,14 +66,6 @@ def probe_family(model: DiffusionTransformer, tok, examples: list[Example], gen_
     return acc
 
 
-def reference_exact_match(model: DiffusionTransformer, tok, examples: list[Example], gen_length: int,
-                          block_length: int) -> float:
-    prompts = [tok.encode(chat_prompt(ex.prompt)).ids for ex in examples]
-    canvases = reference_generate(model, prompts, gen_length, block_length)
-    texts = [canvas_text(tok, c, model.cfg.eos_token_id) for c in canvases]
-    return sum(is_correct(t, ex.answer) for t, ex in zip(texts, examples)) / len(examples)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(DEFAULT_TOKENIZER))
@@ -87,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     for family in FAMILIES:
         examples = held_out_set(family, a.n)
         acc = probe_family(model, tok, examples, a.gen)
-        blocks = [reference_exact_match(model, tok, examples, a.gen, b) for b in (32, 1)]
+        blocks = [exact_match((family,), a.n, a.n, decoder(model, tok, a.gen, b))[family] for b in (32, 1)]
         print(f"| {family} | {acc.tokens_right / acc.tokens:.3f} | {acc.problems_all_right / a.n:.3f} | "
               f"{blocks[0]:.3f} | {blocks[1]:.3f} |", flush=True)
 

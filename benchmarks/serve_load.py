@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import httpx
 
-from benchmarks.tasks import FAMILIES, Example, held_out_set, is_correct
+from benchmarks.tasks import FAMILIES, Example, held_out_mix, is_correct
 from benchmarks.tasks.batches import chat_prompt
 
 DEFAULT_CONCURRENCY = 8
@@ -120,8 +120,7 @@ def random_words(index: int, words: int) -> str:
 
 def task_problems(n: int) -> list[Example]:
     """`n` held-out problems of the bundled model's tasks, families in turn."""
-    per_family = -(-n // len(FAMILIES))
-    return [ex for group in zip(*(held_out_set(f, per_family) for f in FAMILIES)) for ex in group][:n]
+    return held_out_mix(FAMILIES, -(-n // len(FAMILIES)))[:n]
 
 
 def make_plans(args: argparse.Namespace) -> list[RequestPlan]:

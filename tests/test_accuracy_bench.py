@@ -13,8 +13,8 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from benchmarks.accuracy import CONFIGS as BENCH_CONFIGS
-from benchmarks.accuracy import REFERENCE, generate, main, problem_set
-from benchmarks.tasks import FAMILIES, held_out_set, is_correct
+from benchmarks.accuracy import REFERENCE, generate, main
+from benchmarks.tasks import FAMILIES, held_out_mix, held_out_set, is_correct
 from benchmarks.tasks.batches import chat_prompt, load_tokenizer
 from benchmarks.train_tiny import canvas_text, reference_generate
 from engine.llm import LLM
@@ -176,7 +176,7 @@ def test_each_method_keeps_the_accuracy_its_benchmark_row_recorded(bundled_llm, 
     recall prompts, and batching may tip a near-tie in the guide's padded forward)."""
     row = next(r for r in recorded["rows"] if r["config"] == name)
     n = recorded["n"]
-    problems = problem_set(CI_FAMILIES, n)
+    problems = held_out_mix(CI_FAMILIES, n)
     outputs = generate(bundled_llm, BENCH_CONFIGS[name], problems, recorded["max_tokens"])
     for family in CI_FAMILIES:
         right = sum(is_correct(out.text, ex.answer) for ex, out in zip(problems, outputs) if ex.family == family)

@@ -64,6 +64,12 @@ def held_out_set(family: str, n: int, seed: int = TEST_SEED) -> list[Example]:
     return list(itertools.islice(stream(FAMILIES[family], "test", f"{family}:{seed}"), n))
 
 
+def held_out_mix(families, n: int) -> list[Example]:
+    """The first `n` held-out problems of each of `families`, interleaved so every batch mixes families."""
+    sets = [held_out_set(family, n) for family in families]
+    return [ex for group in zip(*sets) for ex in group]
+
+
 def train_stream(seed: int | str, families: tuple[str, ...] | None = None, easy_fraction: float = 0.0) -> Iterator[Example]:
     """Endless training examples, families mixed uniformly, never a held-out problem.
 
@@ -80,5 +86,5 @@ def train_stream(seed: int | str, families: tuple[str, ...] | None = None, easy_
 
 __all__ = [
     "ANSWER_PREFIX", "EASY", "Example", "FAMILIES", "Split", "extract_answer", "generate", "is_correct",
-    "split_of", "held_out_set", "train_stream",
+    "split_of", "held_out_mix", "held_out_set", "train_stream",
 ]
