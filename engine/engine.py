@@ -6,6 +6,7 @@ its own thread for the server and `LLM` drives it for offline use.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import time
@@ -163,7 +164,7 @@ class LLMEngine:
         committed, finished_blocks = 0, []
         if work:
             tokens, confidence = proposals
-            offsets = [0] + torch.tensor([w.logit_positions.numel() for w in work]).cumsum(0).tolist()
+            offsets = [0, *itertools.accumulate(w.logit_positions.numel() for w in work)]
             self._consult_guide(work, tokens, offsets)
             for i, w in enumerate(work):
                 rows = slice(offsets[i], offsets[i + 1])

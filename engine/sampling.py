@@ -68,13 +68,14 @@ def uses_fused_path(params: SamplingParams) -> bool:
 def row_inputs(groups: list[RowGroup]) -> RowInputs:
     """Draw this step's seed of every group and spread the groups' settings over their rows."""
     seeds = [int(torch.randint(_SEED_RANGE, (1,), generator=g.generator)) for g in groups]
-    fused, temps, row_seeds = [], [], []
-    for group, seed in zip(groups, seeds):
-        fused += [uses_fused_path(group.params)] * group.rows
-        temps += [group.params.temperature] * group.rows
-        row_seeds += [seed + i for i in range(group.rows)]
+    rows = torch.tensor([g.rows for g in groups], dtype=torch.long)
+    first_row = torch.repeat_interleave(rows.cumsum(0) - rows, rows)
+    # Per group, spread over its rows without a Python loop over rows (a step has thousands).
     return RowInputs(
-        seeds, torch.tensor(fused, dtype=torch.bool), torch.tensor(temps, dtype=torch.float32), torch.tensor(row_seeds)
+        seeds,
+        fused=torch.tensor([uses_fused_path(g.params) for g in groups], dtype=torch.bool).repeat_interleave(rows),
+        temperature=torch.tensor([g.params.temperature for g in groups], dtype=torch.float32).repeat_interleave(rows),
+        row_seeds=torch.tensor(seeds, dtype=torch.long).repeat_interleave(rows) + torch.arange(int(rows.sum())) - first_row,
     )
 
 
