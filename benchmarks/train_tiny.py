@@ -212,9 +212,8 @@ def in_place_rows(batch: PackedBatch, mask_id: int, copies: int) -> InPlaceRows:
     valid = chosen.gather(1, idx)
     copy_seg = torch.where(valid, batch.segment.gather(1, idx), -2)
     copy_order = order.gather(1, idx)
-    seg = batch.segment
-    clean_to_clean = (seg[:, :, None] == seg[:, None, :]) & (order[:, None, :] <= order[:, :, None])
-    copy_to_clean = (copy_seg[:, :, None] == seg[:, None, :]) & (order[:, None, :] < copy_order[:, :, None])
+    clean_to_clean = batch.same_segment()[:, 0] & (order[:, None, :] <= order[:, :, None])
+    copy_to_clean = (copy_seg[:, :, None] == batch.segment[:, None, :]) & (order[:, None, :] < copy_order[:, :, None])
     itself = torch.eye(copies, dtype=torch.bool, device=ids.device)[None].expand(b, -1, -1)
     attention = torch.cat((torch.cat((clean_to_clean, torch.zeros_like(copy_to_clean.transpose(1, 2))), dim=2),
                            torch.cat((copy_to_clean, itself), dim=2)), dim=1)
