@@ -133,14 +133,14 @@ class GuideRunner:
         dev = logits.device
         picked = logits.gather(1, rows.to(dev)[:, :, None].expand(-1, -1, logits.shape[-1])).float()
         agreed = leading_agreement(picked, drafts.to(dev), relative.to(dev), valid.to(dev)).tolist()
-        own = self._own_tokens(picked).tolist()
+        own = self._own_tokens(picked).tolist()  # last: it overwrites `picked`
         return [(a, own[i][a] if a < p.drafts.numel() else None) for i, (p, a) in enumerate(zip(pending, agreed))]
 
     def _own_tokens(self, logits: torch.Tensor) -> torch.Tensor:
-        """The guide's top token per row among those the diffusion model may commit (not the mask)."""
-        allowed = torch.arange(logits.shape[-1], device=logits.device) < self.model_vocab
-        allowed[self.mask_id] = False
-        return logits.masked_fill(~allowed, float("-inf")).argmax(-1)
+        """The guide's top token per row among those the diffusion model may commit (overwrites `logits`)."""
+        logits[..., self.model_vocab :] = float("-inf")
+        logits[..., self.mask_id] = float("-inf")
+        return logits.argmax(-1)
 
     @staticmethod
     def _prepare(seq: Sequence, drafts: torch.Tensor) -> _Pending:
