@@ -64,6 +64,18 @@ class CudaGraphRunner:
     def num_graphs(self) -> int:
         return len(self._graphs)
 
+    def release(self) -> None:
+        """Free every captured graph (the next step captures again).
+
+        A tensor-parallel rank calls it before leaving its NCCL group: tearing
+        down a communicator hangs while graphs holding its collectives are
+        alive (pytorch/pytorch#115388).
+        """
+        torch.cuda.synchronize(self.device)
+        for step in self._graphs.values():
+            step.graph.reset()
+        self._graphs.clear()
+
     def run(self, batch: PackedBatch) -> torch.Tensor:
         """Final hidden states [T, hidden] of a packed batch (host or device tensors); valid until the next run."""
         tokens, seqs = batch.input_ids.numel(), batch.seq_lens.numel()

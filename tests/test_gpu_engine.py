@@ -20,17 +20,33 @@ def _engine(model_dir, **config) -> LLMEngine:
     return LLMEngine(EngineConfig(model_dir=str(model_dir), device="cuda", kv_cache_memory=64 * 2**20, **config))
 
 
+def _first_step_work(engine: LLMEngine) -> list[SequenceWork]:
+    """A full-sequence step for three scheduled requests of different lengths."""
+    seqs = [engine.add_request(f"r{i}", p, SamplingParams(max_tokens=24 + 8 * i, block_length=8)) for i, p in enumerate(PROMPTS)]
+    engine.scheduler.schedule(lambda s: 0)
+    return [SequenceWork(s, torch.arange(s.length), s.masked_in_block()) for s in seqs]
+
+
 def test_graph_replay_matches_the_eager_forward(llada_dir):
     engine = _engine(llada_dir)
     assert engine.runner.graphs is not None
-    seqs = [engine.add_request(f"r{i}", p, SamplingParams(max_tokens=24 + 8 * i, block_length=8)) for i, p in enumerate(PROMPTS)]
-    engine.scheduler.schedule(lambda s: 0)
-    work = [SequenceWork(s, torch.arange(s.length), s.masked_in_block()) for s in seqs]
+    work = _first_step_work(engine)
     graphed = engine.runner.run(work).float()
     assert engine.runner.graphs.num_graphs == 1
     engine.runner.graphs = None
     eager = engine.runner.run(work).float()
     torch.testing.assert_close(graphed, eager, rtol=2e-2, atol=2e-2)
+
+
+def test_released_graphs_are_captured_again_on_the_next_step(llada_dir):
+    engine = _engine(llada_dir)
+    work = _first_step_work(engine)
+    first = engine.runner.run(work).float()
+    engine.runner.graphs.release()  # what a tensor-parallel rank does before leaving its NCCL group
+    assert engine.runner.graphs.num_graphs == 0
+    again = engine.runner.run(work).float()
+    assert engine.runner.graphs.num_graphs == 1
+    torch.testing.assert_close(again, first)
 
 
 def test_cuda_generation_is_the_same_alone_or_batched(llada_dir):

@@ -68,6 +68,7 @@ class TensorParallelGroup:
             raise ValueError(f"tensor_parallel_size {tp} needs {tp} GPUs; {torch.cuda.device_count()} are visible")
         self.state.select_device()
         shards = shards or shard_loader(config)
+        self.rank: RankModel | None = None  # rank 0's shard, once `start` has joined the group
         self.workers = WorkerGroup(config, shards)
         try:
             self.loaded: LoadedModel = shards.load(self.state)  # while the workers load theirs
@@ -80,15 +81,17 @@ class TensorParallelGroup:
         pages = kv_pages(self.loaded, self.config)  # measured now: after whatever rank 0 loaded besides
         self.workers.wait_ready()
         self.workers.send(Join())
-        rank = join(self.state, self.loaded, self.config, self.workers.init_file, pages)
+        self.rank = join(self.state, self.loaded, self.config, self.workers.init_file, pages)
         # A worker that dies mid-step would leave rank 0 waiting in a collective: abort it instead.
         self.workers.watch(self.state.abort)
-        return TensorParallelRunner(rank, self.workers)
+        return TensorParallelRunner(self.rank, self.workers)
 
     def close(self) -> None:
         """Stop the workers and leave the group."""
         if self.workers.failure is None:
             self.workers.request_stop()
+            if self.rank is not None:
+                self.rank.release_graphs()
             self.state.leave()  # while the workers leave: NCCL's teardown waits for every rank
         elif self.state.backend == "gloo":
             self.state.leave()  # NCCL's would wait for the dead ranks: a failed NCCL group is left as it is

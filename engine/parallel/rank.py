@@ -35,6 +35,11 @@ class RankModel:
     def pool(self) -> KVPool:
         return self.runner.pool
 
+    def release_graphs(self) -> None:
+        """Before leaving the group: NCCL's teardown hangs while captured collectives live."""
+        if self.runner.graphs is not None:
+            self.runner.graphs.release()
+
 
 @dataclass
 class StepResult:

@@ -50,7 +50,9 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         pages = kv_pages(loaded, spec.config)
         conn.send_bytes(encode(Ready(spec.rank)))
         if isinstance(receive(conn), Join):  # else `Shutdown`: the engine failed to start
-            _serve(conn, join(state, loaded, spec.config, spec.init_file, pages))
+            rank = join(state, loaded, spec.config, spec.init_file, pages)
+            _serve(conn, rank)
+            rank.release_graphs()
     except Exception:
         _report(conn, Failed(spec.rank, traceback.format_exc()))
         os._exit(1)  # no teardown of the group: it would wait for the other ranks, which wait for this one
