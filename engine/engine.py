@@ -110,10 +110,14 @@ class LLMEngine:
         """Refuse the methods this engine was started without."""
         if CACHE_POLICIES[params.cache].needs_features and not self.pool.has_features:
             raise ParamError(
-                "cache", f"cache={params.cache!r} needs the pool's feature pages: start the engine with feature_cache=True"
+                "cache",
+                f"cache={params.cache!r} needs the pool's feature pages: start the engine with feature_cache=True "
+                "(`unmask serve --feature-cache`)",
             )
         if params.unmask == "guided" and self.guide is None:
-            raise ParamError("unmask", "unmask='guided' needs a guide model: start the engine with guide_model=DIR")
+            raise ParamError(
+                "unmask", "unmask='guided' needs a guide model: start the engine with guide_model=DIR (`unmask serve --guide-model DIR`)"
+            )
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -176,6 +176,18 @@ def test_bad_parameters_raise_an_error_naming_the_field(llm, field, value):
     assert llm.engine.pool.num_free == llm.engine.pool.num_pages and not llm.engine.has_unfinished
 
 
+@pytest.mark.parametrize(
+    ("params", "field", "flag"),
+    [(SamplingParams(cache="dllm-cache"), "cache", "--feature-cache"), (SamplingParams(unmask="guided"), "unmask", "--guide-model")],
+)
+def test_a_method_the_engine_was_started_without_is_refused_naming_how_to_start_it(llm, params, field, flag):
+    # llada_dir's random checkpoint has its own tokenizer, so the bundled guide does not fit it
+    with pytest.raises(ParamError) as info:
+        llm.generate(PROMPT, params)
+    assert info.value.param == field and flag in str(info.value)
+    assert llm.engine.pool.num_free == llm.engine.pool.num_pages and not llm.engine.has_unfinished
+
+
 def test_prompt_plus_canvas_beyond_the_context_is_refused(llm):
     with pytest.raises(ParamError) as info:
         llm.generate(PROMPT, SamplingParams(max_tokens=llm.engine.max_model_len))
