@@ -17,7 +17,7 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 def _block_after(heading: str, language: str) -> str:
     """The first fenced block of `language` after `heading`."""
     start = README.index(heading)
-    match = re.compile(rf"```{language}\n(.*?)```", re.S).search(README, start)
+    match = re.compile(rf"```{language}\n(.*?)```", re.DOTALL).search(README, start)
     assert match is not None, f"no {language} block after {heading!r}"
     return match.group(1)
 
@@ -40,7 +40,7 @@ def test_the_offline_api_example_prints_the_answer_its_comment_promises():
 
 def test_the_curl_chat_example_gets_the_answer_the_readme_shows(live_server):
     block = _block_after("so ask it one of those", "bash")
-    body = json.loads(re.search(r"-d '(\{.*\})'", block, re.S).group(1))
+    body = json.loads(re.search(r"-d '(\{.*\})'", block, re.DOTALL).group(1))
     shown = re.search(r'"content": "([^"]*)"\} \.\.\.', block).group(1)
     body["model"] = live_server.model
     with live_server.http() as client:

@@ -7,7 +7,13 @@ import argparse
 import pytest
 import torch
 
-from benchmarks.throughput import cycle_ceiling, make_engine, model_config, run_config, step_floor
+from benchmarks.throughput import (
+    cycle_ceiling,
+    make_engine,
+    model_config,
+    run_config,
+    step_floor,
+)
 
 
 def _llada_8b_dual_ceiling(batch: int, tokens_per_step: int, prompt: int = 128, gen: int = 256, block: int = 32) -> float:
