@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
@@ -46,7 +47,7 @@ class RunConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
-    workers: int = 0
+    workers: int | None = None  # data processes; None: none on the CPU, up to 12 beside a GPU (`default_workers`)
     log_every: int = 50
     eval_n: int = 200
     eval_gen: int = 64
@@ -101,11 +102,25 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
+def default_workers(device: torch.device) -> int:
+    """Data processes when `--workers` is not given.
+
+    On a GPU the step outruns one process making batches: without workers the
+    bundled model's recipe waited for data half the time and made 5.6k steps
+    instead of 13k in the same 7.25 minutes (benchmarks/RESULTS.md). On the CPU
+    the training step is the slow part, and workers would take its cores.
+    """
+    if device.type == "cpu":
+        return 0
+    return max(1, min(12, (os.cpu_count() or 2) - 2))
+
+
 def start(cfg: RunConfig, canvas_multiple: int = 32) -> tuple[torch.device, Iterator[PackedBatch]]:
     """Seed, pick the device and start the data workers (before CUDA is initialised: forking it is fragile)."""
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    data = batch_loader(cfg.tokenizer, cfg.batch_spec(canvas_multiple), cfg.seed, cfg.workers,
+    workers = default_workers(device) if cfg.workers is None else cfg.workers
+    data = batch_loader(cfg.tokenizer, cfg.batch_spec(canvas_multiple), cfg.seed, workers,
                         pin_memory=device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from benchmarks import train_guide, train_tiny
-from benchmarks.training import DEFAULT_TOKENIZER
+from benchmarks.training import DEFAULT_TOKENIZER, default_workers
 from benchmarks.tasks import held_out_set
 from benchmarks.tasks.batches import BatchSpec, PackedBatch, batches, chat_prompt, load_tokenizer
 from engine.models import load_model
@@ -160,3 +160,8 @@ def test_in_place_copies_see_the_clean_prefix_and_not_their_own_token():
     change = (after[r] - before[r]).abs().amax(dim=-1)
     assert change[: k + 1].max() < 1e-10  # copies up to k see nothing of tokens k, k+1, ..., not even indirectly
     assert change[k + 1 : len(response)].min() > 1e-6  # later copies see the changed prefix
+
+
+def test_data_workers_default_to_none_on_the_cpu_and_some_beside_a_gpu():
+    assert default_workers(torch.device("cpu")) == 0
+    assert 1 <= default_workers(torch.device("cuda")) <= 12
