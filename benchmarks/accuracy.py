@@ -12,9 +12,11 @@ steps per block), `th0.7`/`th0.9` the confidence threshold, `factor` the
 Fast-dLLM factor rule at its default, `guided` the guide model's verdict.
 The reference decoding (`none/lc1`) always runs first; the speedup columns
 compare wall time and forward passes per request against it. Before timing,
-each configuration runs once on one batch (`--no-warmup` skips it) so
-kernel compilation and CUDA graph capture are not charged to whichever
-configuration meets a shape first.
+each configuration runs once (`--no-warmup` skips it) so kernel compilation
+and CUDA graph capture are not charged to whichever configuration meets a
+shape first: on CUDA over all the problems, since graphs are captured per
+(tokens, sequences) bucket and continuous batching meets buckets that one
+batch does not (greedy decoding repeats the same steps); elsewhere over one batch.
 """
 
 from __future__ import annotations
@@ -210,8 +212,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     for note in notes:
         print(f"note: {note}")
     if a.warmup:
+        warmup_problems = problems if llm.engine.runner.graphs is not None else problems[: a.max_num_seqs]
         for config in configs:
-            generate(llm, config, problems[: a.max_num_seqs], a.max_tokens)
+            generate(llm, config, warmup_problems, a.max_tokens)
     print(table_header(a.families), flush=True)
     rows: list[Row] = []
     for config in configs:
