@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from server_fixtures import live_server  # noqa: F401  (pytest fixture)
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text()
 
 
 def _block_after(heading: str, language: str) -> str:
@@ -29,7 +30,8 @@ def _promised(code: str, marker: str) -> str:
 
 
 @pytest.mark.slow
-def test_the_offline_api_example_prints_the_answer_its_comment_promises():
+def test_the_offline_api_example_prints_the_answer_its_comment_promises(monkeypatch):
+    monkeypatch.chdir(REPO)  # the example names the bundled model by its path in the checkout
     code = _block_after("### Offline API", "python")
     printed = io.StringIO()
     with redirect_stdout(printed):
