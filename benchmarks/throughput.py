@@ -84,13 +84,18 @@ def step_floor(cfg: ModelConfig, batch: int, tokens: int, keys: int, dtype_bytes
     return max((weight_bytes + kv_bytes) / BANDWIDTH, flops / MATMUL_RATE), flops
 
 
+def block_cycle(refresh: float, cached: float, steps_per_block: int) -> float:
+    """A block's total of some per-step quantity (seconds, FLOPs): one refresh step, then cached steps."""
+    return refresh + (steps_per_block - 1) * cached
+
+
 def cycle_ceiling(batch: int, block: int, steps_per_block: int, floor_refresh: float, floor_cached: float) -> float:
-    """Generated tokens/s if every step of a block cycle (one refresh, then cached steps) ran at its floor.
+    """Generated tokens/s if every step of a block cycle ran at its floor.
 
     The most any implementation of the schedule can reach on the GPU: a
     throughput target above it needs a cheaper schedule, not faster kernels.
     """
-    return batch * block / (floor_refresh + (steps_per_block - 1) * floor_cached)
+    return batch * block / block_cycle(floor_refresh, floor_cached, steps_per_block)
 
 
 def make_engine(a: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> LLMEngine:
@@ -131,12 +136,12 @@ def run_config(engine: LLMEngine, batch: int, prompt: int, tps: int, cache: str,
     partial = [t for a, t in measured if a != batch * seq_len]
     refresh = statistics.median(full)
     cached = statistics.median(partial) if partial else refresh
-    cycle = refresh + (steps_per_block - 1) * cached
+    cycle = block_cycle(refresh, cached, steps_per_block)
     dtype_bytes = torch.empty((), dtype=engine.loaded.dtype).element_size()
     floor_refresh, flops_refresh = step_floor(cfg, batch, seq_len, seq_len, dtype_bytes)
     cached_tokens = {"none": seq_len, "prefix": gen, "dual": block}[cache]  # the first block's cached step
     floor_cached, flops_cached = step_floor(cfg, batch, cached_tokens, seq_len, dtype_bytes)
-    flops_cycle = flops_refresh + (steps_per_block - 1) * flops_cached
+    flops_cycle = block_cycle(flops_refresh, flops_cached, steps_per_block)
     ceiling = cycle_ceiling(batch, block, steps_per_block, floor_refresh / tp, floor_cached / tp)
     return Row(batch, prompt, tps, cache, refresh * 1e3, cached * 1e3, batch * block / cycle,
                floor_refresh / tp * 1e3, floor_cached / tp * 1e3, ceiling, flops_cycle / cycle / (MATMUL_RATE * tp))

@@ -87,7 +87,7 @@ def train(cfg: GuideConfig) -> tuple[LlamaForCausalLM, dict]:
     device, data = training.start(cfg)
     model = build_model(cfg, load_tokenizer(cfg.tokenizer)).to(device).train()
     print(f"guide: {training.count_params(model) / 1e6:.2f}M params", flush=True)
-    summary = training.fit(model, cfg, device, data, lambda batch, _: (*guide_loss(model, batch), "ar"))
+    summary = training.fit(model, cfg, device, data, lambda batch: guide_loss(model, batch))
     return model.eval(), summary
 
 

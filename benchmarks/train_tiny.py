@@ -192,7 +192,6 @@ class InPlaceRows:
     attention: torch.Tensor  # [B, 1, L + C, L + C] bool, True = attend
     targets: torch.Tensor  # [B, C]: the token each copy must predict
     valid: torch.Tensor  # [B, C] bool: a copy of a response token or of the first end-of-text
-    answer: torch.Tensor  # [B, C] bool: a copy of a response token
 
 
 def in_place_rows(batch: PackedBatch, mask_id: int, copies: int) -> InPlaceRows:
@@ -223,12 +222,10 @@ def in_place_rows(batch: PackedBatch, mask_id: int, copies: int) -> InPlaceRows:
         attention=attention[:, None],
         targets=ids.gather(1, idx),
         valid=valid,
-        answer=batch.answer.gather(1, idx) & valid,
     )
 
 
-def in_place_ar_loss(model: torch.nn.Module, batch: PackedBatch, mask_id: int,
-                     copies: int) -> tuple[torch.Tensor, torch.Tensor]:
+def in_place_ar_loss(model: torch.nn.Module, batch: PackedBatch, mask_id: int, copies: int) -> torch.Tensor:
     """Every response token predicted at its own masked position from a clean prefix, all in one pass.
 
     Causal next-token training learns these tasks fast but predicts token i
@@ -237,16 +234,14 @@ def in_place_ar_loss(model: torch.nn.Module, batch: PackedBatch, mask_id: int,
     it: benchmarks/RESULTS.md). Predicting masked copies (`in_place_rows`)
     trains what a left-to-right decoding step asks, for all response tokens
     at once: block diffusion's vectorised training with blocks of one token.
-    Returns the mean loss over the copies and the accuracy on response tokens.
+    Returns the mean loss over the copies.
     """
     rows = in_place_rows(batch, mask_id, copies)
     b, total = rows.input_ids.shape
     hidden = model(rows.input_ids.reshape(-1), rows.positions.reshape(-1), DenseAttention(b, total, rows.attention))
     logits = model.compute_logits(hidden.view(b, total, -1)[:, total - copies :]).float()
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows.targets.reshape(-1), reduction="none")
-    loss = (ce.view(b, copies) * rows.valid).sum() / rows.valid.sum().clamp_min(1)
-    hits = (logits.argmax(dim=-1) == rows.targets) & rows.answer
-    return loss, hits.sum() / rows.answer.sum().clamp_min(1)
+    return (ce.view(b, copies) * rows.valid).sum() / rows.valid.sum().clamp_min(1)
 
 
 def train(cfg: TrainConfig) -> tuple[DiffusionTransformer, dict]:
@@ -263,13 +258,12 @@ def train(cfg: TrainConfig) -> tuple[DiffusionTransformer, dict]:
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     block_lengths = tuple(int(x) for x in cfg.block_mask_lengths.split(","))
 
-    def loss_fn(batch: PackedBatch, progress: float) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def loss_fn(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         noised = noise_batch(batch, model.cfg.mask_token_id, cfg.eps, cfg.block_mask_prob, block_lengths, gen)
         loss, accuracy = diffusion_loss(forward, batch, noised)
         if cfg.in_place_weight > 0:
-            loss = loss + cfg.in_place_weight * in_place_ar_loss(forward, batch, model.cfg.mask_token_id,
-                                                                 cfg.in_place_copies)[0]
-        return loss, accuracy, "diffusion"
+            loss = loss + cfg.in_place_weight * in_place_ar_loss(forward, batch, model.cfg.mask_token_id, cfg.in_place_copies)
+        return loss, accuracy
 
     summary = fit(model, cfg, device, data, loss_fn)
     return model.eval(), summary

@@ -168,8 +168,8 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig, fused: bool) -> torch
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
 
-# The loss of one batch at a point of training: (loss, accuracy on the response tokens, phase name).
-LossFn = Callable[[PackedBatch, float], tuple[torch.Tensor, torch.Tensor, str]]
+# The loss of one batch: (loss, accuracy on the response tokens).
+LossFn = Callable[[PackedBatch], tuple[torch.Tensor, torch.Tensor]]
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -186,8 +186,7 @@ def fit(model: torch.nn.Module, cfg: RunConfig, device: torch.device, data: Iter
     opt = make_optimizer(model, cfg, fused=device.type == "cuda")
     clock = Clock(cfg.steps, cfg.minutes)
     step, tokens, window, history, data_wait = 0, 0, [], [], 0.0
-    while clock.progress(step) < 1.0:
-        progress = clock.progress(step)
+    while (progress := clock.progress(step)) < 1.0:
         lr = lr_at(progress, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -196,7 +195,7 @@ def fit(model: torch.nn.Module, cfg: RunConfig, device: torch.device, data: Iter
         data_wait += time.perf_counter() - t_data
         batch = batch.to(device)
         with autocast(device):
-            loss, answer_acc, phase = loss_fn(batch, progress)
+            loss, answer_acc = loss_fn(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -209,7 +208,7 @@ def fit(model: torch.nn.Module, cfg: RunConfig, device: torch.device, data: Iter
             window.clear()
             history.append((step, mean, acc))
             el = clock.elapsed()
-            print(f"step {step:6d}  {el:7.1f}s  {phase} loss {mean:.4f}  answer acc {acc:.3f}  lr {lr:.2e}  "
+            print(f"step {step:6d}  {el:7.1f}s  loss {mean:.4f}  answer acc {acc:.3f}  lr {lr:.2e}  "
                   f"{step / el:.1f} steps/s  {tokens / el / 1e3:.0f}k tok/s  waiting for data {100 * data_wait / el:.0f}%",
                   flush=True)
     if window:
