@@ -85,6 +85,8 @@ def main() -> None:
     print(f"GPU busy | {gpu:.2f} | {gpu / wall:.0%}")
     print(f"wall (engine step) | {wall:.2f} | 100%")
     print(f"host overhead (wall - GPU busy) | {wall - gpu:.2f} | {(wall - gpu) / wall:.0%}")
+    # Which kernels, by GPU time, then where the host's time goes.
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=90))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
