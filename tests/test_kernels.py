@@ -25,6 +25,9 @@ from kernels._triton import HAS_TRITON
 from kernels.confidence import fused_confidence, fused_confidence_reference, fused_confidence_triton
 from kernels.kv_write import write_kv, write_kv_reference, write_kv_triton
 from kernels.paged_attention import paged_attention, paged_attention_reference, paged_attention_triton
+from kernels.rms_norm import add_rms_norm, rms_norm, rms_norm_reference, rms_norm_triton
+from kernels.rotary import rotary, rotary_reference, rotary_table, rotary_triton
+from kernels.silu_mul import silu_mul, silu_mul_reference, silu_mul_triton
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # The serving dtype; the interpreter's bf16 matrix product is broken (Triton 3.9), so it checks fp16.
@@ -212,6 +215,46 @@ def test_dispatch_uses_the_references_off_the_gpu():
     assert torch.equal(k_cache[0, :2], b.keys[0][:2])
 
 
+def test_rms_norm_reference_normalises_the_sum_with_the_residual():
+    x, residual, weight = torch.randn(5, 64), torch.randn(5, 64), torch.rand(64) + 0.5
+    normed, summed = rms_norm_reference(x, weight, 1e-5, residual)
+    assert torch.equal(summed, x + residual)
+    s = summed.double()
+    expected = s / (s.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * weight.double()
+    torch.testing.assert_close(normed.double(), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(rms_norm_reference(x, weight, 1e-5)[1], x)  # without a residual the input passes through
+
+
+def _direct_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """float64 rotation of each (i, i + D/2) pair by position * theta^(-2i/D)."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / x.shape[-1])
+    angles = positions.double()[:, None, None] * inv_freq
+    x1, x2 = x.double()[..., :half], x.double()[..., half:]
+    return torch.cat((x1 * angles.cos() - x2 * angles.sin(), x2 * angles.cos() + x1 * angles.sin()), -1)
+
+
+def test_rotary_reference_rotates_each_pair_by_its_positions_angle():
+    inv_freq = 10000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    cos, sin = rotary_table(inv_freq.float(), 4096)
+    x, positions = torch.randn(9, 3, 64), torch.tensor([0, 1, 2, 17, 100, 511, 2048, 4000, 4095])
+    out = rotary_reference(x, positions, cos, sin)
+    torch.testing.assert_close(out.double(), _direct_rotary(x, positions), rtol=0, atol=2e-3)
+    assert torch.equal(out[0], x[0])  # position 0 is the identity
+
+
+def test_dispatch_of_the_elementwise_kernels_uses_the_references_off_the_gpu():
+    if INTERPRETING:
+        pytest.skip("the interpreter sends CPU tensors to Triton")
+    x, r, w = torch.randn(4, 32), torch.randn(4, 32), torch.randn(32)
+    assert torch.equal(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6)[0])
+    assert all(torch.equal(a, b) for a, b in zip(add_rms_norm(x, r, w, 1e-6), rms_norm_reference(x, w, 1e-6, r)))
+    cos, sin = rotary_table(torch.rand(8), 50)
+    q, positions = torch.randn(4, 2, 16), torch.tensor([3, 0, 49, 7])
+    assert torch.equal(rotary(q, positions, cos, sin), rotary_reference(q, positions, cos, sin))
+    assert torch.equal(silu_mul(x, r), silu_mul_reference(x, r))
+
+
 # ----------------------------------------------------------------------------- Triton kernels (GPU)
 
 
@@ -334,3 +377,43 @@ def test_fused_confidence_kernel_sample_depends_only_on_row_and_seed(kernel_devi
     assert tokens[0] == greedy[0] and tokens[3] == greedy[3]  # temperature 0 is greedy
     ref_conf = logits.float().softmax(-1).gather(1, tokens[:, None]).squeeze(1)
     torch.testing.assert_close(conf, ref_conf, rtol=1e-4, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,hidden", [(1, 4096), (93, 4096), (37, 384), (16, 100)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_kernel_matches_reference(kernel_device, rows, hidden, with_residual):
+    # Rows of a wider tensor: the kernel honours the row stride.
+    x = torch.randn(rows, hidden + 8, device=kernel_device).to(HALF)[:, :hidden]
+    residual = torch.randn(rows, hidden, device=kernel_device).to(HALF) * 4 if with_residual else None
+    weight = (torch.rand(hidden, device=kernel_device) + 0.5).to(HALF)
+    normed, summed = rms_norm_triton(x, weight, 1e-5, residual)
+    ref_normed, ref_summed = rms_norm_reference(x, weight, 1e-5, residual)
+    assert torch.equal(summed, ref_summed)  # the residual add rounds exactly as PyTorch's
+    # A different summation order: one rounding step apart at most (bf16's default tolerance).
+    torch.testing.assert_close(normed, ref_normed, rtol=1.6e-2, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 32, 128), (28, 4, 128), (6, 6, 64)])
+def test_rotary_kernel_matches_reference_on_views_of_a_fused_qkv(kernel_device, heads, kv_heads, head_dim):
+    tokens, max_position = 77, 4096
+    inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=kernel_device) / head_dim)
+    cos, sin = rotary_table(inv_freq.float(), max_position)
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, device=kernel_device).to(HALF)
+    q, k = qkv[:, :heads], qkv[:, heads : heads + kv_heads]
+    positions = torch.randint(0, max_position, (tokens,), device=kernel_device)
+    positions[:3] = torch.tensor([0, max_position - 1, 1])
+    for x in (q, k):
+        torch.testing.assert_close(rotary_triton(x, positions, cos, sin), rotary_reference(x, positions, cos, sin))
+    assert torch.equal(rotary_triton(q, positions, cos, sin)[0], q[0])  # position 0 is the identity
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,width", [(1, 12288), (33, 1000), (5, 7)])
+def test_silu_mul_kernel_matches_reference_on_the_halves_of_a_fused_gate_up(kernel_device, rows, width):
+    gate_up = torch.randn(rows, 2 * width, device=kernel_device).to(HALF)
+    gate_up[:, :width] *= 4
+    gate, up = gate_up.split(width, dim=-1)
+    # exp differs from PyTorch's by an ulp here and there: one rounding step apart at most.
+    torch.testing.assert_close(silu_mul_triton(gate, up), silu_mul_reference(gate, up), rtol=1.6e-2, atol=1e-5)

@@ -16,6 +16,7 @@ from engine.models.checkpoint import INDEX_FILE, load_weights, read_config, save
 from engine.models.loader import load_tokenizer
 from engine.models.make_random import main as make_random
 from engine.models.make_random import make_random_checkpoint
+from engine.models.transformer import DiffusionTransformer
 
 LLADA_NAMES = [
     "model.transformer.wte.weight",
@@ -159,3 +160,18 @@ def test_dummy_load_format_without_config_json_says_how_to_write_one(tmp_path):
 def test_an_unknown_load_format_is_refused():
     with pytest.raises(ValueError, match="load_format"):
         EngineConfig(model_dir="unused", load_format="safetensors")
+
+
+def test_loaded_models_run_fused_projections_that_share_the_weights_and_match_separate_ones(model_dir):
+    loaded = load_model(model_dir, dtype="float32", device="cpu")
+    fused = loaded.model
+    attn, mlp = fused.layers[0].attn, fused.layers[0].mlp
+    # The layers' parameters are views of the stacked weights: nothing is stored twice.
+    assert attn.qkv is not None and mlp.gate_up is not None
+    assert attn.k_proj.weight.data_ptr() == attn.qkv.weight.data_ptr() + attn.q_proj.weight.numel() * 4
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.gate_up.weight.untyped_storage().data_ptr()
+    separate = DiffusionTransformer(loaded.config)
+    separate.load_state_dict(fused.state_dict())
+    assert separate.layers[0].attn.qkv is None
+    ids = torch.randint(0, loaded.config.vocab_size, (2, 9))
+    torch.testing.assert_close(fused.forward_dense(ids), separate.forward_dense(ids), rtol=1e-5, atol=1e-5)

@@ -90,7 +90,8 @@ def empty_model(
         if sharding is not None:
             sharding.split(model)
     model = model.to(dtype).to_empty(device=device)
-    model.rotary = Rotary(cfg.head_dim, cfg.rope_theta).to(device)  # a computed buffer, not a weight
+    model.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position).to(device)  # a computed buffer, not a weight
+    model.fuse_projections()
     return model
 
 
