@@ -7,6 +7,7 @@ needed for logits, and never looks at policies.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,6 +21,9 @@ from engine.models.loader import LoadedModel
 from engine.models.transformer import LayerHook
 from engine.sampling import RowGroup, propose_batch
 from engine.sequence import Sequence
+from engine.transfer import to_device
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,8 +43,23 @@ class SequenceWork:
         return n if self.features is None else self.features.recomputed(n)
 
 
+def limit_host_threads(device: torch.device) -> None:
+    """With the model on a GPU, run the host's tensor ops on one thread.
+
+    The host side of a step is bookkeeping on tensors of a few hundred elements;
+    some ops (e.g. `repeat_interleave`) still fan out to every OpenMP thread, and
+    with two engine processes on one host (one per GPU, tensor-parallel ranks)
+    the threads contend: a profile of a batch-64 step beside another engine
+    showed 11 ms per `repeat_interleave` call. On the CPU the model needs them.
+    """
+    if device.type == "cuda" and torch.get_num_threads() > 1:
+        log.info("model on %s: torch host ops limited to one thread (was %d)", device, torch.get_num_threads())
+        torch.set_num_threads(1)
+
+
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, pool: KVPool, graphs: CudaGraphRunner | None = None):
+        limit_host_threads(loaded.device)
         self.model = loaded.model
         self.config = loaded.config
         self.device = loaded.device
@@ -54,7 +73,7 @@ class ModelRunner:
     def pack(self, work: list[SequenceWork]) -> tuple[PackedBatch, torch.Tensor]:
         """Build the packed batch and the flat row index of every requested logit (on the model's device)."""
         batch, rows = self.pack_host(work)
-        return batch_to(batch, self.device), rows.to(self.device)
+        return batch_to(batch, self.device), to_device(rows, self.device)
 
     def pack_host(self, work: list[SequenceWork]) -> tuple[PackedBatch, torch.Tensor]:
         """`pack` on the CPU (what a tensor-parallel engine sends to its workers)."""
@@ -106,4 +125,4 @@ class ModelRunner:
 
 
 def batch_to(batch: PackedBatch, device: torch.device) -> PackedBatch:
-    return PackedBatch(**{k: v.to(device, non_blocking=True) for k, v in vars(batch).items()})
+    return PackedBatch(**{k: to_device(v, device) for k, v in vars(batch).items()})

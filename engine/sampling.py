@@ -20,6 +20,7 @@ from functools import cached_property
 import torch
 
 from engine.params import SamplingParams
+from engine.transfer import to_device, to_host
 from kernels import fused_confidence
 
 _SEED_RANGE = 2**62
@@ -87,15 +88,15 @@ def propose_batch(logits: torch.Tensor, groups: list[RowGroup], mask_id: int) ->
     confidence = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     fused = inputs.fused.nonzero().flatten()
     if fused.numel():
-        temperature = inputs.temperature[fused].to(logits.device)
-        seeds = inputs.row_seeds[fused].to(logits.device)
+        temperature = to_device(inputs.temperature[fused], logits.device)
+        seeds = to_device(inputs.row_seeds[fused], logits.device)
         if fused.numel() == logits.shape[0]:  # the common case: every row, no gather copy
             tokens, confidence = fused_confidence(logits, temperature, seeds)
         else:
-            index = fused.to(logits.device)
+            index = to_device(fused, logits.device)
             tokens[index], confidence[index] = fused_confidence(logits[index], temperature, seeds)
     general = inputs.general_rows
-    general_logits = logits[general.to(logits.device)] if general.numel() else None
+    general_logits = logits[to_device(general, logits.device)] if general.numel() else None
     return complete_proposals(tokens, confidence, general_logits, inputs, groups)
 
 
@@ -109,9 +110,9 @@ def complete_proposals(
     """Fill the rows outside the fused path from their full logits (`general_logits`, those rows
     in order), bring the proposals to the CPU and apply `random` remasking."""
     if general_logits is not None:
-        index = inputs.general_rows.to(tokens.device)
+        index = to_device(inputs.general_rows, tokens.device)
         tokens[index], confidence[index] = _propose_general_groups(general_logits, groups, inputs.seeds)
-    tokens, confidence = tokens.cpu(), confidence.cpu()
+    tokens, confidence = to_host(tokens, confidence)  # the step's one wait for the GPU
     _randomize_confidence(confidence, groups, inputs.seeds)
     return tokens, confidence
 

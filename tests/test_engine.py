@@ -11,6 +11,7 @@ from engine.engine import LLMEngine
 from engine.llm import LLM
 from engine.outputs import FinishReason
 from engine.params import ParamError, SamplingParams
+from engine.runner import limit_host_threads
 
 PROMPT = "What is 12 plus 30?"
 
@@ -229,3 +230,15 @@ def test_a_bad_prompt_met_late_aborts_the_others_and_frees_their_pages(llada_dir
         llm.generate([PROMPT, PROMPT, PROMPT, too_long], SamplingParams(max_tokens=16, block_length=8))
     assert not llm.engine.has_unfinished
     assert llm.engine.runner.pool.num_free == llm.engine.runner.pool.num_pages
+
+
+def test_host_ops_run_on_one_thread_when_the_model_is_on_a_gpu_and_on_all_on_the_cpu():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        limit_host_threads(torch.device("cpu"))
+        assert torch.get_num_threads() == 2  # the CPU model's matrix products need them
+        limit_host_threads(torch.device("cuda", 0))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -65,3 +67,22 @@ def test_cuda_matches_cpu_greedy_tokens_for_each_cache(llada_dir, cache):
     gpu = LLM(str(llada_dir), device="cuda", dtype="float32", kv_cache_memory=64 * 2**20).generate(PROMPTS[0], params)[0]
     agree = sum(a == b for a, b in zip(cpu.token_ids, gpu.token_ids))
     assert agree >= 0.9 * len(cpu.token_ids)
+
+
+@pytest.mark.parametrize("cache", ["none", "dual"])
+@pytest.mark.parametrize("graphs", [True, False], ids=["cuda-graphs", "eager"])
+def test_a_step_waits_for_the_gpu_once_to_read_its_proposals(llada_dir, cache, graphs):
+    engine = _engine(llada_dir, cuda_graph_max_tokens=2048 if graphs else 0)
+    for i, p in enumerate(PROMPTS):  # greedy and sampled rows in one step
+        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=64, block_length=32, cache=cache, temperature=0.7 * i, seed=i))
+    for _ in range(3):  # graphs captured, kernels compiled
+        engine.step()
+    torch.cuda.set_sync_debug_mode("warn")  # every host synchronisation then warns
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]

@@ -21,6 +21,7 @@ from engine.parallel.plan import StepPlan
 from engine.parallel.state import ParallelState
 from engine.parallel.vocab import blank_columns, combine_stats, shard_stats
 from engine.runner import ModelRunner, batch_to
+from engine.transfer import to_device
 
 
 @dataclass
@@ -74,15 +75,15 @@ def join(state: ParallelState, loaded: LoadedModel, config: EngineConfig, init_f
 def run_step(rank: RankModel, plan: StepPlan) -> StepResult:
     """Forward this rank's shard over the plan's batch and reduce the split logits with the other ranks."""
     runner, device = rank.runner, rank.runner.device
-    logits = runner.forward(batch_to(plan.batch, device), plan.logit_rows.to(device))
+    logits = runner.forward(batch_to(plan.batch, device), to_device(plan.logit_rows, device))
     blank_columns(logits, rank.vocab, runner.config.mask_token_id)
     sampling = plan.sampling
-    stats = shard_stats(logits, rank.vocab, sampling.temperature.to(device), sampling.seeds.to(device))
+    stats = shard_stats(logits, rank.vocab, to_device(sampling.temperature, device), to_device(sampling.seeds, device))
     tokens, confidence = combine_stats(rank.state.all_gather(stats.pack()))
     gathered = None
     if sampling.gather_rows.numel():
         # Top-p, margin and entropy need the whole distribution of their rows: those rows are gathered.
-        parts = rank.state.all_gather(logits[sampling.gather_rows.to(device)])  # [tp, M, shard size]
+        parts = rank.state.all_gather(logits[to_device(sampling.gather_rows, device)])  # [tp, M, shard size]
         rows = parts.shape[1]
         gathered = parts.permute(1, 0, 2).reshape(rows, -1)[:, : rank.vocab.vocab_size]
     return StepResult(tokens, confidence, gathered)
