@@ -3,15 +3,17 @@
     python benchmarks/profile_step.py --batch 64 --prompt 128 --cache dual --tokens-per-step 4
 
 Runs the same engine and random LLaDA-8B-shaped model as `throughput.py`,
-profiles a few steady-state cached steps with torch.profiler, and prints the
-GPU time per kernel family, the total GPU busy time per step and the wall time
-per step: their difference is host overhead (Python, launches, copies).
+times a few steady-state cached steps, profiles a few more with torch.profiler,
+and prints the GPU time per kernel family, the total GPU busy time per step and
+the unprofiled wall time per step: their difference is the host's share
+(Python, launches, copies) that the GPU waits for.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -26,6 +28,7 @@ FAMILIES = (
     ("attention", ("attn_fwd", "merge_splits")),
     ("kv write", ("write_kv",)),
     ("confidence", ("confidence",)),
+    ("norm/rope/silu (fused)", ("rms_norm", "rotary", "silu_mul")),
     ("norm/rope/elementwise", ("elementwise", "vectorized", "reduce", "cat", "copy", "fill", "index")),
 )
 
@@ -47,7 +50,8 @@ def main() -> None:
     p.add_argument("--block", type=int, default=32)
     p.add_argument("--tokens-per-step", type=int, default=4)
     p.add_argument("--cache", default="dual")
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--timed-steps", type=int, default=2, help="cached steps timed without the profiler")
+    p.add_argument("--steps", type=int, default=3, help="cached steps under the profiler")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (kernels of graph replays may not be traced)")
     a = p.parse_args()
     loaded = build_model(a.arch, torch.device("cuda"), torch.bfloat16)
@@ -59,15 +63,22 @@ def main() -> None:
                      kv_cache_memory=int(a.batch * seq_len * 4 * cfg.num_layers * cfg.hidden_size * 1.05) + 2**24),
         loaded=loaded,
     )
+    if 2 + a.timed_steps + a.steps > a.block // a.tokens_per_step:
+        p.error("the warm-up, timed and profiled steps must fit in one block's steps (block / tokens-per-step)")
     params = SamplingParams(max_tokens=a.gen, block_length=a.block, steps=a.block // a.tokens_per_step, cache=a.cache)
     g = torch.Generator().manual_seed(0)
     for i in range(a.batch):
         engine.add_request(f"r{i}", torch.randint(2, 126000, (a.prompt,), generator=g).tolist(), params)
     walls: list[float] = []
     engine.step_listeners.append(lambda s: walls.append(s.step_seconds))
-    for _ in range(3):  # refresh + two cached steps: graphs captured, kernels compiled
+    for _ in range(2):  # refresh + one cached step: graphs captured, kernels compiled
         engine.step()
+    # Wall time without the profiler (it slows the host's side several-fold), then the kernels under it;
+    # every step here is a cached step of the first block (block / tokens-per-step steps per block).
     walls.clear()
+    for _ in range(a.timed_steps):
+        engine.step()
+    wall = statistics.mean(walls) * 1e3
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(a.steps):
             engine.step()
@@ -76,15 +87,16 @@ def main() -> None:
         if event.device_type == torch.autograd.DeviceType.CUDA:
             per_family[family(event.key)] += event.device_time_total / 1e3 / a.steps
     gpu = sum(per_family.values())
-    wall = sum(walls) / len(walls) * 1e3
     print(f"# {a.arch} batch {a.batch} prompt {a.prompt} cache {a.cache} {a.tokens_per_step} tok/step, "
           f"{torch.cuda.get_device_name()}")
     print("kernel family | ms per step | share of wall")
     for label, ms in sorted(per_family.items(), key=lambda kv: -kv[1]):
         print(f"{label} | {ms:.2f} | {ms / wall:.0%}")
     print(f"GPU busy | {gpu:.2f} | {gpu / wall:.0%}")
-    print(f"wall (engine step) | {wall:.2f} | 100%")
+    print(f"wall (engine step, unprofiled) | {wall:.2f} | 100%")
     print(f"host overhead (wall - GPU busy) | {wall - gpu:.2f} | {(wall - gpu) / wall:.0%}")
+    syncs = sum(e.count for e in prof.key_averages() if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
+    print(f"host synchronisations per step | {syncs / a.steps:.1f} |")
     # Which kernels, by GPU time, then where the host's time goes.
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=90))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
