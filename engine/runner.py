@@ -22,6 +22,7 @@ from engine.models.transformer import LayerHook
 from engine.sampling import RowGroup, propose_batch
 from engine.sequence import Sequence
 from engine.transfer import to_device
+from kernels.confidence import precompile_fused_confidence
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def limit_host_threads(device: torch.device) -> None:
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, pool: KVPool, graphs: CudaGraphRunner | None = None):
         limit_host_threads(loaded.device)
+        precompile_fused_confidence(loaded.config.vocab_size, loaded.dtype, loaded.device)
         self.model = loaded.model
         self.config = loaded.config
         self.device = loaded.device

@@ -16,8 +16,10 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`tensor` on `device`; a host tensor bound for a GPU is copied asynchronously from pinned memory."""
     if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
-    # The pinned staging block is reused only after the copy is done (the caching host allocator records it).
-    return tensor.pin_memory().to(device, non_blocking=True)
+    # Straight from the caching host allocator (`pin_memory()` would first ask CUDA whether the tensor is
+    # pinned); the block is reused only after the copy is done (the allocator records the copy's stream).
+    pinned = torch.empty_like(tensor, pin_memory=True).copy_(tensor)
+    return pinned.to(device, non_blocking=True)
 
 
 def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
