@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,3 +52,16 @@ def test_a_cpu_smoke_run_gives_one_row_per_cache_with_its_floors():
         assert r.ceiling_tokens_per_s == pytest.approx(2 * 32 / cycle_s)
     assert [r.cache for r in rows] == ["none", "dual"]
     assert engine.pool.num_free == engine.pool.num_pages  # every request aborted, every page back
+
+
+def test_the_host_phase_timer_reports_every_phase_once_per_step_or_once_per_sequence():
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run(
+        [sys.executable, "benchmarks/host_phases.py", "--arch", "tiny", "--batch", "3", "--steps", "2"],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    rows = dict(line.split(" | ", 1) for line in run.stdout.splitlines() if line.count(" | ") == 2)
+    calls = {label: int(rest.split(" | ")[1]) for label, rest in rows.items() if label != "phase"}
+    assert calls["schedule"] == calls["pack (host tensors)"] == 1
+    assert calls["work per sequence"] == calls["commit per sequence"] == calls["output per sequence"] == 3
