@@ -73,11 +73,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed cached steps (after a refresh and one cached step)")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = build_model(a.arch, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    loaded = build_model(a.arch, device, dtype)
     cfg, seq_len = loaded.config, a.prompt + 256
+    kv_bytes = a.batch * seq_len * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
     engine = LLMEngine(
         EngineConfig(model_dir="<random>", max_num_seqs=a.batch, max_num_batched_tokens=a.batch * seq_len,
-                     kv_cache_memory=int(a.batch * seq_len * 4 * cfg.num_layers * cfg.hidden_size * 1.05) + 2**24),
+                     kv_cache_memory=int(kv_bytes * 1.05) + 2**24),
         loaded=loaded,
     )
     if 2 + a.steps > 32 // a.tokens_per_step:

@@ -273,7 +273,7 @@ class LLMEngine:
         seq.stats.forward_passes += 1
         seq.stats.tokens_committed += chosen.numel()
         finished_blocks = []
-        if not seq.masked_in_block().numel():
+        if chosen.numel() == targets.numel():  # nothing left masked in the block
             seq.stats.steps_per_block.append(seq.step)
             finished_blocks.append(seq.step)
             seq.block, seq.step = seq.block + 1, 0

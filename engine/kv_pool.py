@@ -94,6 +94,7 @@ class KVPool:
     def free(self, pages: list[int]) -> None:
         self._free.extend(reversed(pages))
 
-    def slots(self, pages: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Flat slot index (page * page_size + offset) of each position, given a page table."""
-        return pages[positions // self.page_size] * self.page_size + positions % self.page_size
+    def slots_in_table(self, page_table: torch.Tensor, owner: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Flat slot index (page * page_size + offset) of each position; `owner` names its row of `page_table`."""
+        pages = page_table[owner, positions // self.page_size].long()
+        return pages * self.page_size + positions % self.page_size

@@ -78,27 +78,25 @@ class ModelRunner:
         return batch_to(batch, self.device), to_device(rows, self.device)
 
     def pack_host(self, work: list[SequenceWork]) -> tuple[PackedBatch, torch.Tensor]:
-        """`pack` on the CPU (what a tensor-parallel engine sends to its workers)."""
-        counts = [w.positions.numel() for w in work]
-        offsets = torch.tensor([0] + counts).cumsum(0)
+        """`pack` on the CPU (what a tensor-parallel engine sends to its workers).
+
+        Whole-batch tensor ops rather than a few per sequence: at batch 64 the
+        host's per-sequence bookkeeping is what the GPU waits for.
+        """
+        counts = torch.tensor([w.positions.numel() for w in work])
         max_pages = max(len(w.seq.pages) for w in work)
-        page_table = torch.zeros(len(work), max_pages, dtype=torch.int32)
-        slots, ids, rows = [], [], []
-        for i, w in enumerate(work):
-            pages = torch.tensor(w.seq.pages, dtype=torch.long)
-            page_table[i, : pages.numel()] = pages.to(torch.int32)
-            slots.append(self.pool.slots(pages, w.positions))
-            ids.append(w.seq.tokens[w.positions])
-            rows.append(offsets[i] + torch.searchsorted(w.positions, w.logit_positions))
+        page_table = torch.tensor([w.seq.pages + [0] * (max_pages - len(w.seq.pages)) for w in work], dtype=torch.int32)
+        positions = torch.cat([w.positions for w in work])
+        owner = torch.repeat_interleave(torch.arange(len(work)), counts)  # the sequence of each packed token
         batch = PackedBatch(
-            input_ids=torch.cat(ids),
-            positions=torch.cat([w.positions for w in work]),
-            slot_mapping=torch.cat(slots),
-            cu_seqlens_q=offsets.to(torch.int32),
+            input_ids=torch.cat([w.seq.tokens[w.positions] for w in work]),
+            positions=positions,
+            slot_mapping=self.pool.slots_in_table(page_table, owner, positions),
+            cu_seqlens_q=torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32),
             seq_lens=torch.tensor([w.key_length or w.seq.length for w in work], dtype=torch.int32),
             page_table=page_table,
         )
-        return batch, torch.cat(rows)
+        return batch, _logit_rows(work, owner, positions)
 
     @torch.inference_mode()
     def run(self, work: list[SequenceWork]) -> torch.Tensor:
@@ -124,6 +122,18 @@ class ModelRunner:
     def propose(self, work: list[SequenceWork], groups: list[RowGroup]) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the step and propose a token and a confidence per logit row (CPU tensors, rows in order)."""
         return propose_batch(self.run(work), groups, self.config.mask_token_id)
+
+
+def _logit_rows(work: list[SequenceWork], owner: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The packed row of every requested logit position, sequences in order.
+
+    Keyed by (sequence, position), the packed tokens are sorted (each
+    sequence's positions ascend), so one search finds every row.
+    """
+    span = max(w.seq.length for w in work) + 1
+    logit_owner = torch.repeat_interleave(torch.arange(len(work)), torch.tensor([w.logit_positions.numel() for w in work]))
+    wanted = logit_owner * span + torch.cat([w.logit_positions for w in work])
+    return torch.searchsorted(owner * span + positions, wanted)
 
 
 def batch_to(batch: PackedBatch, device: torch.device) -> PackedBatch:
