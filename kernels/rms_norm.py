@@ -1,8 +1,9 @@
 """RMSNorm over the last dimension, optionally fused with the residual add before it.
 
 Unfused, a bf16 RMSNorm is seven kernels (cast, square, mean, add, rsqrt,
-scale, weight) and the residual add an eighth: at LLaDA-8B shapes they were a
-fifth of a batch-1 step's GPU time. The kernel runs one program per row and
+scale, weight) and the residual add an eighth; with RoPE's and SwiGLU's
+elementwise kernels they took 2.9 of a batch-1 dual-cache step's 8.1 ms of GPU
+time at LLaDA-8B shapes on an H200. The kernel runs one program per row and
 keeps the reference's rounding: the sum is rounded to the input dtype before it
 is normalised, the normalised row is rounded before it meets the weight.
 """
