@@ -3,7 +3,8 @@
 The angles come from a table of cos and sin per position, computed once when
 the model is built (as the reference computes them: position * inverse
 frequency in fp32), so the kernel only gathers a row and rotates: one launch
-per tensor instead of a dozen elementwise kernels per layer.
+per tensor instead of about a dozen elementwise kernels (angles, cos, sin, casts,
+products, the concatenation).
 """
 
 from __future__ import annotations
