@@ -21,10 +21,8 @@ import torch
 
 import engine.engine as engine_module
 import engine.runner as runner_module
-from benchmarks.throughput import build_model
+from benchmarks.throughput import admit_random_requests, make_engine
 from engine import cuda_graphs, sampling
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
 from engine.params import SamplingParams
 
 Totals = collections.defaultdict[str, float]
@@ -73,21 +71,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed cached steps (after a refresh and one cached step)")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    loaded = build_model(a.arch, device, dtype)
-    cfg, seq_len = loaded.config, a.prompt + 256
-    kv_bytes = a.batch * seq_len * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
-    engine = LLMEngine(
-        EngineConfig(model_dir="<random>", max_num_seqs=a.batch, max_num_batched_tokens=a.batch * seq_len,
-                     kv_cache_memory=int(kv_bytes * 1.05) + 2**24),
-        loaded=loaded,
-    )
     if 2 + a.steps > 32 // a.tokens_per_step:
         p.error("the warm-up and timed steps must fit in one block (32 / tokens-per-step steps)")
-    params = SamplingParams(max_tokens=256, block_length=32, steps=32 // a.tokens_per_step, cache=a.cache, ignore_eos=True)
-    g = torch.Generator().manual_seed(0)
-    for i in range(a.batch):
-        engine.add_request(f"r{i}", torch.randint(2, cfg.vocab_size - 2, (a.prompt,), generator=g).tolist(), params)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    engine = make_engine(a.arch, device, dtype, a.batch, a.prompt + 256)
+    params = SamplingParams(max_tokens=256, block_length=32, steps=32 // a.tokens_per_step, cache=a.cache)
+    admit_random_requests(engine, a.batch, a.prompt, params, seed=0)
     walls: list[float] = []
     engine.step_listeners.append(lambda s: walls.append(s.step_seconds))
     for _ in range(2):  # a refresh and one cached step: graphs captured, kernels compiled

@@ -18,9 +18,7 @@ import statistics
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.throughput import build_model
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
+from benchmarks.throughput import admit_random_requests, make_engine
 from engine.params import SamplingParams
 
 FAMILIES = (
@@ -54,21 +52,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="cached steps under the profiler")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (kernels of graph replays may not be traced)")
     a = p.parse_args()
-    loaded = build_model(a.arch, torch.device("cuda"), torch.bfloat16)
-    cfg = loaded.config
-    seq_len = a.prompt + a.gen
-    engine = LLMEngine(
-        EngineConfig(model_dir="<random>", max_num_seqs=a.batch, max_num_batched_tokens=a.batch * seq_len,
-                     cuda_graph_max_tokens=0 if a.eager else 2048,
-                     kv_cache_memory=int(a.batch * seq_len * 4 * cfg.num_layers * cfg.hidden_size * 1.05) + 2**24),
-        loaded=loaded,
-    )
     if 2 + a.timed_steps + a.steps > a.block // a.tokens_per_step:
         p.error("the warm-up, timed and profiled steps must fit in one block's steps (block / tokens-per-step)")
+    engine = make_engine(a.arch, torch.device("cuda"), torch.bfloat16, a.batch, a.prompt + a.gen, cuda_graphs=not a.eager)
     params = SamplingParams(max_tokens=a.gen, block_length=a.block, steps=a.block // a.tokens_per_step, cache=a.cache)
-    g = torch.Generator().manual_seed(0)
-    for i in range(a.batch):
-        engine.add_request(f"r{i}", torch.randint(2, 126000, (a.prompt,), generator=g).tolist(), params)
+    admit_random_requests(engine, a.batch, a.prompt, params, seed=0)
     walls: list[float] = []
     engine.step_listeners.append(lambda s: walls.append(s.step_seconds))
     for _ in range(2):  # refresh + one cached step: graphs captured, kernels compiled

@@ -98,18 +98,30 @@ def cycle_ceiling(batch: int, block: int, steps_per_block: int, floor_refresh: f
     return batch * block / block_cycle(floor_refresh, floor_cached, steps_per_block)
 
 
-def make_engine(a: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> LLMEngine:
-    """One engine with room for the largest configuration (on `tp` GPUs: a 1/tp share of the KV each)."""
-    cfg, tp = model_config(a.arch), a.tensor_parallel_size
-    batch, seq_len = max(a.batch), max(a.prompt) + a.gen
-    kv_bytes = int(batch * seq_len * 2 * cfg.num_layers * cfg.hidden_size * 2 * 1.05 / tp) + 2**24
-    config = EngineConfig(model_dir="<random>", page_size=16, max_num_seqs=batch, max_num_batched_tokens=batch * seq_len,
-                          kv_cache_memory=kv_bytes, tensor_parallel_size=tp, device=device.type if tp > 1 else str(device))
+def make_engine(
+    arch: str, device: torch.device, dtype: torch.dtype, batch: int, seq_len: int, tp: int = 1, cuda_graphs: bool = True
+) -> LLMEngine:
+    """An engine on a random `arch` model with room for `batch` sequences of `seq_len` (on `tp` GPUs: a 1/tp share of the KV each)."""
+    cfg = model_config(arch)
+    kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize * batch * seq_len
+    config = EngineConfig(model_dir="<random>", max_num_seqs=batch, max_num_batched_tokens=batch * seq_len,
+                          kv_cache_memory=int(kv_bytes * 1.05 / tp) + 2**24, tensor_parallel_size=tp,
+                          cuda_graph_max_tokens=EngineConfig.cuda_graph_max_tokens if cuda_graphs else 0,
+                          device=device.type if tp > 1 else str(device))
     if tp == 1:
-        return LLMEngine(config, loaded=build_model(a.arch, device, dtype))
+        return LLMEngine(config, loaded=build_model(arch, device, dtype))
     shards = RandomShards(cfg, tokenizer_dir=tempfile.mkdtemp(), dtype=str(dtype).removeprefix("torch."))
     build_tokenizer(512, shards.tokenizer_dir)
     return LLMEngine(config, shards=shards)
+
+
+def admit_random_requests(engine: LLMEngine, batch: int, prompt: int, params: SamplingParams, seed: int) -> None:
+    """`batch` requests `r0`, `r1`, ... of `prompt` random token ids (never the mask token)."""
+    cfg = engine.model_config
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(batch):
+        ids = torch.randint(2, cfg.vocab_size - 2, (prompt,), generator=generator).tolist()
+        engine.add_request(f"r{i}", [t if t != cfg.mask_token_id else 2 for t in ids], params)
 
 
 def run_config(engine: LLMEngine, batch: int, prompt: int, tps: int, cache: str, gen: int, block: int) -> Row:
@@ -118,11 +130,8 @@ def run_config(engine: LLMEngine, batch: int, prompt: int, tps: int, cache: str,
     times: list[tuple[int, float]] = []  # (active tokens, seconds)
     listener = lambda s: times.append((s.active_tokens, s.step_seconds))  # noqa: E731
     engine.step_listeners.append(listener)
-    generator = torch.Generator().manual_seed(batch * 1000 + prompt)
     params = SamplingParams(max_tokens=gen, block_length=block, steps=block // tps, cache=cache)
-    for i in range(batch):
-        ids = torch.randint(2, cfg.vocab_size - 2, (prompt,), generator=generator).tolist()
-        engine.add_request(f"r{i}", [t if t != cfg.mask_token_id else 2 for t in ids], params)
+    admit_random_requests(engine, batch, prompt, params, seed=batch * 1000 + prompt)
     steps_per_block = block // tps
     # one warm-up step, then one whole block cycle (none: a few steps are enough, all alike)
     n_steps = 1 + (3 if cache == "none" else steps_per_block + 1)
@@ -161,7 +170,7 @@ def main() -> None:
     a = p.parse_args()
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    engine = make_engine(a, device, dtype)
+    engine = make_engine(a.arch, device, dtype, max(a.batch), max(a.prompt) + a.gen, a.tensor_parallel_size)
     try:
         run_all(engine, a, device, dtype)
     finally:

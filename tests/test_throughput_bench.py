@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -42,8 +41,7 @@ def test_the_batch_64_dual_cache_ceiling_on_llada_8b_is_set_by_the_refresh_step(
 
 @pytest.mark.slow
 def test_a_cpu_smoke_run_gives_one_row_per_cache_with_its_floors():
-    a = argparse.Namespace(arch="tiny", batch=[2], prompt=[16], gen=64, tensor_parallel_size=1)
-    engine = make_engine(a, torch.device("cpu"), torch.float32)
+    engine = make_engine("tiny", torch.device("cpu"), torch.float32, batch=2, seq_len=16 + 64)
     rows = [run_config(engine, 2, 16, 4, cache, 64, 32) for cache in ("none", "dual")]
     for r in rows:
         assert r.refresh_ms > 0 and r.cached_ms > 0 and r.tokens_per_s > 0
