@@ -24,7 +24,7 @@ except ImportError:  # the references need nothing from Triton
     tl = SimpleNamespace(constexpr=int)
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "triton", "tl", "use_triton", "num_sms", "next_power_of_2"]
+__all__ = ["HAS_TRITON", "triton", "tl", "use_triton", "needs_autograd", "num_sms", "next_power_of_2"]
 
 # Under TRITON_INTERPRET=1 Triton runs kernels on the CPU with numpy; the kernel
 # tests use it to check the kernels' logic on a machine without a GPU.
@@ -34,6 +34,11 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 def use_triton(tensor: torch.Tensor) -> bool:
     """Whether the Triton kernel can run on `tensor` (CUDA, or anywhere under the interpreter)."""
     return HAS_TRITON and (tensor.is_cuda or INTERPRETING)
+
+
+def needs_autograd(*tensors: torch.Tensor) -> bool:
+    """Whether a result must carry gradients (training): the kernels have no backward, the references do."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 @functools.lru_cache(maxsize=None)

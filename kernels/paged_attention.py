@@ -19,7 +19,6 @@ The Triton kernel is a flash-attention forward over gathered pages:
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import next_power_of_2, tl, triton, use_triton
+from kernels._triton import needs_autograd, next_power_of_2, tl, triton, use_triton
 
 __all__ = ["add_rms_norm", "rms_norm", "rms_norm_reference", "rms_norm_triton"]
 
@@ -78,8 +78,7 @@ def _fits_kernel(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor |
         and x.dim() == 2
         and all(t.dtype == x.dtype and t.stride(-1) == 1 for t in tensors)
         and (residual is None or residual.shape == x.shape)
-        # Autograd (training) needs the reference's differentiable ops.
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and not needs_autograd(*tensors)
     )
 
 

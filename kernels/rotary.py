@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import next_power_of_2, tl, triton, use_triton
+from kernels._triton import needs_autograd, next_power_of_2, tl, triton, use_triton
 
 __all__ = ["rotary", "rotary_reference", "rotary_table", "rotary_triton"]
 
@@ -79,6 +79,6 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: tor
         and x.stride(-1) == 1
         and cos.stride(-1) == 1
         and sin.stride() == cos.stride()
-        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not needs_autograd(x)
     )
     return rotary_triton(x, positions, cos, sin) if fits else rotary_reference(x, positions, cos, sin)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import tl, triton, use_triton
+from kernels._triton import needs_autograd, tl, triton, use_triton
 
 __all__ = ["silu_mul", "silu_mul_reference", "silu_mul_triton"]
 
@@ -59,6 +59,6 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         and gate.dtype == up.dtype
         and gate.stride(-1) == 1
         and up.stride(-1) == 1
-        and not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))
+        and not needs_autograd(gate, up)
     )
     return silu_mul_triton(gate, up) if fits else silu_mul_reference(gate, up)
