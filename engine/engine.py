@@ -29,6 +29,7 @@ from engine.runner import ModelRunner, SequenceWork
 from engine.sampling import RowGroup
 from engine.scheduler import Scheduler, SchedulerLimits
 from engine.sequence import Sequence
+from kernels.confidence import precompile_fused_confidence
 
 log = logging.getLogger("unmask.engine")
 
@@ -80,6 +81,8 @@ class LLMEngine:
         else:
             self.pool = build_pool(self.loaded, config)
             self.runner = ModelRunner(self.loaded, self.pool, build_graph_runner(self.loaded.model, self.pool, config))
+            # Proposals are made here (tensor-parallel ranks reduce split logits instead).
+            precompile_fused_confidence(self.model_config.vocab_size, self.loaded.dtype, self.loaded.device)
 
     def close(self) -> None:
         """Stop the tensor-parallel workers (nothing to do on one device); no step runs after it."""

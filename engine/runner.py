@@ -22,7 +22,6 @@ from engine.models.transformer import LayerHook
 from engine.sampling import RowGroup, propose_batch
 from engine.sequence import Sequence
 from engine.transfer import to_device
-from kernels.confidence import precompile_fused_confidence
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,6 @@ def limit_host_threads(device: torch.device) -> None:
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, pool: KVPool, graphs: CudaGraphRunner | None = None):
         limit_host_threads(loaded.device)
-        precompile_fused_confidence(loaded.config.vocab_size, loaded.dtype, loaded.device)
         self.model = loaded.model
         self.config = loaded.config
         self.device = loaded.device
@@ -87,7 +85,7 @@ class ModelRunner:
         max_pages = max(len(w.seq.pages) for w in work)
         page_table = torch.tensor([w.seq.pages + [0] * (max_pages - len(w.seq.pages)) for w in work], dtype=torch.int32)
         positions = torch.cat([w.positions for w in work])
-        owner = torch.repeat_interleave(torch.arange(len(work)), counts)  # the sequence of each packed token
+        owner = _owners(counts)  # the sequence of each packed token
         batch = PackedBatch(
             input_ids=torch.cat([w.seq.tokens[w.positions] for w in work]),
             positions=positions,
@@ -124,6 +122,11 @@ class ModelRunner:
         return propose_batch(self.run(work), groups, self.config.mask_token_id)
 
 
+def _owners(counts: torch.Tensor) -> torch.Tensor:
+    """Index of the sequence each of a packed list's items belongs to, given the items per sequence."""
+    return torch.repeat_interleave(torch.arange(counts.numel()), counts)
+
+
 def _logit_rows(work: list[SequenceWork], owner: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """The packed row of every requested logit position, sequences in order.
 
@@ -131,7 +134,7 @@ def _logit_rows(work: list[SequenceWork], owner: torch.Tensor, positions: torch.
     sequence's positions ascend), so one search finds every row.
     """
     span = max(w.seq.length for w in work) + 1
-    logit_owner = torch.repeat_interleave(torch.arange(len(work)), torch.tensor([w.logit_positions.numel() for w in work]))
+    logit_owner = _owners(torch.tensor([w.logit_positions.numel() for w in work]))
     wanted = logit_owner * span + torch.cat([w.logit_positions for w in work])
     return torch.searchsorted(owner * span + positions, wanted)
 

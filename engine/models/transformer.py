@@ -219,7 +219,11 @@ class DiffusionTransformer(nn.Module):
         return self.final_norm(x)
 
     def fuse_projections(self) -> None:
-        """Stack q/k/v and gate/up weights for serving (`FusedRows`); training keeps them apart."""
+        """Stack q/k/v and gate/up weights for serving (`FusedRows`); training keeps them apart.
+
+        Call it on the final device and dtype: a later `.to()` gives the layers new
+        parameters and leaves the stacked weights behind (the loader calls it last).
+        """
         for block in self.layers:
             block.attn.fuse_projections()
             block.mlp.fuse_projections()
