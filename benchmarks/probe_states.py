@@ -32,9 +32,10 @@ import torch
 from benchmarks.tasks import FAMILIES, Example, held_out_set
 from benchmarks.tasks.batches import chat_prompt, load_tokenizer
 from benchmarks.train_tiny import decoder
-from benchmarks.training import DEFAULT_TOKENIZER, exact_match
+from benchmarks.training import exact_match
 from engine.models.checkpoint import load_weights
 from engine.models.transformer import DiffusionTransformer
+from server.model_path import resolve_model_dir
 
 
 @dataclass
@@ -68,10 +69,11 @@ def probe_family(model: DiffusionTransformer, tok, examples: list[Example], gen_
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(DEFAULT_TOKENIZER))
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
     p.add_argument("--n", type=int, default=24, help="held-out problems per family")
     p.add_argument("--gen", type=int, default=64, help="canvas length")
     a = p.parse_args(argv)
+    a.model = resolve_model_dir(a.model)
     model = load_weights(a.model, torch.float32, torch.device("cpu")).eval()
     tok = load_tokenizer(a.model)
     print("| family | per-token (left-to-right states) | all tokens right | reference, block 32 | block 1 |")
