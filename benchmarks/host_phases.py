@@ -4,9 +4,9 @@
 
 Runs the same engine and random LLaDA-8B-shaped model as `throughput.py` and
 wraps the step's phases in wall-clock timers (no added synchronisation): the
-scheduler, building each sequence's work, packing, launching the forward,
-proposing (the one wait for the GPU is timed apart), committing and the
-outputs. What is not the wait is time the GPU sits idle at this batch size.
+scheduler (which plans each candidate's work: the work's own line is part of
+it), packing, launching the forward, proposing (the one wait for the GPU is
+timed apart), committing and the outputs. What is not the wait is time the GPU sits idle at this batch size.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def timed(owner: object, name: str, label: str, totals: Totals, calls: collectio
 
 def instrument(totals: Totals, calls: collections.Counter) -> None:
     phases = [
-        (engine_module.Scheduler, "schedule", "schedule"),
+        (engine_module.Scheduler, "schedule", "schedule (with the work per sequence)"),
         (engine_module.LLMEngine, "_work_for", "work per sequence"),
         (runner_module.ModelRunner, "pack_host", "pack (host tensors)"),
         (runner_module, "batch_to", "copy to the GPU"),

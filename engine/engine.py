@@ -162,11 +162,21 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one denoising step for the scheduled sequences; return their outputs."""
-        batch = self.scheduler.schedule(lambda s: CACHE_POLICIES[s.params.cache].active_positions(s).numel())
+        # Each candidate's work is planned once: its packed positions are the scheduler's cost.
+        planned: dict[int, SequenceWork] = {}
+
+        def cost(seq: Sequence) -> int:
+            planned[id(seq)] = self._work_for(seq)
+            return planned[id(seq)].positions.numel()
+
+        batch = self.scheduler.schedule(cost)
         if not batch:
             return []
         start = time.perf_counter()
-        work, proposals, failures = self._forward([self._work_for(seq) for seq in batch])
+        scheduled = [planned[id(seq)] for seq in batch]
+        for w in scheduled:
+            w.seq.stats.active_positions += w.recomputed
+        work, proposals, failures = self._forward(scheduled)
         outputs = [self._fail(seq, exc) for seq, exc in failures]
         committed, finished_blocks = 0, []
         if work:
@@ -205,9 +215,7 @@ class LLMEngine:
         positions = policy.active_positions(seq)
         if self.model_config.logits_shift:
             positions = torch.unique(torch.cat([positions, sources]))
-        work = SequenceWork(seq, positions, sources, policy.key_length(seq), policy.features(seq))
-        seq.stats.active_positions += work.recomputed
-        return work
+        return SequenceWork(seq, positions, sources, policy.key_length(seq), policy.features(seq))
 
     def _forward(
         self, work: list[SequenceWork]
