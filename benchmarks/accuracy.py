@@ -35,14 +35,14 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from benchmarks.tasks import FAMILIES, Example, held_out_mix, is_correct
-from benchmarks.tasks.batches import chat_prompt
-from engine.guide import BUNDLED_GUIDE
-from engine.llm import LLM
-from engine.outputs import FinishReason, RequestOutput
-from engine.params import SamplingParams
-from engine.policies import CACHE_POLICIES
-from server.model_path import resolve_model_dir
+from training.tasks import FAMILIES, Example, held_out_mix, is_correct
+from training.tasks.batches import chat_prompt
+from unmask.engine.guide import BUNDLED_GUIDE
+from unmask.engine.llm import LLM
+from unmask.engine.outputs import FinishReason, RequestOutput
+from unmask.engine.params import SamplingParams
+from unmask.engine.policies import CACHE_POLICIES
+from unmask.server.model_path import resolve_model_dir
 
 BLOCK_LENGTH = 32
 REFERENCE = "none/lc1"

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from kernels.confidence import fused_confidence_reference, fused_confidence_triton
-from kernels.kv_write import write_kv_reference, write_kv_triton
-from kernels.paged_attention import paged_attention_reference, paged_attention_triton
+from unmask.kernels.confidence import fused_confidence_reference, fused_confidence_triton
+from unmask.kernels.kv_write import write_kv_reference, write_kv_triton
+from unmask.kernels.paged_attention import paged_attention_reference, paged_attention_triton
 
 HEADS, KV_HEADS, HEAD_DIM, VOCAB, PAGE_SIZE = 32, 32, 128, 126464, 16
 NOMINAL_BW = 3.0e12

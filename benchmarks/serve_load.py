@@ -44,8 +44,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import httpx
 
-from benchmarks.tasks import FAMILIES, Example, held_out_mix, is_correct
-from benchmarks.tasks.batches import chat_prompt
+from training.tasks import FAMILIES, Example, held_out_mix, is_correct
+from training.tasks.batches import chat_prompt
 
 DEFAULT_CONCURRENCY = 8
 WORDS = (

@@ -30,14 +30,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
-from engine.models.checkpoint import random_weights
-from engine.models.config import ModelConfig
-from engine.models.loader import LoadedModel
-from engine.models.make_random import PRESETS, build_tokenizer
-from engine.parallel import RandomShards
-from engine.params import SamplingParams
+from unmask.engine.config import EngineConfig
+from unmask.engine.engine import LLMEngine
+from unmask.engine.models.checkpoint import random_weights
+from unmask.engine.models.config import ModelConfig
+from unmask.engine.models.loader import LoadedModel
+from unmask.engine.models.make_random import PRESETS, build_tokenizer
+from unmask.engine.parallel import RandomShards
+from unmask.engine.params import SamplingParams
 
 BANDWIDTH = 3.0e12  # H100 HBM3, measured device-to-device copy (bytes read + written)
 MATMUL_RATE = 790e12  # H100 bf16 dense, measured 8192^3 product

@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 import torch
 
-from engine.models.make_random import make_random_checkpoint
+from unmask.engine.models.make_random import make_random_checkpoint
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 

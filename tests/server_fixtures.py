@@ -23,11 +23,11 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
-from engine.models.make_random import make_random_checkpoint
-from server.app import create_app
-from server.settings import ServerSettings
+from unmask.engine.async_engine import AsyncEngine
+from unmask.engine.config import EngineConfig
+from unmask.engine.models.make_random import make_random_checkpoint
+from unmask.server.app import create_app
+from unmask.server.settings import ServerSettings
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED_MODEL = REPO / "models" / "unmask-tiny"

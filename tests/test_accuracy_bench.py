@@ -14,13 +14,13 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from benchmarks.accuracy import CONFIGS as BENCH_CONFIGS
 from benchmarks.accuracy import REFERENCE, generate, main
-from benchmarks.tasks import FAMILIES, held_out_mix, held_out_set, is_correct
-from benchmarks.tasks.batches import chat_prompt, load_tokenizer
-from benchmarks.train_tiny import canvas_text, reference_generate
-from engine.llm import LLM
-from engine.models.checkpoint import load_weights
-from engine.params import SamplingParams
-from engine.models.make_random import make_random_checkpoint
+from training.tasks import FAMILIES, held_out_mix, held_out_set, is_correct
+from training.tasks.batches import chat_prompt, load_tokenizer
+from training.train_tiny import canvas_text, reference_generate
+from unmask.engine.llm import LLM
+from unmask.engine.models.checkpoint import load_weights
+from unmask.engine.params import SamplingParams
+from unmask.engine.models.make_random import make_random_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED_TOKENIZER = REPO / "models" / "unmask-tiny"
@@ -111,7 +111,7 @@ def test_the_table_has_a_header_line_and_one_line_per_row(bench, random_model_di
 
 
 def test_guided_rows_are_skipped_without_a_guide(random_model_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("engine.guide.BUNDLED_GUIDE", tmp_path / "no-guide")
+    monkeypatch.setattr("unmask.engine.guide.BUNDLED_GUIDE", tmp_path / "no-guide")
     rows = main(["--model", str(random_model_dir), "--n", "1", "--families", "count", "--configs", "dual/guided",
                  "--device", "cpu", "--kv-cache-mb", "16", "--no-warmup"])
     assert [r.config for r in rows] == [REFERENCE]

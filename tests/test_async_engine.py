@@ -6,12 +6,12 @@ import asyncio
 
 import pytest
 
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
-from engine.errors import EngineDeadError, QueueFullError
-from engine.llm import LLM
-from engine.outputs import FinishReason
-from engine.params import ParamError, SamplingParams
+from unmask.engine.async_engine import AsyncEngine
+from unmask.engine.config import EngineConfig
+from unmask.engine.errors import EngineDeadError, QueueFullError
+from unmask.engine.llm import LLM
+from unmask.engine.outputs import FinishReason
+from unmask.engine.params import ParamError, SamplingParams
 
 PROMPT = "What is 12 plus 30?"
 

@@ -31,7 +31,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.models.make_random import make_random_checkpoint
+from unmask.engine.models.make_random import make_random_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -168,7 +168,7 @@ def test_dockerfile_exposes_the_port_the_entrypoint_binds_on_all_interfaces():
 
 
 def test_dockerfile_entrypoint_arguments_are_accepted_by_the_real_cli():
-    from server.cli import build_parser
+    from unmask.server.cli import build_parser
 
     (entry,) = [_exec_form(a) for kw, a in _final_stage() if kw == "ENTRYPOINT"]
     args = build_parser().parse_args(entry[1:] + ["/models/llada", "--cache", "dual"])
@@ -183,7 +183,7 @@ def test_dockerfile_healthcheck_probes_health_on_the_container_port():
 
 
 def test_dockerfile_copies_the_bundled_model_where_an_installed_server_finds_it(monkeypatch):
-    from server.model_path import BUNDLED_NAME, MODEL_ENV, default_model_candidates
+    from unmask.server.model_path import BUNDLED_NAME, MODEL_ENV, default_model_candidates
 
     model_copies = [dest for sources, dest, _ in _copies(_final_stage()) if sources == ["models"]]
     assert model_copies, "the bundled models/ directory is not copied into the image"
@@ -613,8 +613,8 @@ def server(tmp_path_factory):
         model_dir = BUNDLED_MODEL
     else:
         model_dir = make_random_checkpoint(tmp_path_factory.mktemp("deploy-model") / "unmask-random", arch="llada")
-    log = tmp_path_factory.mktemp("deploy-server") / "server.log"
-    cmd = [sys.executable, "-m", "server", "serve", str(model_dir), "--host", "127.0.0.1", "--port", "0",
+    log = tmp_path_factory.mktemp("deploy-server") / "unmask.server.log"
+    cmd = [sys.executable, "-m", "unmask.server", "serve", str(model_dir), "--host", "127.0.0.1", "--port", "0",
            "--kv-cache-memory", "64MiB", "--log-level", "warning"]
     with open(log, "w") as log_file:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=log_file, text=True)

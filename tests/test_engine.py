@@ -7,11 +7,11 @@ from typing import Iterator
 import pytest
 import torch
 
-from engine.engine import LLMEngine
-from engine.llm import LLM
-from engine.outputs import FinishReason
-from engine.params import ParamError, SamplingParams
-from engine.runner import limit_host_threads
+from unmask.engine.engine import LLMEngine
+from unmask.engine.llm import LLM
+from unmask.engine.outputs import FinishReason
+from unmask.engine.params import ParamError, SamplingParams
+from unmask.engine.runner import limit_host_threads
 
 PROMPT = "What is 12 plus 30?"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
-from engine.params import SamplingParams
-from engine.runner import SequenceWork
+from unmask.engine.config import EngineConfig
+from unmask.engine.engine import LLMEngine
+from unmask.engine.params import SamplingParams
+from unmask.engine.runner import SequenceWork
 
 
 def _engine(model_dir) -> LLMEngine:

@@ -23,12 +23,12 @@ import torch
 from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
-from engine.kv_pool import KVPool
-from engine.models.checkpoint import read_config
-from server.app import create_app
-from server.settings import ServerSettings
+from unmask.engine.async_engine import AsyncEngine
+from unmask.engine.config import EngineConfig
+from unmask.engine.kv_pool import KVPool
+from unmask.engine.models.checkpoint import read_config
+from unmask.server.app import create_app
+from unmask.server.settings import ServerSettings
 from server_fixtures import LiveServer, model_dir_for_tests, serve_in_thread
 
 API_KEY = "fuzz-key"

@@ -7,11 +7,11 @@ import warnings
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
-from engine.llm import LLM
-from engine.params import SamplingParams
-from engine.runner import SequenceWork
+from unmask.engine.config import EngineConfig
+from unmask.engine.engine import LLMEngine
+from unmask.engine.llm import LLM
+from unmask.engine.params import SamplingParams
+from unmask.engine.runner import SequenceWork
 
 pytestmark = pytest.mark.gpu
 

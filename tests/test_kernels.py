@@ -21,13 +21,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels._triton import HAS_TRITON
-from kernels.confidence import fused_confidence, fused_confidence_reference, fused_confidence_triton
-from kernels.kv_write import write_kv, write_kv_reference, write_kv_triton
-from kernels.paged_attention import paged_attention, paged_attention_reference, paged_attention_triton
-from kernels.rms_norm import add_rms_norm, rms_norm, rms_norm_reference, rms_norm_triton
-from kernels.rotary import rotary, rotary_reference, rotary_table, rotary_triton
-from kernels.silu_mul import silu_mul, silu_mul_reference, silu_mul_triton
+from unmask.kernels._triton import HAS_TRITON
+from unmask.kernels.confidence import fused_confidence, fused_confidence_reference, fused_confidence_triton
+from unmask.kernels.kv_write import write_kv, write_kv_reference, write_kv_triton
+from unmask.kernels.paged_attention import paged_attention, paged_attention_reference, paged_attention_triton
+from unmask.kernels.rms_norm import add_rms_norm, rms_norm, rms_norm_reference, rms_norm_triton
+from unmask.kernels.rotary import rotary, rotary_reference, rotary_table, rotary_triton
+from unmask.kernels.silu_mul import silu_mul, silu_mul_reference, silu_mul_triton
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # The serving dtype; the interpreter's bf16 matrix product is broken (Triton 3.9), so it checks fp16.

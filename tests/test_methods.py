@@ -16,15 +16,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-import engine.params as engine_params
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
-from engine.guide import BUNDLED_GUIDE, guide_state, leading_agreement
-from engine.llm import LLM
-from engine.outputs import FinishReason
-from engine.params import ParamError, SamplingParams
-from engine.policies import CACHE_POLICIES, UNMASK_POLICIES
-from engine.runner import SequenceWork
+import unmask.engine.params as engine_params
+from unmask.engine.config import EngineConfig
+from unmask.engine.engine import LLMEngine
+from unmask.engine.guide import BUNDLED_GUIDE, guide_state, leading_agreement
+from unmask.engine.llm import LLM
+from unmask.engine.outputs import FinishReason
+from unmask.engine.params import ParamError, SamplingParams
+from unmask.engine.policies import CACHE_POLICIES, UNMASK_POLICIES
+from unmask.engine.runner import SequenceWork
 
 PROMPT = [5, 9, 13, 17, 21, 25]
 TEXT = "What is 12 plus 30?"

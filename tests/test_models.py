@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from engine.config import EngineConfig
-from engine.models import CheckpointError, load_model
-from engine.models.checkpoint import INDEX_FILE, load_weights, read_config, save_checkpoint
-from engine.models.loader import load_tokenizer
-from engine.models.make_random import main as make_random
-from engine.models.make_random import make_random_checkpoint
-from engine.models.transformer import DiffusionTransformer
+from unmask.engine.config import EngineConfig
+from unmask.engine.models import CheckpointError, load_model
+from unmask.engine.models.checkpoint import INDEX_FILE, load_weights, read_config, save_checkpoint
+from unmask.engine.models.loader import load_tokenizer
+from unmask.engine.models.make_random import main as make_random
+from unmask.engine.models.make_random import make_random_checkpoint
+from unmask.engine.models.transformer import DiffusionTransformer
 
 LLADA_NAMES = [
     "model.transformer.wte.weight",
@@ -116,7 +116,7 @@ def test_missing_tensor_is_named_in_the_error(tmp_path, llada_dir):
 def test_make_random_cli_writes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "ckpt"
     subprocess.run(
-        [sys.executable, "-m", "engine.models.make_random", str(out), "--arch", "dream",
+        [sys.executable, "-m", "unmask.engine.models.make_random", str(out), "--arch", "dream",
          "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--vocab", "300"],
         check=True, capture_output=True,
     )

@@ -18,8 +18,8 @@ from typing import Iterator
 import httpx
 import pytest
 
-from server.routes.playground import ASSETS
-from server.settings import ServerSettings
+from unmask.server.routes.playground import ASSETS
+from unmask.server.settings import ServerSettings
 from server_fixtures import LiveServer, model_dir_for_tests, serve_in_thread
 
 CHROMIUM_ARGS = [

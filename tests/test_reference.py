@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.llm import LLM
-from engine.models import load_model
-from engine.params import SamplingParams
+from unmask.engine.llm import LLM
+from unmask.engine.models import load_model
+from unmask.engine.params import SamplingParams
 
 
 def llada_reference(model, cfg, prompt: list[int], gen_length: int, block_length: int, steps_per_block: int) -> list[int]:

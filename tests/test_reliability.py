@@ -41,8 +41,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.routing import Mount
 
-from server import auth
-from server.settings import ServerSettings
+from unmask.server import auth
+from unmask.server.settings import ServerSettings
 from server_fixtures import LiveServer, model_dir_for_tests, sample, serve_in_thread, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -681,12 +681,12 @@ URL_LINE = re.compile(r"Unmask is serving (\S+) at (http://\S+)/v1")
 
 
 def start_unmask_serve(model_dir: Path, stderr, *options: str) -> tuple[subprocess.Popen, Address]:
-    """`python -m server serve` on a free port, logging to `stderr` (a file); returns the process and its address."""
+    """`python -m unmask.server serve` on a free port, logging to `stderr` (a file); returns the process and its address."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("UNMASK_API_KEY", None)
     args = ["serve", str(model_dir), "--port", "0", "--api-key", API_KEY, "--kv-cache-memory", "32MiB", *options]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", *args], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=stderr
+        [sys.executable, "-m", "unmask.server", *args], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=stderr
     )
     found: list[Address] = []
 

@@ -8,7 +8,7 @@ import json
 from server_fixtures import live_server  # noqa: F401  (a pytest fixture)
 
 from benchmarks import serve_load
-from benchmarks.tasks import FAMILIES, held_out_set
+from training.tasks import FAMILIES, held_out_set
 
 
 def test_task_prompts_are_held_out_problems_with_the_families_in_turn():

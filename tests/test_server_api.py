@@ -11,9 +11,9 @@ import pytest
 import torch
 from server_fixtures import live_server, sse_json  # noqa: F401  (pytest fixture)
 
-from engine.params import CACHE_POLICIES, METHOD_FIELDS, UNMASK_POLICIES, EngineDefaults, ParamError, SamplingParams
-from server.protocol import BOUNDS, ChatCompletionRequest, CompletionRequest
-from server.translate import MASK_PLACEHOLDER
+from unmask.engine.params import CACHE_POLICIES, METHOD_FIELDS, UNMASK_POLICIES, EngineDefaults, ParamError, SamplingParams
+from unmask.server.protocol import BOUNDS, ChatCompletionRequest, CompletionRequest
+from unmask.server.translate import MASK_PLACEHOLDER
 
 PROMPT = "The quick brown fox"
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 12 plus 30?"}]

@@ -16,9 +16,9 @@ import httpx
 import pytest
 from server_fixtures import model_dir_for_tests, wait_until
 
-from engine.models.make_random import main as make_random
-from engine.params import EngineDefaults
-from server.cli import build_parser, main, parse_size
+from unmask.engine.models.make_random import main as make_random
+from unmask.engine.params import EngineDefaults
+from unmask.server.cli import build_parser, main, parse_size
 
 REPO = Path(__file__).resolve().parent.parent
 URL_LINE = re.compile(r"Unmask is serving (\S+) at (http://\S+)/v1")
@@ -28,7 +28,7 @@ def unmask(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("UNMASK_API_KEY", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "server", *args],
+        [sys.executable, "-m", "unmask.server", *args],
         cwd=REPO,
         env=env,
         text=True,
@@ -104,7 +104,7 @@ def test_help_lists_the_serving_options(capsys):
 
 def test_help_imports_neither_torch_nor_transformers():
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "server", "serve", "--help"],
+        [sys.executable, "-X", "importtime", "-m", "unmask.server", "serve", "--help"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -113,7 +113,7 @@ def test_help_imports_neither_torch_nor_transformers():
     assert result.returncode == 0 and "--block-length" in result.stdout
     # -X importtime writes one "import time: self | cumulative | module" line per module imported.
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
-    assert "server.cli" in imported
+    assert "unmask.server.cli" in imported
     assert not {name.split(".")[0] for name in imported} & {"torch", "transformers"}
 
 

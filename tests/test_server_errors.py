@@ -8,7 +8,7 @@ import openai
 import pytest
 from server_fixtures import API_KEY, MAX_REQUEST_BYTES, MAX_WAITING, live_server  # noqa: F401  (pytest fixture)
 
-from engine.policies import UNMASK_POLICIES
+from unmask.engine.policies import UNMASK_POLICIES
 
 PROMPT = "The quick brown fox"
 

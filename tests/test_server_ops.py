@@ -16,9 +16,9 @@ from server_fixtures import (  # noqa: F401  (live_server is a pytest fixture)
     wait_until,
 )
 
-from engine.policies import UNMASK_POLICIES
-from server import metrics as metrics_module
-from server.settings import ServerSettings
+from unmask.engine.policies import UNMASK_POLICIES
+from unmask.server import metrics as metrics_module
+from unmask.server.settings import ServerSettings
 
 PROMPT = "The quick brown fox"
 # A long single-block canvas unmasked in random order: the committed run from the start

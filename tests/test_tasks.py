@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from benchmarks.tasks import EASY, FAMILIES, extract_answer, generate, held_out_set, is_correct, split_of, train_stream
-from benchmarks.tasks.batches import chat_prompt
-from benchmarks.tokenizer_build import CHAT_TEMPLATE, SPECIAL_TOKENS, TOKENIZER_FILES, build_tokenizer
+from training.tasks import EASY, FAMILIES, extract_answer, generate, held_out_set, is_correct, split_of, train_stream
+from training.tasks.batches import chat_prompt
+from training.tokenizer_build import CHAT_TEMPLATE, SPECIAL_TOKENS, TOKENIZER_FILES, build_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_DIR = REPO / "models" / "unmask-tiny"

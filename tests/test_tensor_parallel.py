@@ -19,17 +19,17 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
-from engine.errors import EngineDeadError
-from engine.models.checkpoint import read_config
-from engine.models.make_random import PRESETS, make_random_checkpoint, write_config_only
-from engine.parallel.layers import VocabShard
-from engine.parallel.loading import CheckpointShards
-from engine.parallel.state import ParallelState
-from engine.parallel.vocab import blank_columns, combine_stats, shard_stats
-from engine.params import SamplingParams
-from kernels.confidence import fused_confidence_reference
+from unmask.engine.config import EngineConfig
+from unmask.engine.engine import LLMEngine
+from unmask.engine.errors import EngineDeadError
+from unmask.engine.models.checkpoint import read_config
+from unmask.engine.models.make_random import PRESETS, make_random_checkpoint, write_config_only
+from unmask.engine.parallel.layers import VocabShard
+from unmask.engine.parallel.loading import CheckpointShards
+from unmask.engine.parallel.state import ParallelState
+from unmask.engine.parallel.vocab import blank_columns, combine_stats, shard_stats
+from unmask.engine.params import SamplingParams
+from unmask.kernels.confidence import fused_confidence_reference
 
 REPO = Path(__file__).resolve().parent.parent
 KV = 8 * 2**20
@@ -255,9 +255,9 @@ def test_a_worker_failing_inside_a_step_ends_the_engine_with_its_traceback(llada
 
 _DYING_ENGINE = """
 import os, sys
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
-from engine.params import SamplingParams
+from unmask.engine.config import EngineConfig
+from unmask.engine.engine import LLMEngine
+from unmask.engine.params import SamplingParams
 
 engine = LLMEngine(EngineConfig(model_dir=sys.argv[1], kv_cache_memory=2**23, tensor_parallel_size=2))
 print(*[w.pid for w in engine.parallel.workers.processes], flush=True)

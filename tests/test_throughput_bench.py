@@ -55,7 +55,7 @@ def test_a_cpu_smoke_run_gives_one_row_per_cache_with_its_floors():
 def test_the_host_phase_timer_reports_every_phase_once_per_step_or_once_per_sequence():
     root = Path(__file__).resolve().parent.parent
     run = subprocess.run(
-        [sys.executable, "benchmarks/host_phases.py", "--arch", "tiny", "--batch", "3", "--steps", "2"],
+        [sys.executable, "diagnostics/host_phases.py", "--arch", "tiny", "--batch", "3", "--steps", "2"],
         cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=300, check=False,
     )
     assert run.returncode == 0, run.stderr

@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from benchmarks import train_guide, train_tiny
-from benchmarks.training import DEFAULT_TOKENIZER, default_workers
-from benchmarks.tasks import held_out_set
-from benchmarks.tasks.batches import BatchSpec, PackedBatch, batches, chat_prompt, load_tokenizer
-from engine.models import load_model
-from engine.models.checkpoint import load_weights
+from training import train_guide, train_tiny
+from training.trainer import DEFAULT_TOKENIZER, default_workers
+from training.tasks import held_out_set
+from training.tasks.batches import BatchSpec, PackedBatch, batches, chat_prompt, load_tokenizer
+from unmask.engine.models import load_model
+from unmask.engine.models.checkpoint import load_weights
 
 TOKENIZER = str(DEFAULT_TOKENIZER)
 TINY = ["--device", "cpu", "--hidden", "32", "--layers", "2", "--heads", "2", "--batch-tokens", "2048", "--row-length", "512",

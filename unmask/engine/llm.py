@@ -1,0 +1,68 @@
+"""The offline API: `LLM(model_dir).generate(prompts, params)`."""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from dataclasses import fields
+
+from unmask.engine.config import EngineConfig
+from unmask.engine.engine import LLMEngine
+from unmask.engine.outputs import RequestOutput
+from unmask.engine.params import SamplingParams
+
+
+class LLM:
+    """Synchronous batch generation with the same engine the server uses.
+
+    `LLM("models/unmask-tiny", max_num_seqs=8)` takes any `EngineConfig` field
+    as a keyword.
+    """
+
+    def __init__(self, model_dir: str, **config):
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = set(config) - known
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+        self.engine = LLMEngine(EngineConfig(model_dir=model_dir, **config))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | list[int] | list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
+        batch = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
+        per_prompt = params if isinstance(params, list) else [params or SamplingParams()] * len(batch)
+        if len(per_prompt) != len(batch):
+            raise ValueError(f"{len(per_prompt)} params for {len(batch)} prompts")
+        ids = [f"offline-{uuid.uuid4().hex}" for _ in batch]
+        pending = deque(zip(ids, batch, per_prompt))
+        final: dict[str, RequestOutput] = {}
+        try:
+            while pending or self.engine.has_unfinished:
+                self._admit(pending)
+                for out in self.engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+        except BaseException:
+            for request_id in ids:  # a bad prompt met late, or an interrupt: leave no request behind
+                self.engine.abort(request_id)
+            raise
+        return [final[i] for i in ids]
+
+    def _admit(self, pending: deque[tuple[str, str | list[int], SamplingParams]]) -> None:
+        """Hand prompts to the engine while its waiting queue has room (any number of prompts fits a call)."""
+        while pending and len(self.engine.scheduler.waiting) < self.engine.config.max_waiting:
+            self.engine.add_request(*pending.popleft())
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes (nothing to do on one device)."""
+        self.engine.close()
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
+        """One chat turn through the checkpoint's chat template."""
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        return self.generate(ids, params)[0]

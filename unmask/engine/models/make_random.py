@@ -1,0 +1,268 @@
+"""Write a random model directory in the exact LLaDA or Dream layout, with a tokenizer.
+
+    python -m unmask.engine.models.make_random OUT_DIR --arch llada|dream [--layers N ...]
+    python -m unmask.engine.models.make_random OUT_DIR --preset llada-8b --config-only
+
+Tests use the first form to exercise the loader and the engine on both layouts
+without any download. The weights are random but scaled so that logits are
+peaked, which keeps greedy decoding away from near-ties.
+
+`--config-only` writes no weights: only `config.json` and a tokenizer, the
+directory `unmask serve DIR --load-format dummy` serves with random weights
+drawn on the device, to load-test a model's shapes (`--preset llada-8b`)
+without its checkpoint. There is no LLaDA tokenizer offline, so the tokenizer
+is the bundled model's: the config takes its mask and end-of-text ids, and its
+vocabulary is padded with filler words up to the model's so that every token
+the model writes decodes to some text. That text is meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import string
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from unmask.engine.models.arch import CheckpointError
+from unmask.engine.bundled import bundled_model_dir
+from unmask.engine.models.checkpoint import save_checkpoint, write_config
+from unmask.engine.models.config import ModelConfig
+from unmask.engine.models.loader import load_tokenizer
+from unmask.engine.models.transformer import DiffusionTransformer
+
+BUNDLED_TOKENIZER = bundled_model_dir("unmask-tiny")
+PRESETS: dict[str, ModelConfig] = {
+    # GSAI-ML/LLaDA-8B-Instruct's config.json: shapes, special token ids, RoPE base and context.
+    "llada-8b": ModelConfig(
+        arch="llada", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, intermediate_size=12288,
+        vocab_size=126464, mask_token_id=126336, eos_token_id=126081, rope_theta=500000.0, max_position=4096,
+    ),
+    "tiny": ModelConfig(
+        arch="llada", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=384,
+        vocab_size=512, mask_token_id=1, eos_token_id=0, rope_theta=10000.0, max_position=2048,
+    ),
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+BYTE_LEVEL_SPACE = "\u0120"  # how byte-level BPE writes a leading space ("Ġ")
+MASK, EOS = "<|mask|>", "<|endoftext|>"
+SPECIAL_TOKENS = [EOS, MASK, "<|user|>", "<|assistant|>", "<|system|>", "<|eot|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|eot|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+    "Diffusion language models unmask a canvas of tokens block by block.",
+    "What is 12 plus 30? The answer is 42. Sort: apple, banana, cherry.",
+    "Hello world! How are you today? I am fine, thank you.",
+] * 50
+
+
+def build_tokenizer(vocab_size: int, out_dir: Path) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with the chat and diffusion special tokens, saved in HF format."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, pad_token=EOS, mask_token=MASK, chat_template=CHAT_TEMPLATE
+    )
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def random_model(cfg: ModelConfig, seed: int) -> DiffusionTransformer:
+    torch.manual_seed(seed)
+    model = DiffusionTransformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                continue
+            std = 3.0 / cfg.hidden_size**0.5 if name == "lm_head.weight" else 0.02 if "layers" in name else 1.0
+            p.normal_(0.0, std)
+    return model
+
+
+def random_config(
+    arch: str = "llada",
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    vocab: int = 512,
+    intermediate: int | None = None,
+) -> ModelConfig:
+    """A small config in the family's defaults; mask and end-of-text are `build_tokenizer`'s ids."""
+    return ModelConfig(
+        arch=arch,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads or (heads if arch == "llada" else max(1, heads // 2)),
+        intermediate_size=intermediate or hidden * 3,
+        vocab_size=vocab,
+        mask_token_id=SPECIAL_TOKENS.index(MASK),
+        eos_token_id=SPECIAL_TOKENS.index(EOS),
+        rope_theta=10000.0 if arch == "llada" else 1e6,
+        rms_norm_eps=1e-5 if arch == "llada" else 1e-6,
+        max_position=2048,
+        qkv_bias=arch == "dream",
+        logits_shift=1 if arch == "dream" else 0,
+    )
+
+
+def resize(
+    base: ModelConfig,
+    layers: int | None = None,
+    hidden: int | None = None,
+    heads: int | None = None,
+    kv_heads: int | None = None,
+    vocab: int | None = None,
+    intermediate: int | None = None,
+) -> ModelConfig:
+    """`base` with the given dimensions; the rest keep its ratios (FFN to hidden width, heads to KV heads)."""
+    hidden = hidden or base.hidden_size
+    heads = heads or base.num_heads
+    return replace(
+        base,
+        num_layers=layers or base.num_layers,
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=kv_heads or max(1, heads * base.num_kv_heads // base.num_heads),
+        intermediate_size=intermediate or hidden * base.intermediate_size // base.hidden_size,
+        vocab_size=vocab or base.vocab_size,
+    )
+
+
+def make_random_checkpoint(
+    out_dir: str | Path,
+    arch: str = "llada",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int = 16 * 2**20,
+    **dims: int | None,
+) -> Path:
+    """A random checkpoint of `random_config(arch, **dims)` (layers, hidden, heads, kv_heads, vocab, intermediate)."""
+    return write_random_checkpoint(out_dir, random_config(arch, **dims), seed, dtype, max_shard_bytes)
+
+
+def write_random_checkpoint(
+    out_dir: str | Path,
+    cfg: ModelConfig,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int = 16 * 2**20,
+) -> Path:
+    """A checkpoint of `cfg`'s shapes with random weights and a small trained tokenizer."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(cfg.vocab_size, out)
+    cfg = replace(
+        cfg,
+        vocab_size=max(cfg.vocab_size, len(tokenizer)),
+        mask_token_id=tokenizer.mask_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    save_checkpoint(random_model(cfg, seed), out, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return out
+
+
+def write_config_only(
+    out_dir: str | Path, cfg: ModelConfig, tokenizer_dir: str | Path = BUNDLED_TOKENIZER, dtype: torch.dtype = torch.bfloat16
+) -> Path:
+    """`config.json` of `cfg` and `tokenizer_dir`'s tokenizer, no weights: a directory for `--load-format dummy`.
+
+    The tokenizer's files are copied as they are (so any transformers version
+    reads them) but for its vocabulary, padded up to the model's
+    (`pad_vocabulary`), and its context; the config takes its mask and
+    end-of-text ids.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).is_file():
+            shutil.copyfile(Path(tokenizer_dir) / name, out / name)
+    settings = json.loads((out / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps(settings | {"model_max_length": cfg.max_position}, indent=2))
+    tokenizer = load_tokenizer(out)
+    if tokenizer.mask_token_id is None or tokenizer.eos_token_id is None:
+        raise CheckpointError(f"the tokenizer of {str(tokenizer_dir)!r} lacks a mask or an end-of-text token")
+    vocab = max(cfg.vocab_size, len(tokenizer))
+    pad_vocabulary(out / "tokenizer.json", vocab)
+    cfg = replace(cfg, vocab_size=vocab, mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id)
+    write_config(cfg, out, dtype)
+    return out
+
+
+def pad_vocabulary(tokenizer_file: Path, size: int) -> None:
+    """Give a byte-level BPE tokenizer `size` ids by adding filler words (" ab", " ac", ...).
+
+    A random model writes any id of its vocabulary; with the filler each one
+    decodes to some text, as in a real vocabulary of that size. No merge makes
+    the filler words, so encoding is unchanged.
+    """
+    data = json.loads(tokenizer_file.read_text())
+    vocab = data["model"].get("vocab")
+    if data["model"].get("type") != "BPE" or not isinstance(vocab, dict):
+        raise CheckpointError(f"{tokenizer_file} is not a BPE tokenizer: cannot pad its vocabulary")
+    added = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+    next_id = max([*vocab.values(), *added.values()]) + 1
+    letters = itertools.chain.from_iterable(
+        itertools.product(string.ascii_lowercase, repeat=n) for n in itertools.count(2)
+    )
+    for word in (BYTE_LEVEL_SPACE + "".join(chars) for chars in letters):
+        if next_id >= size:
+            break
+        if word not in vocab and word not in added:
+            vocab[word] = next_id
+            next_id += 1
+    tokenizer_file.write_text(json.dumps(data, ensure_ascii=False))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out_dir")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--arch", choices=["llada", "dream"], default="llada")
+    shape.add_argument("--preset", choices=list(PRESETS), help="a named model's shapes (the options below override them)")
+    p.add_argument("--layers", type=int, default=None, help="default 2, or the preset's")
+    p.add_argument("--hidden", type=int, default=None, help="default 64, or the preset's")
+    p.add_argument("--heads", type=int, default=None, help="default 4, or the preset's")
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--intermediate", type=int, default=None, help="FFN width (default 3 x hidden, or the preset's ratio)")
+    p.add_argument("--vocab", type=int, default=None, help="default 512, or the preset's")
+    p.add_argument("--config-only", action="store_true",
+                   help="write config.json and the bundled tokenizer, no weights (for --load-format dummy)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="of the weights (default float32); with --config-only, only what config.json says (bfloat16)")
+    p.add_argument("--max-shard-mb", type=float, default=16.0)
+    a = p.parse_args(argv)
+    dims = {k: getattr(a, k) for k in ("layers", "hidden", "heads", "kv_heads", "vocab", "intermediate")}
+    dims = {k: v for k, v in dims.items() if v is not None}
+    cfg = resize(PRESETS[a.preset], **dims) if a.preset else random_config(a.arch, **dims)
+    name = a.preset or a.arch
+    if a.config_only:
+        out = write_config_only(a.out_dir, cfg, dtype=getattr(torch, a.dtype or "bfloat16"))
+        print(f"wrote config.json and a tokenizer of {name}'s shapes to {out} (serve it with --load-format dummy)")
+    else:
+        dtype = getattr(torch, a.dtype or "float32")
+        out = write_random_checkpoint(a.out_dir, cfg, a.seed, dtype, int(a.max_shard_mb * 2**20))
+        print(f"wrote a random {name} checkpoint to {out}")
+
+
+if __name__ == "__main__":
+    main()

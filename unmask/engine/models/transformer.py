@@ -1,0 +1,244 @@
+"""The transformer shared by LLaDA and Dream: plain modules over packed tokens.
+
+Both families are Llama-shaped (RMSNorm, RoPE, SwiGLU, optional GQA); they
+differ only in checkpoint names, q/k/v bias and the logits shift, which live in
+`llada.py` / `dream.py`. The model works on a flat batch of tokens and leaves
+attention to an `AttentionBackend`, so the same weights serve the paged engine
+(`engine.attention.PagedAttention`) and dense full-sequence training
+(`DenseAttention` below).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unmask.engine.models.config import ModelConfig
+from unmask.kernels.rms_norm import add_rms_norm, rms_norm
+from unmask.kernels.rotary import rotary, rotary_table
+from unmask.kernels.silu_mul import silu_mul
+
+
+class AttentionBackend(Protocol):
+    """Turns one layer's fresh q/k/v of the packed tokens into attention output."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, H, D], k/v: [T, KVH, D] -> [T, H, D]."""
+        ...
+
+
+class LayerHook(Protocol):
+    """Runs one block in place of `Block.forward`, e.g. on a subset of the rows (dLLM-Cache)."""
+
+    def __call__(
+        self, block: "Block", x: torch.Tensor, positions: torch.Tensor, rotary: "Rotary", attention: AttentionBackend, layer: int
+    ) -> torch.Tensor:
+        ...
+
+
+class DenseAttention:
+    """Bidirectional attention over whole sequences of a [B, L] batch (training, references).
+
+    `mask` (True = attend), if given, says which keys each query sees: [B, 1, L, L]
+    (e.g. examples packed in a row) or [B, 1, 1, L] (right-padded rows).
+    """
+
+    def __init__(self, batch: int, length: int, mask: torch.Tensor | None = None):
+        self.batch, self.length, self.mask = batch, length, mask
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, n = self.batch, self.length
+        q, k, v = (t.view(b, n, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.shape[1] != q.shape[1])
+        return out.transpose(1, 2).reshape(b * n, q.shape[1], q.shape[3])
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): a residual add and this norm in one pass."""
+        return add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding, half-split ("rotate_half") layout as in Llama/LLaDA/Qwen2.
+
+    The cos/sin of every position up to `max_position` are computed once here;
+    each call gathers the rows of its positions (`kernels.rotary`).
+    """
+
+    def __init__(self, head_dim: int, theta: float, max_position: int):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        cos, sin = rotary_table(inv_freq.float(), max_position)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, D]; positions: [T] absolute positions within each sequence (< max_position)."""
+        return rotary(x, positions, self.cos, self.sin)
+
+
+@dataclass
+class FusedRows:
+    """Several linear layers on one input as one GEMM: their weights stacked row-wise in one tensor.
+
+    At batch 1 a step is bound by reading the weights, and one wide GEMM reads them
+    faster than two or three narrow ones (LLaDA-8B shapes on an H200: a batch-1
+    dual step's GEMMs went from 4.75 to 4.06 ms). The layers' parameters
+    become views of the stacked tensor, so the weights exist once and loading
+    into the layers' parameters fills it.
+    """
+
+    weight: torch.Tensor  # [sum of out_features, in_features]
+    bias: torch.Tensor | None
+    sizes: list[int]  # out_features of each layer, in order
+
+    @classmethod
+    def of(cls, *linears: nn.Linear) -> FusedRows:
+        with torch.no_grad():
+            weight = torch.cat([layer.weight for layer in linears])
+            has_bias = linears[0].bias is not None
+            bias = torch.cat([layer.bias for layer in linears]) if has_bias else None
+        sizes = [layer.out_features for layer in linears]
+        for layer, w, b in zip(linears, weight.split(sizes), bias.split(sizes) if has_bias else [None] * len(sizes)):
+            layer.weight = nn.Parameter(w, requires_grad=False)
+            if b is not None:
+                layer.bias = nn.Parameter(b, requires_grad=False)
+        return cls(weight, bias, sizes)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each layer's output: strided views of the one [T, sum of sizes] product."""
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        self.qkv: FusedRows | None = None  # set by `fuse_projections`
+
+    def fuse_projections(self) -> None:
+        self.qkv = FusedRows.of(self.q_proj, self.k_proj, self.v_proj)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, H, D], k and v [T, KVH, D], before the rotation (views of one output when fused)."""
+        t = x.shape[0]
+        q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if self.qkv is None else self.qkv(x)
+        hd = self.head_dim
+        return q.view(t, self.num_heads, hd), k.view(t, self.num_kv_heads, hd), v.view(t, self.num_kv_heads, hd)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, attention: AttentionBackend, layer: int
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.project(x)
+        out = attention.attend(layer, rotary(q, positions), rotary(k, positions), v)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up: FusedRows | None = None  # set by `fuse_projections`
+
+    def fuse_projections(self) -> None:
+        self.gate_up = FusedRows.of(self.gate_proj, self.up_proj)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = (self.gate_proj(x), self.up_proj(x)) if self.gate_up is None else self.gate_up(x)
+        return self.down_proj(silu_mul(gate, up))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = SelfAttention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, attention: AttentionBackend, layer: int
+    ) -> torch.Tensor:
+        attended = self.attn(self.attn_norm(x), positions, rotary, attention, layer)
+        h, x = self.mlp_norm.add_and_norm(attended, x)
+        return x + self.mlp(h)
+
+
+class DiffusionTransformer(nn.Module):
+    """Embedding, `num_layers` blocks, final norm and LM head, over packed tokens."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attention: AttentionBackend,
+        layer_hook: LayerHook | None = None,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, hidden] (normed).
+
+        A `layer_hook` runs every block in place of its own forward.
+        """
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            if layer_hook is None:
+                x = layer(x, positions, self.rotary, attention, i)
+            else:
+                x = layer_hook(layer, x, positions, self.rotary, attention, i)
+        return self.final_norm(x)
+
+    def fuse_projections(self) -> None:
+        """Stack q/k/v and gate/up weights for serving (`FusedRows`); training keeps them apart.
+
+        Call it on the final device and dtype: a later `.to()` gives the layers new
+        parameters and leaves the stacked weights behind (the loader calls it last).
+        """
+        for block in self.layers:
+            block.attn.fuse_projections()
+            block.mlp.fuse_projections()
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (in the model's dtype) for the given hidden rows only (the engine asks for few rows).
+
+        They stay in the model's dtype: at LLaDA's 126k vocabulary an fp32 copy of a
+        large batch's rows is a gigabyte, and the confidence kernel reads bf16 directly.
+        """
+        return self.lm_head(hidden)
+
+    def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full bidirectional forward of a [B, L] batch -> logits [B, L, V] (unshifted)."""
+        b, n = input_ids.shape
+        positions = torch.arange(n, device=input_ids.device).repeat(b)
+        hidden = self.forward(input_ids.reshape(-1), positions, DenseAttention(b, n))
+        return self.compute_logits(hidden).float().view(b, n, -1)

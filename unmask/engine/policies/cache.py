@@ -1,0 +1,66 @@
+"""Cache policies: which positions of a sequence are recomputed at a step (DESIGN.md §2).
+
+Every position that is not active keeps the K/V last written to its pages.
+A policy only returns positions; the runner and the KV pool do the rest.
+Two optional answers extend the mechanism: how far the keys reach
+(`key_length`, for methods that drop the far masked suffix from attention),
+and per-layer feature reuse (`features`, for dLLM-Cache).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unmask.engine.feature_cache import FeatureUse
+from unmask.engine.sequence import Sequence
+
+
+class CachePolicy:
+    """Base: recompute everything (the reference, `none`)."""
+
+    name = "none"
+    needs_features = False  # True: the policy needs the pool's feature pages (`EngineConfig.feature_cache`)
+
+    def active_positions(self, seq: Sequence) -> torch.Tensor:
+        """Sorted absolute positions whose K/V (and hidden states) are recomputed this step."""
+        return torch.arange(seq.length)
+
+    def is_refresh(self, seq: Sequence) -> bool:
+        """True when this step recomputes everything the sequence attends to."""
+        return True
+
+    def key_length(self, seq: Sequence) -> int | None:
+        """Queries attend to positions [0, key_length); None: the whole sequence."""
+        return None
+
+    def features(self, seq: Sequence) -> FeatureUse | None:
+        """Per-layer feature reuse this step; None: every active position is recomputed."""
+        return None
+
+
+class PrefixCache(CachePolicy):
+    """Fast-dLLM prefix cache: full refresh at each block start, then [block start, end)."""
+
+    name = "prefix"
+
+    def is_refresh(self, seq: Sequence) -> bool:
+        return seq.step == 0
+
+    def active_positions(self, seq: Sequence) -> torch.Tensor:
+        if self.is_refresh(seq):
+            return torch.arange(seq.length)
+        start, _ = seq.block_bounds()
+        return torch.arange(start, seq.length)
+
+
+class DualCache(PrefixCache):
+    """Fast-dLLM dual cache: full refresh at each block start, then the current block only."""
+
+    name = "dual"
+
+    def active_positions(self, seq: Sequence) -> torch.Tensor:
+        if self.is_refresh(seq):
+            return torch.arange(seq.length)
+        start, end = seq.block_bounds()
+        return torch.arange(start, end)
+

@@ -1,0 +1,73 @@
+"""dKV-Cache (arXiv 2505.15781): delayed caching of decoded tokens.
+
+A token's K/V swing on the step it is decoded and then settle. So a committed
+token enters the cache one step *after* its commit: the step that follows
+recomputes it with its token in place, and later steps reuse its K/V. Masked
+tokens, whose representations keep moving, are recomputed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from unmask.engine.policies.cache import CachePolicy
+from unmask.engine.sequence import Sequence
+
+
+def _steps_taken(seq: Sequence) -> int:
+    """Denoising steps the request has run so far (the refresh schedules count these)."""
+    return seq.stats.forward_passes
+
+
+class DKVDecode(CachePolicy):
+    """dKV-Cache-Decode: every masked position of the canvas and last step's commits; all every `dkv_refresh` steps.
+
+    Between refreshes the prompt and the tokens committed two or more steps
+    ago reuse their K/V.
+    """
+
+    name = "dkv"
+
+    def is_refresh(self, seq: Sequence) -> bool:
+        assert seq.params.dkv_refresh is not None
+        return _steps_taken(seq) % seq.params.dkv_refresh == 0
+
+    def active_positions(self, seq: Sequence) -> torch.Tensor:
+        if self.is_refresh(seq):
+            return torch.arange(seq.length)
+        masked = torch.nonzero(seq.tokens == seq.mask_id).flatten()
+        return torch.unique(torch.cat([masked, seq.last_committed]))
+
+
+class DKVGreedy(CachePolicy):
+    """dKV-Cache-Greedy: the block's masks, their `dkv_window` neighbours and last step's commits.
+
+    The request's first step computes everything; each later block starts by
+    recomputing the response (the prompt stays cached after the first step).
+    Faster than `dkv` and less exact: masked positions outside the window,
+    in later blocks, keep the K/V of the block start.
+    """
+
+    name = "dkv-greedy"
+
+    def is_refresh(self, seq: Sequence) -> bool:
+        return _steps_taken(seq) == 0
+
+    def active_positions(self, seq: Sequence) -> torch.Tensor:
+        if self.is_refresh(seq):
+            return torch.arange(seq.length)
+        if seq.step == 0:
+            return torch.arange(seq.prompt_len, seq.length)
+        assert seq.params.dkv_window is not None
+        near = _within(seq.masked_in_block(), seq.params.dkv_window, seq.length)
+        near = near[near >= seq.prompt_len]
+        return torch.unique(torch.cat([near, seq.last_committed]))
+
+
+def _within(positions: torch.Tensor, window: int, length: int) -> torch.Tensor:
+    """Sorted positions in [0, length) at distance <= window of any of `positions`."""
+    marked = torch.zeros(1, 1, length)
+    marked[0, 0, positions] = 1.0
+    spread = F.max_pool1d(marked, kernel_size=2 * window + 1, stride=1, padding=window)
+    return torch.nonzero(spread.flatten()).flatten()

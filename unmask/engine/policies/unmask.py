@@ -1,0 +1,73 @@
+"""Unmask policies: how many of the current block's masked tokens a step commits, and which.
+
+A policy sees the confidences of the block's still-masked positions (in
+position order) and returns the indices (into that list) to commit. It
+always commits at least one token, so a block always finishes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unmask.engine.sequence import Sequence
+
+
+def even_schedule(block_tokens: int, steps: int) -> list[int]:
+    """LLaDA's schedule: spread a block's tokens over its steps, earlier steps taking the remainder."""
+    base, extra = divmod(block_tokens, steps)
+    return [base + (1 if i < extra else 0) for i in range(steps)]
+
+
+class UnmaskPolicy:
+    name = ""
+    random_confidence = False  # rank by uniform noise instead of model confidence
+
+    def choose(self, seq: Sequence, confidence: torch.Tensor) -> torch.Tensor:
+        """Indices into `confidence` (the block's masked positions) to commit this step."""
+        raise NotImplementedError
+
+
+class LowConfidence(UnmaskPolicy):
+    """Commit the k most confident tokens, k from the block's even schedule (LLaDA)."""
+
+    name = "low_confidence"
+
+    def choose(self, seq: Sequence, confidence: torch.Tensor) -> torch.Tensor:
+        start, end = seq.block_bounds()
+        steps = seq.steps_in_block()
+        schedule = even_schedule(end - start, steps)
+        k = schedule[seq.step] if seq.step < steps else confidence.numel()
+        # The schedule assumes one commit pattern; never ask for more than remain.
+        k = max(1, min(k, confidence.numel()))
+        return torch.topk(confidence, k).indices
+
+
+class RandomOrder(LowConfidence):
+    """LLaDA's `random` remasking: the even schedule, positions picked uniformly at random."""
+
+    name = "random"
+    random_confidence = True
+
+
+class Threshold(UnmaskPolicy):
+    """Fast-dLLM: commit every token with confidence above tau, at least the most confident one."""
+
+    name = "threshold"
+
+    def choose(self, seq: Sequence, confidence: torch.Tensor) -> torch.Tensor:
+        chosen = torch.nonzero(confidence > seq.params.threshold).flatten()
+        return chosen if chosen.numel() else confidence.argmax().view(1)
+
+
+class Factor(UnmaskPolicy):
+    """Fast-dLLM: with c_1 >= c_2 >= ..., commit the largest n with (n + 1)(1 - c_n) < f (at least 1)."""
+
+    name = "factor"
+
+    def choose(self, seq: Sequence, confidence: torch.Tensor) -> torch.Tensor:
+        ordered, order = torch.sort(confidence, descending=True)
+        n = torch.arange(1, ordered.numel() + 1, dtype=ordered.dtype)
+        ok = torch.nonzero((n + 1) * (1 - ordered) < seq.params.factor).flatten()
+        count = int(ok.max()) + 1 if ok.numel() else 1
+        return order[:count]
+

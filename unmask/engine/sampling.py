@@ -1,0 +1,167 @@
+"""From logits to proposals: the token each masked position would take, and how sure the model is.
+
+Follows LLaDA (ALGORITHMS.md): with temperature T > 0 the proposal is the
+Gumbel-max sample argmax(l - T log(-log u)) — the same ordering as LLaDA's
+exp(l) / (-log u)^T, computed without overflow — while the confidence is read
+from the softmax of the un-noised logits. Dream's `margin` and `entropy`
+confidences are offered beside `prob`.
+
+All randomness of a request comes from its own generator, one seed per step,
+so a request samples the same tokens whether it runs alone or in a batch.
+The common case (`prob` confidence, no top-p) goes through one fused kernel
+for the whole step; the step then makes one host transfer of the results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from unmask.engine.params import SamplingParams
+from unmask.engine.transfer import to_device, to_host
+from unmask.kernels import fused_confidence
+
+_SEED_RANGE = 2**62
+
+
+@dataclass
+class RowGroup:
+    """The logit rows of one sequence in a step (consecutive, in group order)."""
+
+    params: SamplingParams
+    generator: torch.Generator  # the request's CPU generator
+    rows: int
+    random_confidence: bool = False
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Logits with everything outside the smallest nucleus of mass >= top_p set to -inf."""
+    if top_p >= 1.0:
+        return logits
+    ordered, order = torch.sort(logits, dim=-1, descending=True)
+    probs = ordered.softmax(-1)
+    drop_sorted = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+@dataclass
+class RowInputs:
+    """The per-row sampling inputs of one step's logit rows (one seed drawn per request)."""
+
+    seeds: list[int]  # one per group
+    fused: torch.Tensor  # bool [N]: rows of the fused path (`prob` confidence, no top-p)
+    temperature: torch.Tensor  # float32 [N]
+    row_seeds: torch.Tensor  # int64 [N]
+
+    @cached_property
+    def general_rows(self) -> torch.Tensor:
+        """Rows outside the fused path, ascending: they need their full distribution (computed once per step)."""
+        return (~self.fused).nonzero().flatten()
+
+
+def uses_fused_path(params: SamplingParams) -> bool:
+    return params.confidence == "prob" and params.top_p >= 1.0
+
+
+def row_inputs(groups: list[RowGroup]) -> RowInputs:
+    """Draw this step's seed of every group and spread the groups' settings over their rows."""
+    seeds = [int(torch.randint(_SEED_RANGE, (1,), generator=g.generator)) for g in groups]
+    rows = torch.tensor([g.rows for g in groups], dtype=torch.long)
+    first_row = torch.repeat_interleave(rows.cumsum(0) - rows, rows)
+    # Per group, spread over its rows without a Python loop over rows (a step has thousands).
+    return RowInputs(
+        seeds,
+        fused=torch.tensor([uses_fused_path(g.params) for g in groups], dtype=torch.bool).repeat_interleave(rows),
+        temperature=torch.tensor([g.params.temperature for g in groups], dtype=torch.float32).repeat_interleave(rows),
+        row_seeds=torch.tensor(seeds, dtype=torch.long).repeat_interleave(rows) + torch.arange(int(rows.sum())) - first_row,
+    )
+
+
+def propose_batch(logits: torch.Tensor, groups: list[RowGroup], mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, V] of all masked positions of a step -> (token ids [N], confidence [N]) on the CPU."""
+    logits[:, mask_id] = float("-inf")  # a committed token must never be the mask itself
+    inputs = row_inputs(groups)
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    confidence = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    fused = inputs.fused.nonzero().flatten()
+    if fused.numel():
+        temperature = to_device(inputs.temperature[fused], logits.device)
+        seeds = to_device(inputs.row_seeds[fused], logits.device)
+        if fused.numel() == logits.shape[0]:  # the common case: every row, no gather copy
+            tokens, confidence = fused_confidence(logits, temperature, seeds)
+        else:
+            index = to_device(fused, logits.device)
+            tokens[index], confidence[index] = fused_confidence(logits[index], temperature, seeds)
+    general = inputs.general_rows
+    general_logits = logits[to_device(general, logits.device)] if general.numel() else None
+    return complete_proposals(tokens, confidence, general_logits, inputs, groups)
+
+
+def complete_proposals(
+    tokens: torch.Tensor,
+    confidence: torch.Tensor,
+    general_logits: torch.Tensor | None,
+    inputs: RowInputs,
+    groups: list[RowGroup],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill the rows outside the fused path from their full logits (`general_logits`, those rows
+    in order), bring the proposals to the CPU and apply `random` remasking."""
+    if general_logits is not None:
+        index = to_device(inputs.general_rows, tokens.device)
+        tokens[index], confidence[index] = _propose_general_groups(general_logits, groups, inputs.seeds)
+    tokens, confidence = to_host(tokens, confidence)  # the step's one wait for the GPU
+    _randomize_confidence(confidence, groups, inputs.seeds)
+    return tokens, confidence
+
+
+def _propose_general_groups(
+    logits: torch.Tensor, groups: list[RowGroup], seeds: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Proposals of the groups outside the fused path; `logits` holds just their rows, in group order."""
+    tokens, confidence, start = [], [], 0
+    for group, seed in zip(groups, seeds):
+        if uses_fused_path(group.params):
+            continue
+        t, c = _propose_general(logits[start : start + group.rows], group.params, seed)
+        start += group.rows
+        tokens.append(t)
+        confidence.append(c.float())
+    return torch.cat(tokens), torch.cat(confidence)
+
+
+def _randomize_confidence(confidence: torch.Tensor, groups: list[RowGroup], seeds: list[int]) -> None:
+    """LLaDA's `random` remasking ranks positions by uniform noise instead of confidence."""
+    start = 0
+    for group, seed in zip(groups, seeds):
+        if group.random_confidence:
+            noise = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
+            confidence[start : start + group.rows] = torch.rand(group.rows, generator=noise)
+        start += group.rows
+
+
+def _propose_general(logits: torch.Tensor, params: SamplingParams, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Any confidence kind and top-p, in plain PyTorch (float64 Gumbel noise)."""
+    probs = logits.float().softmax(-1)
+    if params.temperature > 0:
+        filtered = top_p_filter(logits.float(), params.top_p).double()
+        generator = torch.Generator(device=logits.device).manual_seed(seed)
+        u = torch.rand(filtered.shape, generator=generator, dtype=torch.float64, device=logits.device)
+        u = u.clamp_min(torch.finfo(torch.float64).tiny)
+        tokens = (filtered - params.temperature * torch.log(-torch.log(u))).argmax(-1)
+    else:
+        tokens = logits.argmax(-1)
+    return tokens, _confidence(probs, tokens, params.confidence or "prob")
+
+
+def _confidence(probs: torch.Tensor, tokens: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "prob":
+        return probs.gather(-1, tokens[:, None]).squeeze(-1)
+    if kind == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+    if kind == "entropy":
+        return (probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # negative entropy: higher is surer
+    raise ValueError(f"unknown confidence kind {kind!r}")

@@ -1,0 +1,121 @@
+"""One request's state: its token canvas, where it is in the blockwise schedule, its pages."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from unmask.engine.outputs import FinishReason, RequestStats
+from unmask.engine.params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """`tokens` holds prompt + canvas; canvas positions start as `mask_id`.
+
+    Blocks cover the canvas in order; the last one may be shorter when
+    `max_tokens` is not a multiple of the block length. `block` is the block
+    being denoised and `step` the steps already taken inside it.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    mask_id: int
+    eos_id: int
+    seed: int
+    tokens: torch.Tensor = field(init=False)
+    status: SequenceStatus = SequenceStatus.WAITING
+    pages: list[int] = field(default_factory=list)
+    page_table: torch.Tensor | None = None  # pages as a device tensor, built once at admission
+    block: int = 0
+    step: int = 0
+    last_block: int = 0  # the block the latest step worked on (for streaming views)
+    # Positions the latest step committed (delayed caching recomputes them once more).
+    last_committed: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    last_scheduled: int = -1  # engine step counter, for round-robin fairness
+    stats: RequestStats = field(default_factory=RequestStats)
+    policy_state: dict = field(default_factory=dict)  # private state of the cache/unmask policies
+    generator: torch.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        canvas = [self.mask_id] * self.params.max_tokens
+        self.tokens = torch.tensor(self.prompt_ids + canvas, dtype=torch.long)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    # --- geometry -----------------------------------------------------------
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def length(self) -> int:
+        return self.tokens.numel()
+
+    @property
+    def block_size(self) -> int:
+        return self.params.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.params.max_tokens // self.block_size)
+
+    def block_bounds(self, block: int | None = None) -> tuple[int, int]:
+        """Absolute [start, end) positions of a block (the current one by default)."""
+        b = self.block if block is None else block
+        start = self.prompt_len + b * self.block_size
+        return start, min(start + self.block_size, self.length)
+
+    def masked_in_block(self) -> torch.Tensor:
+        """Absolute positions still masked in the current block, ascending."""
+        start, end = self.block_bounds()
+        return start + torch.nonzero(self.tokens[start:end] == self.mask_id).flatten()
+
+    def steps_in_block(self) -> int:
+        """Denoising steps the fixed-step policies spend on the current block.
+
+        A short last block keeps the tokens-per-step rate of a full block.
+        """
+        start, end = self.block_bounds()
+        return max(1, -(-(end - start) * self.params.steps_per_block // self.block_size))
+
+    # --- finalized output ---------------------------------------------------
+    def _committed_run(self) -> torch.Tensor:
+        """Canvas tokens committed contiguously from its start (up to the first mask)."""
+        canvas = self.tokens[self.prompt_len :]
+        masked = torch.nonzero(canvas == self.mask_id).flatten()
+        return canvas[: int(masked[0])] if masked.numel() else canvas
+
+    def committed_prefix(self) -> list[int]:
+        """The contiguous committed run, cut before end-of-text (unless the request ignores it).
+
+        Commits are never revised, so this prefix is final text.
+        """
+        prefix = self._committed_run().tolist()
+        if self.params.ignore_eos or self.eos_id not in prefix:
+            return prefix
+        return prefix[: prefix.index(self.eos_id)]
+
+    def hit_eos(self) -> bool:
+        """End-of-text lies in the committed run, so nothing after it can matter (never, with `ignore_eos`)."""
+        return not self.params.ignore_eos and bool((self._committed_run() == self.eos_id).any())
+
+    @property
+    def canvas_done(self) -> bool:
+        return self.block >= self.num_blocks
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
