@@ -35,7 +35,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# A fixed numeric uid, so Kubernetes' runAsNonRoot can verify it without a passwd lookup.
+# Python from the base's own packages, the venv, and the user the server runs as: a fixed
+# numeric uid, so Kubernetes' runAsNonRoot can verify it without a passwd lookup.
 RUN case "$VARIANT" in \
         gpu) toolchain="python3-dev gcc libc6-dev" ;; \
         cpu) toolchain="" ;; \

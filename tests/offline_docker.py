@@ -167,7 +167,7 @@ def host_package_setup() -> HostPackageSetup:
     named = [Path(word) for value in values for word in value.split() if word.startswith("/")]
     paths = [EXTRA_CA_DIR] if EXTRA_CA_DIR.is_dir() else []
     for path in files + named:
-        if path.exists() and not path.is_relative_to(sys.prefix) and path not in paths:
+        if path.exists() and path not in paths:
             paths.append(path)
     environment = {key: value for key, value in os.environ.items() if key.startswith("PIP_")}
     return HostPackageSetup(paths, environment)
