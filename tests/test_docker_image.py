@@ -1,10 +1,10 @@
 """The CPU image, built from the project's Dockerfile and run the way a user runs it.
 
 The build is the README's CPU `docker build` of this checkout, with the Dockerfile as it
-ships; only two build arguments are local: a Debian base made on this machine
-(offline_docker.py: no registry is needed), and PyPI as the torch index, since the CPU
-wheel comes from the base's copy of this machine's pip sources (PyTorch's own index may
-be unreachable). Docker's layer cache keeps a rebuild to the layers the change touched.
+ships. Only build arguments are local: the base is Debian made on this machine
+(offline_docker.py: no registry is needed), and where PyTorch's CPU index cannot be
+reached, PyPI is the torch index and the CPU wheel comes from this machine's pip sources,
+which the base carries. Docker's layer cache keeps a rebuild to the layers a change touched.
 
 Skipped, with the reason, where no Docker daemon answers and none can be started here.
 """
@@ -15,6 +15,8 @@ import shlex
 import shutil
 import socket
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from offline_docker import DockerUnavailable, docker, ensure_build_base, image_i
 REPO = Path(__file__).resolve().parent.parent
 CPU_IMAGE = "unmask:cpu-test"
 SMOKE_TEST = REPO / "deploy" / "docker" / "smoke_test.sh"
+PYTORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu/torch/"
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -37,6 +40,25 @@ def _readme_cpu_build_args() -> dict[str, str]:
     command = next(line for line in docker_section.splitlines() if line.startswith("docker build") and "VARIANT=cpu" in line)
     words = shlex.split(command, comments=True)
     return dict(words[i + 1].split("=", 1) for i, word in enumerate(words) if word == "--build-arg")
+
+
+def _reachable(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=10):
+            return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _local_build_args(base: str) -> dict[str, str]:
+    """The base made here; and, where PyTorch's CPU index cannot be reached, PyPI as the torch index.
+
+    Then the CPU wheel comes from this machine's pip sources, which the base carries.
+    """
+    args = {"BASE_IMAGE": base}
+    if not _reachable(PYTORCH_CPU_INDEX):
+        args["TORCH_INDEX_URL"] = "https://pypi.org/simple"
+    return args
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +78,7 @@ def cpu_image(docker_daemon, tmp_path_factory) -> str:
         base = ensure_build_base(tmp_path_factory.mktemp("docker-base"))
     except DockerUnavailable as exc:
         pytest.skip(str(exc))
-    build_args = _readme_cpu_build_args() | {"BASE_IMAGE": base, "TORCH_INDEX_URL": "https://pypi.org/simple"}
+    build_args = _readme_cpu_build_args() | _local_build_args(base)
     assert build_args["VARIANT"] == "cpu"
     previous = image_id(CPU_IMAGE)
     docker("build", "--network", "host", "-t", CPU_IMAGE,
