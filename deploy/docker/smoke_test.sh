@@ -3,7 +3,8 @@
 #   deploy/docker/smoke_test.sh [IMAGE] [HOST_PORT] [SERVE_ARGS...]   (defaults: unmask:cpu 18000)
 # 1. `docker run -d -p HOST_PORT:8000 IMAGE SERVE_ARGS...` (none: the bundled model)
 # 2. the image's own HEALTHCHECK turns "healthy"
-# 3. a completion answers 200 and /metrics counts it
+# 3. a chat request gets an answer, and /metrics counts it; with no SERVE_ARGS the bundled
+#    model must give the exact answer to a prompt in its task format
 # 4. the process runs as a non-root user
 # 5. `docker stop` (SIGTERM) drains and the container exits 0
 # Extra `docker run` options (e.g. --gpus all) can be passed in DOCKER_RUN_ARGS.
@@ -33,14 +34,26 @@ done
 [ "$status" = healthy ] || { docker logs "$name"; echo "FAIL: health status $status"; exit 1; }
 echo "ok: HEALTHCHECK reports healthy"
 
+# A sorting task in the bundled model's training format; served with no model argument,
+# the image's bundled model must answer it exactly (as in the README's curl example).
+prompt='Sort these numbers from smallest to largest: 42, 7, 19'
+expected='Answer: 7, 19, 42'
 model=$(curl -sf "$base/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')
-curl -sf "$base/v1/completions" -H 'Content-Type: application/json' \
-    -d "{\"model\": \"$model\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}" \
-    | python3 -c 'import json,sys; r=json.load(sys.stdin); print("ok: completion:", repr(r["choices"][0]["text"]))'
+body=$(python3 -c 'import json,sys; print(json.dumps({"model": sys.argv[1], "max_tokens": 32, "cache": "dual",
+    "unmask": "threshold", "messages": [{"role": "user", "content": sys.argv[2]}]}))' "$model" "$prompt")
+reply=$(curl -sf "$base/v1/chat/completions" -H 'Content-Type: application/json' -d "$body") \
+    || { docker logs "$name" | tail -20; echo "FAIL: the chat request was refused"; exit 1; }
+answer=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["message"]["content"])' <<<"$reply")
+if [ $# -eq 0 ]; then
+    [ "$answer" = "$expected" ] || { echo "FAIL: answer '$answer', expected '$expected'"; exit 1; }
+else
+    [ -n "$answer" ] || { echo "FAIL: empty answer from $model"; exit 1; }
+fi
+echo "ok: $model answers: $answer"
 
 metrics=$(curl -sf "$base/metrics")  # read it whole: `curl | grep -q` can fail on SIGPIPE under pipefail
-grep -q '^unmask_http_requests_total{endpoint="/v1/completions",status="200"} 1.0$' <<<"$metrics" \
-    || { echo "FAIL: /metrics does not count the completion"; exit 1; }
+grep -q '^unmask_http_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0$' <<<"$metrics" \
+    || { echo "FAIL: /metrics does not count the chat request"; exit 1; }
 echo "ok: /metrics counts the request"
 
 uid=$(docker exec "$name" id -u)
