@@ -199,7 +199,7 @@ def engine_is_idle(server: LiveServer) -> bool:
         not engine.engine.has_unfinished
         and engine.num_running == 0
         and engine.num_waiting == 0
-        and not engine._queues  # the per-request output queues of the async engine
+        and not engine._channels  # the output streams of the async engine
         and engine.kv_pages_free == engine.kv_pages_total
         and sample(samples, "unmask_kv_pages_used", model=server.model) == 0
         and sample(samples, "unmask_requests_running", model=server.model) == 0
