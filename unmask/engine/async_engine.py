@@ -22,7 +22,7 @@ from unmask.engine.client import EngineClient, GroupMember
 from unmask.engine.config import EngineConfig
 from unmask.engine.engine import LLMEngine, StepListener
 from unmask.engine.errors import EngineDeadError, QueueFullError
-from unmask.engine.outputs import FinishReason, RequestOutput, StepStats
+from unmask.engine.outputs import FinishReason, RequestOutput
 from unmask.engine.params import SamplingParams
 from unmask.engine.sequence import Sequence
 
@@ -30,7 +30,7 @@ log = logging.getLogger("unmask.async_engine")
 
 _IDLE_WAIT_SECONDS = 0.1
 _FIXED_STEP_POLICIES = ("low_confidence", "random")  # a block takes exactly `steps` steps
-_STEP_TIME_SMOOTHING = 0.2  # weight of the latest step in the running mean step time
+_CYCLE_TIME_SMOOTHING = 0.2  # weight of the latest loop cycle in the running mean
 
 
 @dataclass
@@ -121,8 +121,8 @@ class AsyncEngine(EngineClient):
         self._draining = False
         self._drain_deadline: float | None = None  # time.monotonic() after which open requests are cut
         self._failure: BaseException | None = None
-        self._listeners: list[StepListener] = [self._time_step]
-        self._mean_step_seconds: float | None = None
+        self._listeners: list[StepListener] = []
+        self._mean_cycle_seconds: float | None = None  # one step and its delivery, for the drain deadline
         self._pending = 0  # adds sent to the thread but not yet queued in the scheduler
         self._pending_lock = threading.Lock()
 
@@ -137,8 +137,9 @@ class AsyncEngine(EngineClient):
     def begin_drain(self, timeout: float | None) -> None:
         """Refuse new requests from now on; after `timeout` seconds, end every open one with `EngineDeadError`.
 
-        While draining, a waiting request that cannot finish before the deadline
-        (its fewest possible steps at the recent step time) is refused at once.
+        While draining, a waiting request that cannot finish before the deadline (the
+        fewest steps until a sequence slot frees plus its own fewest steps, at the recent
+        time per step) is refused at once.
         """
         self._draining = True
         if timeout is not None:
@@ -267,7 +268,9 @@ class AsyncEngine(EngineClient):
                 if self._drain_deadline is not None:
                     self._enforce_drain_deadline()
                 if engine.has_unfinished:
+                    started = time.monotonic()
                     self._deliver(engine.step())
+                    self._time_cycle(time.monotonic() - started)
         except BaseException as exc:  # the loop is dead; fail every waiting client instead of hanging them
             log.exception("engine loop died")
             self._failure = exc
@@ -309,8 +312,10 @@ class AsyncEngine(EngineClient):
         if remaining <= 0:
             doomed = list(scheduler.running) + list(scheduler.waiting)
             reason = "the server shut down before this request finished (shutdown timeout reached)"
-        elif self._mean_step_seconds is not None:
-            doomed = [s for s in scheduler.waiting if _fewest_steps(s.params) * self._mean_step_seconds > remaining]
+        elif self._mean_cycle_seconds is not None:
+            steps_left = remaining / self._mean_cycle_seconds
+            slot_wait = self._steps_until_a_slot_frees()
+            doomed = [s for s in scheduler.waiting if slot_wait + _fewest_steps(s.params) > steps_left]
             reason = f"the server is shutting down and this request cannot finish in the {remaining:.1f} s left"
         else:
             return
@@ -318,12 +323,17 @@ class AsyncEngine(EngineClient):
             self._engine.abort(seq.request_id)
             self._fail(seq.request_id, EngineDeadError(reason))
 
-    def _time_step(self, stats: StepStats) -> None:
-        previous = self._mean_step_seconds
-        self._mean_step_seconds = (
-            stats.step_seconds
-            if previous is None
-            else previous + _STEP_TIME_SMOOTHING * (stats.step_seconds - previous)
+    def _steps_until_a_slot_frees(self) -> int:
+        """The fewest steps before a waiting request can be admitted, as far as sequence slots go."""
+        running = self._engine.scheduler.running
+        if len(running) < self.config.max_num_seqs:
+            return 0
+        return min(max(0, _fewest_steps(s.params) - s.stats.forward_passes) for s in running)
+
+    def _time_cycle(self, seconds: float) -> None:
+        previous = self._mean_cycle_seconds
+        self._mean_cycle_seconds = (
+            seconds if previous is None else previous + _CYCLE_TIME_SMOOTHING * (seconds - previous)
         )
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
