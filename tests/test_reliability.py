@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -707,6 +708,17 @@ def start_unmask_serve(model_dir: Path, stderr, *options: str) -> tuple[subproce
     return proc, found[0]
 
 
+@contextmanager
+def killed_at_exit(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """Kill the server process at the end of the block if it is still running (a failed test)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 SIGTERM_STREAM = spec(
     PROMPTS[0], stream=True, stream_blocks=True, max_tokens=64, block_length=64, steps=64, unmask="random", seed=3
 )
@@ -868,14 +880,10 @@ def overload_shutdown(model_dir) -> OverloadShutdown:
     with tempfile.TemporaryFile("w+") as stderr:
         options = ("--max-num-seqs", "2", "--shutdown-timeout", str(OVERLOAD_TIMEOUT))
         proc, address = start_unmask_serve(model_dir, stderr, *options)
-        try:
+        with killed_at_exit(proc):
             running, queued, signalled = run(_sigterm_over_capacity(proc, address))
             exit_code = proc.wait(timeout=60)
             exit_seconds = time.monotonic() - signalled
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         stderr.seek(0)
         return OverloadShutdown(running, queued, exit_code, exit_seconds, stderr.read())
 

@@ -248,10 +248,6 @@ class AsyncEngine(EngineClient):
         """One request as a group of one: its outputs, and `aclose` to abort it."""
         return RequestStream(await self.add_group([GroupMember(request_id, prompt, params)]))
 
-    def abort(self, request_id: str) -> None:
-        """Ask the engine thread to end a request and free its pages (idempotent)."""
-        self._commands.put(_Abort([request_id]))
-
     def _release(self, stream: GroupStream, unfinished: list[str]) -> None:
         """A group's stream closed: stop delivering to it and abort its unfinished members."""
         for request_id in stream.request_ids:

@@ -88,7 +88,8 @@ class EngineClient(Protocol):
 
     @property
     def waiting_for(self) -> str | None:
-        """What the head of the waiting queue waits for: "kv_pages", "sequence_slot", or None if nothing waits."""
+        """What the head of the waiting queue waits for: "kv_pages", "sequence_slot", "admission" (the
+        engine's next step), or None when nothing waits."""
 
     @property
     def kv_pages_free(self) -> int: ...
