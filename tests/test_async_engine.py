@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from unmask.engine.async_engine import AsyncEngine
+from unmask.engine.client import GroupMember
 from unmask.engine.config import EngineConfig
 from unmask.engine.errors import EngineDeadError, QueueFullError
 from unmask.engine.llm import LLM
@@ -106,3 +107,89 @@ def test_invalid_requests_raise_before_streaming(llada_dir):
             await engine.add_request("late", PROMPT, SamplingParams(max_tokens=8))
 
     run(go())
+
+
+# --- request groups: one output stream per group ----------------------------------------------------
+
+
+async def _until(predicate, seconds: float = 10.0) -> bool:
+    for _ in range(int(seconds / 0.05)):
+        if predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return predicate()
+
+
+def _members(*max_tokens: int, ignore_eos: bool = False, group: str = "g") -> list[GroupMember]:
+    return [
+        GroupMember(f"{group}-{i}", PROMPT, SamplingParams(max_tokens=n, block_length=8, seed=i, ignore_eos=ignore_eos))
+        for i, n in enumerate(max_tokens)
+    ]
+
+
+def test_a_groups_outputs_arrive_on_one_stream_until_every_member_has_finished(llada_dir):
+    members = _members(8, 24, 16)
+    llm = LLM(str(llada_dir))
+    expected = [llm.generate(m.prompt, m.params)[0].text for m in members]
+
+    async def go():
+        engine = await _started(llada_dir)
+        outputs = [item async for item in await engine.add_group(members)]
+        await engine.shutdown()
+        return outputs
+
+    outputs = run(go())
+    finals = {index: out for index, out in outputs if out.finished}
+    assert sorted(finals) == [0, 1, 2] and outputs[-1][1].finished  # the stream ends with the last final output
+    assert all(out.request_id == members[index].request_id for index, out in outputs)
+    for index, text in enumerate(expected):
+        assert "".join(out.delta_text for i, out in outputs if i == index) == finals[index].text == text
+
+
+def test_closing_a_group_stream_aborts_every_member_and_frees_their_pages(llada_dir):
+    async def go():
+        engine = await _started(llada_dir)
+        stream = await engine.add_group(_members(128, 128, 128, ignore_eos=True))
+        await stream.__anext__()  # the group is running
+        held = engine.kv_pages_free < engine.kv_pages_total
+        stream.close()
+        freed = await _until(lambda: engine.kv_pages_free == engine.kv_pages_total and engine.num_running == 0)
+        channels = dict(engine._channels)
+        await engine.shutdown()
+        return held, freed, channels
+
+    held, freed, channels = run(go())
+    assert held and freed and not channels
+
+
+def test_a_group_is_queued_whole_or_not_at_all(llada_dir):
+    async def go():
+        engine = await _started(llada_dir, max_waiting=2)
+        with pytest.raises(QueueFullError):
+            await engine.add_group(_members(8, 8, 8))
+        state = engine.num_waiting, engine.num_running, dict(engine._channels)
+        await engine.shutdown()
+        return state
+
+    assert run(go()) == (0, 0, {})
+
+
+def test_after_the_drain_deadline_open_requests_end_with_engine_dead_error(llada_dir):
+    async def go():
+        engine = await _started(llada_dir, max_num_seqs=1)
+        running = await engine.add_group(_members(512, ignore_eos=True))
+        await running.__anext__()
+        queued = await engine.add_group(_members(8, group="q"))  # waits for the one sequence slot
+        engine.begin_drain(timeout=0.5)
+        errors = []
+        for stream in (running, queued):
+            with pytest.raises(EngineDeadError) as caught:
+                async for _ in stream:
+                    pass
+            errors.append(str(caught.value))
+        freed = await _until(lambda: engine.kv_pages_free == engine.kv_pages_total and not engine.engine.has_unfinished)
+        await engine.shutdown()
+        return errors, freed
+
+    errors, freed = run(go())
+    assert "shut down" in errors[0] and freed

@@ -18,9 +18,9 @@ from typing import Iterator
 import httpx
 import pytest
 
-from unmask.server.routes.playground import ASSETS
+from unmask.server.routes.playground import ASSETS, EXAMPLES
 from unmask.server.settings import ServerSettings
-from server_fixtures import LiveServer, model_dir_for_tests, serve_in_thread
+from server_fixtures import BUNDLED_MODEL, LiveServer, model_dir_for_tests, serve_in_thread
 
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -198,6 +198,7 @@ def test_root_serves_the_page_and_its_assets_with_no_external_urls(open_server):
 
 def test_page_shows_blocks_unmasking_and_ends_with_the_non_streamed_text(open_server, page, tmp_path):
     open_playground(page, open_server)
+    page.check("input[name=mode][value=completion]")
     assert page.is_hidden("#key-form")  # no key on this server, so the page does not ask for one
     set_params(page, PARAMS)
     assert submit_and_wait(page, PROMPT) == "done", page.text_content("#error")
@@ -249,3 +250,73 @@ def test_method_parameters_show_only_while_their_method_is_selected(open_server,
     assert submit_and_wait(page, PROMPT) == "done", page.text_content("#error")
     page.select_option("#cache", "dual")
     assert refresh.is_hidden() and page.is_hidden("#method-box")
+
+
+# The right answer to each example prompt the page offers (the bundled model's task formats).
+EXAMPLE_ANSWERS = {
+    "What is 12 + 30?": "42",
+    "Lucy has 54 eggs. Lucy buys 8 bags with 4 eggs in each bag. How many eggs does Lucy have now?": "86",
+    "What is the code of ocelot?": "6961",
+    "What is the code of anchor?": "4979",
+    "Sort these numbers from smallest to largest: 42, 7, 19": "7, 19, 42",
+    "Reverse this list: 16, 48, 67, 36, 68": "68, 36, 67, 48, 16",
+    "How many times does owl appear in the list?": "2",
+    "How many times does yarn appear in the list?": "4",
+}
+TASK_FAMILIES = {"arithmetic", "recall", "lists", "count"}
+needs_bundled_model = pytest.mark.skipif(
+    not (BUNDLED_MODEL / "config.json").is_file(), reason="the answers are the bundled model's"
+)
+
+
+def expected_answer(prompt: str) -> str:
+    return next(answer for question, answer in EXAMPLE_ANSWERS.items() if prompt.endswith(question))
+
+
+def run_and_wait(page, start) -> str:
+    """Run `start()` (a click that starts a request) and wait for that run to end; returns its final state."""
+    page.evaluate("() => { document.getElementById('status').dataset.state = 'clicked'; }")
+    start()
+    ended = "#status:is([data-state=done], [data-state=error], [data-state=stopped])"
+    page.locator(ended).wait_for(timeout=60_000)
+    return page.get_attribute("#status", "data-state")
+
+
+@needs_bundled_model
+def test_the_default_prompt_and_mode_get_a_right_answer(open_server, page):
+    open_playground(page, open_server)
+    assert page.is_checked("input[name=mode][value=chat]")
+    prompt = page.input_value("#prompt")
+    assert run_and_wait(page, lambda: page.click("#generate")) == "done", page.text_content("#error")
+    assert page.text_content("#final-text") == f"Answer: {expected_answer(prompt)}"
+
+
+@needs_bundled_model
+def test_each_example_prompt_gets_a_right_answer_in_one_click(open_server, page):
+    open_playground(page, open_server)
+    page.check("input[name=mode][value=completion]")  # a click switches to chat by itself
+    buttons = page.locator("#examples button.example")
+    assert buttons.count() == len(EXAMPLES)
+    assert {buttons.nth(i).get_attribute("data-family") for i in range(buttons.count())} == TASK_FAMILIES
+    for i, example in enumerate(EXAMPLES):
+        assert run_and_wait(page, buttons.nth(i).click) == "done", (example.label, page.text_content("#error"))
+        assert page.input_value("#prompt") == "", example.label  # sent as a chat message
+        final = page.text_content("#final-text")
+        assert final.endswith(f"Answer: {expected_answer(example.prompt)}"), (example.label, final)
+        assert page.locator("#conversation .turn.user").count() == 1  # each example starts a new chat
+
+
+def test_docs_renders_the_api_with_no_request_to_another_host(open_server, page):
+    other_hosts: list[str] = []
+
+    def only_this_server(route):
+        if route.request.url.startswith(open_server.base_url):
+            route.continue_()
+        else:
+            other_hosts.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_this_server)
+    page.goto(open_server.base_url + "/docs")
+    page.locator(".opblock-summary-path[data-path='/v1/chat/completions']").wait_for(timeout=30_000)
+    assert not other_hosts

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -49,3 +52,71 @@ def test_the_curl_chat_example_gets_the_answer_the_readme_shows(live_server):
         response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == shown
+
+
+def _console_after(heading: str) -> list[str]:
+    """The lines of the first console block after `heading` (what the README says is printed)."""
+    return _block_after(heading, "console").splitlines()
+
+
+def test_the_openai_sdk_example_prints_what_its_comments_show(live_server):
+    code = _block_after("With the OpenAI SDK", "python")
+    shown = [line.removeprefix("# ") for line in code.split("print(", 1)[1].splitlines()[1:] if line.startswith("# ")]
+    runnable = code.replace("http://127.0.0.1:8000/v1", f"{live_server.base_url}/v1")
+    runnable = runnable.replace('api_key="unused"', f"api_key={live_server.api_key!r}")
+    runnable = runnable.replace('model="unmask-tiny"', f"model={live_server.model!r}")
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        exec(compile(runnable, "README.md (OpenAI SDK)", "exec"), {})
+    assert printed.getvalue().splitlines() == shown
+
+
+def test_the_streaming_example_prints_the_block_filling_in_as_the_readme_shows(live_server):
+    command = _block_after("Streaming with `stream_blocks` shows", "bash")
+    command = command.replace("http://127.0.0.1:8000", live_server.base_url)
+    command = command.replace("curl -sN", f"curl -sN -H 'Authorization: Bearer {live_server.api_key}'", 1)
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout.splitlines()
+    assert printed == _console_after("Streaming with `stream_blocks` shows")
+    assert "░" in printed[0] and "░" not in printed[-1]  # a newcomer sees the text being written
+
+
+def test_make_serve_passes_args_to_the_unmask_command():
+    block = _block_after("go in `ARGS`", "bash")
+    make_line = next(line for line in block.splitlines() if line.startswith("make serve"))
+    command, promised = make_line.split("#", 1)
+    dry_run = subprocess.run(["bash", "-c", command.replace("make ", "make -n ", 1)], cwd=REPO, capture_output=True, text=True)
+    assert dry_run.returncode == 0, dry_run.stderr
+    assert dry_run.stdout.splitlines()[-1] == promised.strip().removeprefix("runs ")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REPO / "models/unmask-tiny/config.json").is_file(), reason="the README shows the bundled model")
+def test_the_startup_log_reads_as_the_readme_shows():
+    shown = _console_after("then prints the URL")
+    command = shown[0].removeprefix("$ ").split()
+    assert command[:2] == ["unmask", "serve"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("UNMASK_API_KEY", None)
+    env.pop("UNMASK_MODEL", None)
+    args = [sys.executable, "-m", "unmask.server", *command[1:-2], "--port", "0"]  # a free port instead of 8000
+    proc = subprocess.Popen(args, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    printed: list[str] = []
+    try:
+        for line in proc.stdout:
+            printed.append(line.rstrip("\n"))
+            if line.startswith("Unmask is serving"):
+                break
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    log_lines = [_normalized(line) for line in printed if " unmask.server: " in line or line.startswith("Unmask is")]
+    assert log_lines == [_normalized(line) for line in shown[1:]]
+
+
+def _normalized(line: str) -> str:
+    """A log line without what differs between runs: its timestamp, the seconds a load took, the port."""
+    line = re.sub(r"^(\.\.\.|\S+ \S+) (INFO|WARNING) ", "", line)
+    line = re.sub(r"loaded in [\d.]+ s", "loaded in N s", line)
+    return re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", line)

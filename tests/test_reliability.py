@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -199,7 +200,7 @@ def engine_is_idle(server: LiveServer) -> bool:
         not engine.engine.has_unfinished
         and engine.num_running == 0
         and engine.num_waiting == 0
-        and not engine._queues  # the per-request output queues of the async engine
+        and not engine._channels  # the output streams of the async engine
         and engine.kv_pages_free == engine.kv_pages_total
         and sample(samples, "unmask_kv_pages_used", model=server.model) == 0
         and sample(samples, "unmask_requests_running", model=server.model) == 0
@@ -707,6 +708,17 @@ def start_unmask_serve(model_dir: Path, stderr, *options: str) -> tuple[subproce
     return proc, found[0]
 
 
+@contextmanager
+def killed_at_exit(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """Kill the server process at the end of the block if it is still running (a failed test)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 SIGTERM_STREAM = spec(
     PROMPTS[0], stream=True, stream_blocks=True, max_tokens=64, block_length=64, steps=64, unmask="random", seed=3
 )
@@ -817,6 +829,98 @@ def test_a_stalled_client_cannot_hold_up_the_exit_after_sigterm(model_dir):
                 proc.wait()
     assert exit_code == 0
     assert waited < 15
+
+
+# Fixed steps (32 per block of 32, 256 tokens, end-of-text ignored): 256 steps, far more than
+# fit in the shutdown timeout below, so these requests can only end by being cut.
+OVERLOAD = dict(max_tokens=256, ignore_eos=True, block_length=32, steps=32, unmask="low_confidence")
+OVERLOAD_RUNNING = [spec(PROMPTS[0], stream=True, **OVERLOAD), spec(PROMPTS[1], **OVERLOAD)]
+OVERLOAD_QUEUED = [spec(PROMPTS[2], stream=True, **OVERLOAD), spec(PROMPTS[3], **OVERLOAD)]
+OVERLOAD_TIMEOUT = 3.0
+
+
+@dataclass
+class Answered:
+    result: Result
+    seconds_after_sigterm: float
+
+
+@dataclass
+class OverloadShutdown:
+    running: list[Answered]
+    queued: list[Answered]
+    exit_code: int
+    exit_seconds: float
+    stderr: str
+
+
+def num_running(address: Address) -> float:
+    return sample(scrape(address.base_url), "unmask_requests_running", model=address.model)
+
+
+async def _answered(client: httpx.AsyncClient, request: Spec, model: str, sigterm: list[float]) -> Answered:
+    result = await send(client, request, model)
+    return Answered(result, time.monotonic() - sigterm[0] if sigterm else -1.0)
+
+
+async def _sigterm_over_capacity(proc: subprocess.Popen, address: Address) -> tuple[list[Answered], list[Answered], float]:
+    sigterm: list[float] = []
+    async with async_client(address) as client:
+        running = [asyncio.ensure_future(_answered(client, r, address.model, sigterm)) for r in OVERLOAD_RUNNING]
+        assert await asyncio.to_thread(wait_until, lambda: num_running(address) == 2, 60)
+        queued = [asyncio.ensure_future(_answered(client, r, address.model, sigterm)) for r in OVERLOAD_QUEUED]
+        assert await asyncio.to_thread(wait_until, lambda: running_and_waiting(address) == 4, 60)
+        sigterm.append(time.monotonic())
+        proc.send_signal(signal.SIGTERM)
+        return list(await asyncio.gather(*running)), list(await asyncio.gather(*queued)), sigterm[0]
+
+
+@pytest.fixture(scope="module")
+def overload_shutdown(model_dir) -> OverloadShutdown:
+    with tempfile.TemporaryFile("w+") as stderr:
+        options = ("--max-num-seqs", "2", "--shutdown-timeout", str(OVERLOAD_TIMEOUT))
+        proc, address = start_unmask_serve(model_dir, stderr, *options)
+        with killed_at_exit(proc):
+            running, queued, signalled = run(_sigterm_over_capacity(proc, address))
+            exit_code = proc.wait(timeout=60)
+            exit_seconds = time.monotonic() - signalled
+        stderr.seek(0)
+        return OverloadShutdown(running, queued, exit_code, exit_seconds, stderr.read())
+
+
+def assert_refused_as_unavailable(request: Spec, answered: Answered) -> None:
+    """A 503 `engine_unavailable`; a stream (already 200) ends with that error event, then `[DONE]`."""
+    result = answered.result
+    assert result.error is not None and result.error["code"] == "engine_unavailable", result
+    assert result.error["type"] == "service_unavailable_error" and result.error["message"]
+    if request.stream:
+        assert result.status == 200 and result.done, result
+    else:
+        assert result.status == 503, result
+
+
+def test_at_the_shutdown_timeout_every_open_request_gets_a_503(overload_shutdown):
+    for request, answered in zip(OVERLOAD_RUNNING, overload_shutdown.running):
+        assert_refused_as_unavailable(request, answered)
+        assert "shut" in answered.result.error["message"]
+        assert answered.seconds_after_sigterm >= OVERLOAD_TIMEOUT - 0.5, answered  # they ran until the timeout
+
+
+def test_at_shutdown_queued_requests_that_cannot_finish_in_time_are_refused_at_once(overload_shutdown):
+    """At once: at the engine's next step, not at the timeout (a step of this batch takes up to
+    a second on a shared CPU, so "at once" is measured against the timeout)."""
+    cut = min(answered.seconds_after_sigterm for answered in overload_shutdown.running)
+    for request, answered in zip(OVERLOAD_QUEUED, overload_shutdown.queued):
+        assert_refused_as_unavailable(request, answered)
+        assert "cannot finish" in answered.result.error["message"]
+        assert answered.seconds_after_sigterm < min(OVERLOAD_TIMEOUT - 0.5, cut), (answered, cut)
+
+
+def test_a_shutdown_under_overload_exits_cleanly_and_in_time(overload_shutdown):
+    assert overload_shutdown.exit_code == 0
+    assert overload_shutdown.exit_seconds < OVERLOAD_TIMEOUT + 10
+    assert "Traceback" not in overload_shutdown.stderr
+    assert "Task was destroyed" not in overload_shutdown.stderr
 
 
 # --- security --------------------------------------------------------------------------------------

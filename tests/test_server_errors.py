@@ -253,3 +253,131 @@ def test_engine_failure_mid_stream_ends_the_stream_with_an_error_event(live_serv
             extra_body={"unmask": "factor", "factor": 13.0},
         ):
             pass
+
+
+# --- OpenAI defaults sent explicitly ------------------------------------------------------------------
+
+CHAT = "/v1/chat/completions"
+# What OpenAI SDKs, proxies and clients that copy a request template send, each at the value that
+# changes nothing: every one is accepted.
+NO_OP_COMPLETION_FIELDS = {
+    "best_of": 1,
+    "n": 1,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logit_bias": {},
+    "user": "someone",
+    "echo": False,
+    "stream": False,
+    "seed": None,
+    "stop": None,
+    "suffix": None,
+    "logprobs": None,
+}
+NO_OP_CHAT_FIELDS = {
+    "n": 1,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "logit_bias": None,
+    "user": "someone",
+    "logprobs": False,
+    "top_logprobs": None,
+    "tools": [],
+    "tool_choice": "none",
+    "parallel_tool_calls": True,
+    "store": False,
+    "metadata": {"team": "a"},
+    "service_tier": "auto",
+    "prompt_cache_key": "k",
+    "safety_identifier": "s",
+    "prediction": None,
+    "modalities": ["text"],
+    "functions": [],
+    "function_call": "none",
+    "audio": None,
+    "reasoning_effort": None,
+    "verbosity": None,
+    "web_search_options": None,
+    "response_format": {"type": "text"},
+}
+
+
+def chat(server, **fields) -> dict:
+    return {"model": server.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **fields}
+
+
+def test_a_completion_with_every_openai_default_sent_explicitly_is_answered(live_server):
+    plain = post(live_server, "/v1/completions", completion(live_server))
+    explicit = post(live_server, "/v1/completions", completion(live_server, **NO_OP_COMPLETION_FIELDS))
+    assert explicit.status_code == 200, explicit.text
+    assert explicit.json()["choices"] == plain.json()["choices"]
+
+
+def test_a_chat_with_every_openai_default_sent_explicitly_is_answered(live_server):
+    plain = post(live_server, CHAT, chat(live_server))
+    explicit = post(live_server, CHAT, chat(live_server, **NO_OP_CHAT_FIELDS))
+    assert explicit.status_code == 200, explicit.text
+    assert explicit.json()["choices"] == plain.json()["choices"]
+
+
+def test_an_assistant_message_sent_back_as_the_sdk_returned_it_is_accepted(live_server):
+    reply = live_server.openai().chat.completions.create(
+        model=live_server.model, messages=[{"role": "user", "content": "hi"}], max_tokens=8
+    )
+    history = [{"role": "user", "content": "hi"}, reply.choices[0].message.model_dump(), {"role": "user", "content": "ok"}]
+    response = post(live_server, CHAT, {"model": live_server.model, "messages": history, "max_tokens": 8})
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    "path, fields, param",
+    [
+        ("/v1/completions", {"best_of": 3}, "best_of"),
+        (CHAT, {"modalities": ["text", "audio"]}, "modalities"),
+        (CHAT, {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        (CHAT, {"reasoning_effort": "high"}, "reasoning_effort"),
+        (CHAT, {"functions": [{"name": "f"}]}, "functions"),
+        (CHAT, {"function_call": "auto"}, "function_call"),
+        (CHAT, {"web_search_options": {}}, "web_search_options"),
+    ],
+)
+def test_a_value_that_would_change_the_result_is_still_unsupported(live_server, path, fields, param):
+    body = completion(live_server, **fields) if path == "/v1/completions" else chat(live_server, **fields)
+    error = assert_error(post(live_server, path, body), 400, param, "unsupported_parameter")
+    assert "not supported" in error["message"]
+
+
+# --- bodies that are not a JSON object ------------------------------------------------------------------
+
+
+def test_a_form_encoded_body_is_told_to_send_json(live_server):
+    """`curl -d '{...}'` without `-H 'Content-Type: application/json'` sends form data."""
+    with live_server.http() as http:
+        response = http.post("/v1/completions", content=b'{"prompt": "hi"}', headers={"content-type": "application/x-www-form-urlencoded"})
+    error = assert_error(response, 400, None, "invalid_content_type")
+    assert "application/json" in error["message"] and "application/x-www-form-urlencoded" in error["message"]
+
+
+def test_invalid_utf8_is_a_400_that_says_so(live_server):
+    error = assert_error(post(live_server, "/v1/completions", content=b'{"prompt": "\xff\xfe"}'), 400, None, "invalid_encoding")
+    assert "UTF-8" in error["message"]
+
+
+def test_a_json_array_is_told_to_be_an_object(live_server):
+    error = assert_error(post(live_server, CHAT, content=b"[1, 2]"), 400, None, "invalid_json")
+    assert "JSON object" in error["message"] and "array" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "field, literal",
+    [("temperature", "NaN"), ("top_p", "Infinity"), ("threshold", "-Infinity"), ("factor", "1e999")],
+)
+def test_a_non_finite_number_is_named_with_its_field(live_server, field, literal):
+    content = f'{{"prompt": "hi", "max_tokens": 8, "{field}": {literal}}}'.encode()
+    error = assert_error(post(live_server, "/v1/completions", content=content), 400, field, "invalid_value")
+    assert literal in error["message"] and "finite" in error["message"]
+
+
+def test_a_non_finite_number_inside_a_message_is_named_by_its_path(live_server):
+    content = b'{"messages": [{"role": "user", "content": [{"type": "text", "text": NaN}]}]}'
+    assert_error(post(live_server, CHAT, content=content), 400, "messages[0].content[0].text", "invalid_value")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging
 import re
 import threading
 import time
@@ -287,3 +290,59 @@ def test_a_dead_engine_fails_health_and_new_requests_but_not_the_server(crashing
         refused = http.post("/v1/completions", json={**body, "seed": 1})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_unavailable"
         assert sample(server.metrics(), "unmask_engine_alive", model=server.model) == 0
+
+
+# --- why requests wait ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_pool_server(tmp_path_factory):
+    """Two sequence slots and a KV pool of a few hundred tokens, so either one can be what runs out."""
+    model_dir = model_dir_for_tests(tmp_path_factory)
+    yield from serve_in_thread(model_dir, ServerSettings(), max_num_seqs=2, kv_cache_memory=8 * 2**20)
+
+
+def waiting_for(server) -> dict[str, float]:
+    samples = server.metrics()
+    resources = ("kv_pages", "sequence_slot", "admission")
+    return {r: sample(samples, "unmask_requests_waiting_for", model=server.model, resource=r) for r in resources}
+
+
+@pytest.mark.parametrize(
+    "canvas_tokens, resource",
+    [(16, "sequence_slot"), (None, "kv_pages")],  # None: more than half the pool's tokens each
+    ids=["slots full", "pages full"],
+)
+def test_metrics_say_whether_waiting_requests_wait_for_pages_or_sequence_slots(small_pool_server, canvas_tokens, resource):
+    server = small_pool_server
+    pool_tokens = server.engine.kv_pages_total * server.engine.engine.pool.page_size
+    max_tokens = canvas_tokens or pool_tokens // 2 + 16
+    body = {"prompt": PROMPT, "stream": True, **LONG, "max_tokens": max_tokens, "block_length": max_tokens, "steps": max_tokens}
+    with httpx.Client(base_url=server.base_url, timeout=60) as http, contextlib.ExitStack() as streams:
+        for _ in range(3):  # one more than the slots (or two more than the pages hold)
+            streams.enter_context(http.stream("POST", "/v1/completions", json=body))
+        # Until the engine thread has queued them, new requests wait for admission only.
+        assert wait_until(lambda: waiting_for(server)[resource] >= 1), waiting_for(server)
+        counts, waiting = waiting_for(server), server.engine.num_waiting
+    assert counts[resource] == sum(counts.values()) == waiting, counts
+    assert wait_until(lambda: pool_is_full(server))  # the streams were closed: everything aborted
+
+
+# --- no task outlives its request ------------------------------------------------------------------------
+
+
+def test_no_task_is_left_pending_after_clients_disconnect(live_server, caplog):
+    assert wait_until(lambda: pool_is_full(live_server))
+    body = {"model": live_server.model, "prompt": "1 + 2 =", "max_tokens": 256, "ignore_eos": True, "stream": True}
+    for _ in range(8):  # each client leaves after the first event, closing its connection
+        with live_server.http() as http, http.stream("POST", "/v1/completions", json={**body, "stream_blocks": True}) as response:
+            next(line for line in response.iter_lines() if line.startswith("data: "))
+        time.sleep(0.1)
+    for _ in range(2):  # and these before their plain answer
+        with live_server.http() as http, pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/completions", json={**body, "stream": False}, timeout=httpx.Timeout(30, read=0.5))
+    assert wait_until(lambda: pool_is_full(live_server))
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        gc.collect()  # a pending task nothing refers to any more is destroyed (and reported) here
+    destroyed = [r.getMessage() for r in caplog.records if "Task was destroyed but it is pending" in r.getMessage()]
+    assert not destroyed, destroyed

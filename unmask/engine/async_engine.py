@@ -1,19 +1,24 @@
-"""The async engine for the server: the step loop on its own thread, outputs via asyncio queues.
+"""The async engine for the server: the step loop on its own thread, one output stream per request group.
 
 The model's forward pass blocks (CPU or GPU), so the loop runs on a
 dedicated thread and the event loop stays free for HTTP. Requests and aborts
-cross into the thread through a command queue; each request's outputs cross
-back through its own `asyncio.Queue` (`call_soon_threadsafe`).
+cross into the thread through a command queue. Outputs cross back through one
+`GroupStream` per request group (vLLM's output-collector pattern): after each
+step the thread hands every group its outputs in one `call_soon_threadsafe`,
+and the reader awaits a single queue, so there is no task per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
+from unmask.engine.client import EngineClient, GroupMember
 from unmask.engine.config import EngineConfig
 from unmask.engine.engine import LLMEngine, StepListener
 from unmask.engine.errors import EngineDeadError, QueueFullError
@@ -24,29 +29,100 @@ from unmask.engine.sequence import Sequence
 log = logging.getLogger("unmask.async_engine")
 
 _IDLE_WAIT_SECONDS = 0.1
+_FIXED_STEP_POLICIES = ("low_confidence", "random")  # a block takes exactly `steps` steps
+_CYCLE_TIME_SMOOTHING = 0.2  # weight of the latest loop cycle in the running mean
 
 
 @dataclass
-class _Add:
-    seq: Sequence
+class _AddGroup:
+    seqs: list[Sequence]
 
 
 @dataclass
 class _Abort:
-    request_id: str
+    request_ids: list[str]
 
 
-class AsyncEngine:
+class GroupStream:
+    """The outputs of one request group, in arrival order, as (member index, output).
+
+    Filled by the engine thread (`_push`, `_fail` through the event loop), read
+    by one consumer. Ends after every member's final output; raises what
+    `interrupt` or the engine put in. `close` aborts the unfinished members.
+    """
+
+    def __init__(self, engine: "AsyncEngine", request_ids: list[str], loop: asyncio.AbstractEventLoop):
+        self._engine, self._loop = engine, loop
+        self.request_ids = request_ids
+        self._items: asyncio.Queue = asyncio.Queue()
+        self._unfinished = set(range(len(request_ids)))
+        self._closed = False
+
+    def __aiter__(self) -> "GroupStream":
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        if not self._unfinished or self._closed:
+            raise StopAsyncIteration
+        item = await self._items.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        index, out = item
+        if out.finished:
+            self._unfinished.discard(index)
+        return index, out
+
+    def interrupt(self, error: BaseException) -> None:
+        self._items.put_nowait(error)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._engine._release(self, [self.request_ids[i] for i in sorted(self._unfinished)])
+
+    # --- called on the event loop, scheduled by the engine thread ---------------------
+    def _push(self, items: list[tuple[int, RequestOutput]]) -> None:
+        for item in items:
+            self._items.put_nowait(item)
+
+    def _fail(self, error: BaseException) -> None:
+        self._items.put_nowait(error)
+
+
+class RequestStream:
+    """The outputs of a single request (a group of one); `aclose` aborts it."""
+
+    def __init__(self, group: GroupStream):
+        self._group = group
+        self.request_id = group.request_ids[0]
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        _, out = await self._group.__anext__()
+        return out
+
+    async def aclose(self) -> None:
+        self._group.close()
+
+
+class AsyncEngine(EngineClient):
     def __init__(self, config: EngineConfig):
         self.config = config
         self.engine: LLMEngine | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # request id -> (its group's stream, its index in the group), while the group is open
+        self._channels: dict[str, tuple[GroupStream, int]] = {}
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._draining = False
+        self._drain_deadline: float | None = None  # time.monotonic() after which open requests are cut
         self._failure: BaseException | None = None
         self._listeners: list[StepListener] = []
+        self._mean_cycle_seconds: float | None = None  # one step and its delivery, for the drain deadline
         self._pending = 0  # adds sent to the thread but not yet queued in the scheduler
         self._pending_lock = threading.Lock()
 
@@ -58,8 +134,19 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="unmask-engine", daemon=True)
         self._thread.start()
 
+    def begin_drain(self, timeout: float | None) -> None:
+        """Refuse new requests from now on; after `timeout` seconds, end every open one with `EngineDeadError`.
+
+        While draining, a waiting request that cannot finish before the deadline (the
+        fewest steps until a sequence slot frees plus its own fewest steps, at the recent
+        time per step) is refused at once.
+        """
+        self._draining = True
+        if timeout is not None:
+            self._drain_deadline = time.monotonic() + timeout
+
     async def shutdown(self, drain: bool = True) -> None:
-        """Stop accepting requests; with `drain`, let in-flight ones finish first."""
+        """Stop accepting requests; with `drain`, let in-flight ones finish (or reach the drain deadline) first."""
         self._draining = True
         if drain:
             while self.engine is not None and self.is_alive and (self.engine.has_unfinished or self._pending):
@@ -98,6 +185,21 @@ class AsyncEngine:
         return len(self._engine.scheduler.waiting) + self._pending
 
     @property
+    def waiting_for(self) -> str | None:
+        """Why the waiting queue does not move: its head (admission is strict FCFS) needs a sequence
+        slot (`max_num_seqs` are running) or more free KV pages than there are."""
+        scheduler = self._engine.scheduler
+        try:
+            head = scheduler.waiting[0]
+        except IndexError:  # empty, or emptied by the engine thread meanwhile
+            return "admission" if self._pending else None
+        if len(scheduler.running) >= self.config.max_num_seqs:
+            return "sequence_slot"
+        if self._engine.pool.pages_for(head.length) > self._engine.pool.num_free:
+            return "kv_pages"
+        return "admission"  # admitted at the next step
+
+    @property
     def kv_pages_free(self) -> int:
         return self._engine.pool.num_free
 
@@ -117,34 +219,41 @@ class AsyncEngine:
             self.engine.step_listeners.append(listener)
 
     # --- requests -----------------------------------------------------------------
-    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> "RequestStream":
-        """Validate now (raising ParamError / QueueFullError / EngineDeadError), then stream outputs.
+    async def add_group(self, members: list[GroupMember]) -> GroupStream:
+        """Queue every member or none (raising ParamError / QueueFullError / EngineDeadError); stream their outputs.
 
         Tokenizing and validating run on a worker thread: a prompt of megabytes
         takes long to tokenize, and the event loop must keep serving everyone else.
         """
-        seq = await asyncio.to_thread(self._engine.make_sequence, request_id, prompt, params)
+        seqs = await asyncio.to_thread(
+            lambda: [self._engine.make_sequence(m.request_id, m.prompt, m.params) for m in members]
+        )
         # Checked after the await, with no await before queueing: shutdown may have begun meanwhile.
         if not self.accepting:
             raise EngineDeadError("the engine is shutting down" if self._draining else "the engine is not running")
-        if self.num_waiting >= self.config.max_waiting:
+        if self.num_waiting + len(seqs) > self.config.max_waiting:
             raise QueueFullError(f"{self.num_waiting} requests are waiting; the limit is {self.config.max_waiting}")
-        if request_id in self._queues:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        out_queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = (asyncio.get_running_loop(), out_queue)
+        ids = [seq.request_id for seq in seqs]
+        if len(set(ids)) < len(ids) or any(i in self._channels for i in ids):
+            raise ValueError(f"request ids {ids!r} repeat or are already in use")
+        stream = GroupStream(self, ids, asyncio.get_running_loop())
+        for index, request_id in enumerate(ids):
+            self._channels[request_id] = (stream, index)
         with self._pending_lock:
-            self._pending += 1
-        self._commands.put(_Add(seq))
-        return RequestStream(self, request_id, out_queue)
+            self._pending += len(seqs)
+        self._commands.put(_AddGroup(seqs))
+        return stream
 
-    def _detach(self, request_id: str) -> None:
-        """Stop delivering outputs of a request (its stream is closed)."""
-        self._queues.pop(request_id, None)
+    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestStream:
+        """One request as a group of one: its outputs, and `aclose` to abort it."""
+        return RequestStream(await self.add_group([GroupMember(request_id, prompt, params)]))
 
-    def abort(self, request_id: str) -> None:
-        """Ask the engine thread to end a request and free its pages (idempotent)."""
-        self._commands.put(_Abort(request_id))
+    def _release(self, stream: GroupStream, unfinished: list[str]) -> None:
+        """A group's stream closed: stop delivering to it and abort its unfinished members."""
+        for request_id in stream.request_ids:
+            self._channels.pop(request_id, None)
+        if unfinished:
+            self._commands.put(_Abort(unfinished))
 
     # --- the engine thread ----------------------------------------------------------
     def _loop(self) -> None:
@@ -152,8 +261,12 @@ class AsyncEngine:
         try:
             while not self._stopping.is_set():
                 self._drain_commands(block=not engine.has_unfinished)
+                if self._drain_deadline is not None:
+                    self._enforce_drain_deadline()
                 if engine.has_unfinished:
+                    started = time.monotonic()
                     self._deliver(engine.step())
+                    self._time_cycle(time.monotonic() - started)
         except BaseException as exc:  # the loop is dead; fail every waiting client instead of hanging them
             log.exception("engine loop died")
             self._failure = exc
@@ -173,76 +286,91 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
-    def _apply(self, command: _Add | _Abort) -> None:
+    def _apply(self, command: _AddGroup | _Abort) -> None:
         engine = self._engine
-        if isinstance(command, _Add):
-            with self._pending_lock:
-                self._pending -= 1
-            if command.seq.request_id not in self._queues:
-                return  # aborted before it reached the engine
+        if isinstance(command, _Abort):
+            self._deliver([out for out in map(engine.abort, command.request_ids) if out is not None])
+            return
+        with self._pending_lock:
+            self._pending -= len(command.seqs)
+        for seq in command.seqs:
+            if seq.request_id not in self._channels:
+                continue  # its group was closed before it reached the engine
             try:
-                engine.add_sequence(command.seq)
+                engine.add_sequence(seq)
             except Exception as exc:
-                self._deliver([_error_output(command.seq, exc)])
+                self._deliver([_error_output(seq, exc)])
+
+    def _enforce_drain_deadline(self) -> None:
+        """While draining: cut everything at the deadline; before it, refuse the waiting that cannot make it."""
+        remaining = self._drain_deadline - time.monotonic()
+        scheduler = self._engine.scheduler
+        if remaining <= 0:
+            doomed = list(scheduler.running) + list(scheduler.waiting)
+            reason = "the server shut down before this request finished (shutdown timeout reached)"
+        elif self._mean_cycle_seconds is not None:
+            steps_left = remaining / self._mean_cycle_seconds
+            slot_wait = self._steps_until_a_slot_frees()
+            doomed = [s for s in scheduler.waiting if slot_wait + _fewest_steps(s.params) > steps_left]
+            reason = f"the server is shutting down and this request cannot finish in the {remaining:.1f} s left"
         else:
-            out = engine.abort(command.request_id)
-            if out is not None:
-                self._deliver([out])
+            return
+        for seq in doomed:
+            self._engine.abort(seq.request_id)
+            self._fail(seq.request_id, EngineDeadError(reason))
+
+    def _steps_until_a_slot_frees(self) -> int:
+        """The fewest steps before a waiting request can be admitted, as far as sequence slots go."""
+        running = self._engine.scheduler.running
+        if len(running) < self.config.max_num_seqs:
+            return 0
+        return min(max(0, _fewest_steps(s.params) - s.stats.forward_passes) for s in running)
+
+    def _time_cycle(self, seconds: float) -> None:
+        previous = self._mean_cycle_seconds
+        self._mean_cycle_seconds = (
+            seconds if previous is None else previous + _CYCLE_TIME_SMOOTHING * (seconds - previous)
+        )
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand each group its outputs of this step in one hop to the event loop."""
+        batches: dict[GroupStream, list[tuple[int, RequestOutput]]] = {}
         for out in outputs:
-            target = self._queues.get(out.request_id)
-            if target is not None:
-                loop, out_queue = target
-                loop.call_soon_threadsafe(out_queue.put_nowait, out)
+            target = self._channels.get(out.request_id)
+            if target is None:
+                continue
+            stream, index = target
+            batches.setdefault(stream, []).append((index, out))
+            if out.finished:
+                self._channels.pop(out.request_id, None)
+        for stream, items in batches.items():
+            stream._loop.call_soon_threadsafe(stream._push, items)
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        target = self._channels.pop(request_id, None)
+        if target is not None:
+            stream = target[0]
+            stream._loop.call_soon_threadsafe(stream._fail, error)
 
     def _fail_all(self, message: str) -> None:
-        for request_id, (loop, out_queue) in list(self._queues.items()):
-            out = RequestOutput(request_id, [], finished=True, finish_reason=FinishReason.ERROR, error=message)
-            loop.call_soon_threadsafe(out_queue.put_nowait, out)
+        for request_id in list(self._channels):
+            self._deliver(
+                [RequestOutput(request_id, [], finished=True, finish_reason=FinishReason.ERROR, error=message)]
+            )
 
 
-class RequestStream:
-    """The outputs of one request, ending with a finished one.
-
-    Closing it before the end (or dropping it) aborts the request, so a client
-    that goes away frees its pages even if it never read an output.
-    """
-
-    def __init__(self, engine: AsyncEngine, request_id: str, out_queue: asyncio.Queue):
-        self.request_id = request_id
-        self._engine, self._queue = engine, out_queue
-        self._done = False
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            out: RequestOutput = await self._queue.get()
-        except BaseException:  # cancelled while waiting: the client is gone
-            await self.aclose()
-            raise
-        if out.finished:
-            self._close(abort=False)
-        return out
-
-    async def aclose(self) -> None:
-        self._close(abort=True)
-
-    def _close(self, abort: bool) -> None:
-        if self._done:
-            return
-        self._done = True
-        if abort:
-            self._engine.abort(self.request_id)
-        self._engine._detach(self.request_id)
-
-    def __del__(self) -> None:
-        if not self._done:
-            self._close(abort=True)
+def _fewest_steps(params: SamplingParams) -> int:
+    """The fewest steps a request can finish in: a lower bound, so only a request that surely
+    cannot make a deadline is refused. End-of-text or a stop string may end it after one step;
+    otherwise every block takes at least one step, and a fixed-step policy exactly its steps."""
+    if not params.ignore_eos or params.stop:
+        return 1
+    blocks = math.ceil(params.max_tokens / params.block_size)
+    if params.unmask not in _FIXED_STEP_POLICIES:
+        return blocks
+    rate = params.steps_per_block / params.block_size  # a short last block keeps the rate
+    full, last = divmod(params.max_tokens, params.block_size)
+    return full * params.steps_per_block + (max(1, math.ceil(last * rate)) if last else 0)
 
 
 def _error_output(seq: Sequence, exc: Exception) -> RequestOutput:

@@ -10,13 +10,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from unmask.engine.client import EngineClient
 from unmask.server.auth import PROTECTED_PREFIX, AuthMiddleware
 from unmask.server.body_limit import BodyLimitMiddleware
 from unmask.server.errors import install_error_handlers
 from unmask.server.http_metrics import HTTPMetricsMiddleware
 from unmask.server.metrics import Metrics
 from unmask.server.protocol import ChatCompletionChunk, CompletionChunk
-from unmask.server.routes import chat, completions, playground, system
+from unmask.server.routes import chat, completions, playground, swagger, system
 from unmask.server.settings import ServerSettings
 from unmask.server.state import ServerState
 
@@ -26,8 +27,8 @@ VERSION = "0.1.0"
 _PROGRESS_SECONDS = 5.0
 
 
-def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
-    """An app serving `engine` (an `AsyncEngine`).
+def create_app(engine: EngineClient, settings: ServerSettings | None = None) -> FastAPI:
+    """An app serving `engine` (an `AsyncEngine`, through its `EngineClient` interface).
 
     The app owns the engine's lifecycle: its lifespan starts the engine
     (loading the model) and, at shutdown, drains in-flight requests and stops it.
@@ -38,13 +39,15 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
         version=VERSION,
         description="OpenAI-compatible inference server for diffusion language models (LLaDA, Dream).",
         lifespan=_lifespan(engine),
+        docs_url=None,  # served by routes/swagger.py from local files instead of a CDN
+        redoc_url=None,
     )
     state = ServerState(
         engine, settings, Metrics(settings.served_model_names[0] if settings.served_model_names else engine.model_name)
     )
     state.metrics.bind_engine(engine)
     app.state.unmask = state
-    routers = [completions.router, chat.router, system.router, playground.router]
+    routers = [completions.router, chat.router, system.router, playground.router, swagger.router]
     for router in routers:
         app.include_router(router)
     install_error_handlers(app)
@@ -59,7 +62,7 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     return app
 
 
-def _lifespan(engine):
+def _lifespan(engine: EngineClient):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await _start_with_progress(engine)
@@ -73,7 +76,7 @@ def _lifespan(engine):
     return lifespan
 
 
-async def _start_with_progress(engine) -> None:
+async def _start_with_progress(engine: EngineClient) -> None:
     """Start the engine, logging progress while the model loads."""
     log.info("loading model %s ...", engine.model_name)
     if engine.config.load_format == "dummy":

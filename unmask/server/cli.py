@@ -1,7 +1,9 @@
 """The `unmask` command: `unmask serve [MODEL_DIR] [options]`.
 
 SIGTERM or Ctrl-C stops accepting connections, lets in-flight requests
-finish (streams included), stops the engine and exits with status 0.
+finish (streams included) within `--shutdown-timeout`, answers those still
+open then with 503 (a stream: an error event, then `[DONE]`), stops the
+engine and exits with status 0.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from unmask.server.model_path import MODEL_ENV, resolve_model_dir
 from unmask.server.settings import ServerSettings
 
 API_KEY_ENV = "UNMASK_API_KEY"
+# After the shutdown timeout the engine ends every open request; the handlers then need a
+# moment to write their 503s before uvicorn cancels what is left (such as a stalled upload).
+_ANSWER_GRACE_SECONDS = 3.0
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
 
 
@@ -228,10 +233,13 @@ def _url(sock: socket.socket) -> str:
 async def _run(app, sock: socket.socket, log_level: str, shutdown_timeout: float | None = None) -> int:
     import uvicorn
 
+    from unmask.server.draining import DrainingServer
+
+    grace = None if shutdown_timeout is None else shutdown_timeout + _ANSWER_GRACE_SECONDS
     config = uvicorn.Config(
-        app, log_level=log_level, lifespan="on", timeout_keep_alive=5, timeout_graceful_shutdown=shutdown_timeout
+        app, log_level=log_level, lifespan="on", timeout_keep_alive=5, timeout_graceful_shutdown=grace
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app.state.unmask.engine, shutdown_timeout)
     # uvicorn re-raises the signal it shut down for once it is done; a no-op handler
     # underneath makes that a clean exit (status 0) after the drain.
     for sig in (signal.SIGTERM, signal.SIGINT):

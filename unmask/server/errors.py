@@ -88,7 +88,7 @@ def engine_failure(detail: str | None) -> APIError:
 
 
 def from_engine_exception(exc: Exception, retry_after_seconds: int) -> APIError:
-    """Map what `AsyncEngine.add_request` raises to the response a client should get."""
+    """Map what the engine raises (adding a request, or ending it early) to the response a client should get."""
     if isinstance(exc, ParamError):
         return APIError(400, exc.message, INVALID_REQUEST, exc.param, "invalid_value")
     if isinstance(exc, QueueFullError):
@@ -101,7 +101,7 @@ def from_engine_exception(exc: Exception, retry_after_seconds: int) -> APIError:
             {"Retry-After": str(retry_after_seconds)},
         )
     if isinstance(exc, EngineDeadError):
-        return APIError(503, f"The engine is not accepting requests: {exc}", UNAVAILABLE, None, "engine_unavailable")
+        return APIError(503, f"The engine is unavailable: {exc}", UNAVAILABLE, None, "engine_unavailable")
     log.exception("unexpected error while adding a request", exc_info=exc)
     return APIError(500, f"Internal error: {type(exc).__name__}: {exc}", SERVER_ERROR, None, "internal_error")
 
@@ -123,7 +123,7 @@ def validation_error(exc: RequestValidationError) -> APIError:
         )
     if kind == "missing" and not loc:
         return APIError(400, "The request needs a JSON body.", INVALID_REQUEST, None, "missing_body")
-    param = _param_path(loc)
+    param = param_path(loc)
     if kind == "extra_forbidden":
         return APIError(
             400, f"Unrecognized request argument supplied: {param}", INVALID_REQUEST, param, "unknown_parameter"
@@ -142,7 +142,8 @@ def _is_type_tag(part) -> bool:
     return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or part.startswith("function-"))
 
 
-def _param_path(loc: list) -> str:
+def param_path(loc: list) -> str:
+    """A location as clients write it: `messages[0].content`."""
     path = ""
     for part in loc:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))

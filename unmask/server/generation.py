@@ -1,21 +1,22 @@
-"""The engine requests behind one HTTP request: started together, merged, aborted together.
+"""The engine request group behind one HTTP request: started together, read as one stream, aborted together.
 
-An HTTP request becomes one engine request per choice (`n` per prompt).
-`Generation.start` adds them all or none; `events` yields their outputs in
-arrival order and stops early if the client disconnects; `close` aborts
-whatever has not finished, so a client that leaves always frees its pages.
+An HTTP request becomes one engine request per choice (`n` per prompt), all
+queued as one group or none (`Generation.start`). `events` reads the group's
+one output stream and stops early if the client disconnects; `close` closes
+that stream, which aborts whatever has not finished, so a client that leaves
+always frees its pages.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from starlette.requests import Request
 
+from unmask.engine.client import EngineClient, GroupMember, OutputStream
 from unmask.engine.outputs import FinishReason, RequestOutput
 from unmask.engine.params import SamplingParams
 from unmask.server.errors import engine_failure, from_engine_exception
@@ -38,23 +39,21 @@ class ChoiceRequest:
 
 
 class DisconnectWatcher:
-    """Completes when the client closes its connection (the ASGI `http.disconnect` message).
+    """Interrupts a generation's stream when the client closes its connection (ASGI `http.disconnect`).
 
     The request body must already have been read: from then on `receive`
     returns only when the client goes away (or the response is complete).
+    `stop` cancels the watching task; it is the only task a request starts.
     """
 
-    def __init__(self, request: Request):
-        self.task = asyncio.ensure_future(self._wait(request))
+    def __init__(self, request: Request, stream: OutputStream):
+        self.task = asyncio.ensure_future(self._wait(request, stream))
 
     @staticmethod
-    async def _wait(request: Request) -> None:
+    async def _wait(request: Request, stream: OutputStream) -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
-
-    @property
-    def disconnected(self) -> bool:
-        return self.task.done() and not self.task.cancelled()
+        stream.interrupt(ClientDisconnected())
 
     def stop(self) -> None:
         self.task.cancel()
@@ -62,55 +61,45 @@ class DisconnectWatcher:
 
 @dataclass
 class Generation:
-    engine: object
+    stream: OutputStream
     choices: list[ChoiceRequest]
     metrics: Metrics
     arrival: float  # time.perf_counter() when the HTTP request arrived
-    _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    _pumps: list[asyncio.Task] = field(default_factory=list)
     _unfinished: set[int] = field(default_factory=set)
     _got_text: set[int] = field(default_factory=set)
     _last: dict[int, RequestOutput] = field(default_factory=dict)
 
     @classmethod
     async def start(
-        cls, engine, choices: list[ChoiceRequest], metrics: Metrics, arrival: float, retry_after: int
+        cls, engine: EngineClient, choices: list[ChoiceRequest], metrics: Metrics, arrival: float, retry_after: int
     ) -> "Generation":
-        """Add every choice to the engine, or none: on the first refusal, abort the rest and raise `APIError`."""
-        gen = cls(engine, choices, metrics, arrival)
-        streams = []
+        """Queue every choice in the engine, or none: a refusal raises `APIError`."""
+        members = [GroupMember(c.request_id, c.prompt, c.params) for c in choices]
         try:
-            for choice in choices:
-                streams.append(await engine.add_request(choice.request_id, choice.prompt, choice.params))
+            stream = await engine.add_group(members)
         except Exception as exc:
             raise from_engine_exception(exc, retry_after) from exc
-        finally:
-            if len(streams) < len(choices):  # refused, or cancelled while a prompt was being tokenized
-                for added in choices[: len(streams)]:
-                    _abort(engine, added.request_id)
-        gen._unfinished = set(range(len(choices)))
-        gen._pumps = [asyncio.ensure_future(gen._pump(i, s)) for i, s in enumerate(streams)]
-        return gen
+        return cls(stream, choices, metrics, arrival, set(range(len(choices))))
 
-    async def _pump(self, index: int, stream: AsyncIterator[RequestOutput]) -> None:
-        async for out in stream:
-            await self._queue.put((index, out))
+    def watch(self, request: Request) -> DisconnectWatcher:
+        return DisconnectWatcher(request, self.stream)
 
-    async def events(self, watcher: DisconnectWatcher) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Yield (choice index, output) until every choice has finished.
 
-        Raises `ClientDisconnected` (after aborting) if the client goes away first.
+        Raises `ClientDisconnected` if the client goes away first, and `APIError`
+        (503) if the engine stops serving the request (shutdown); the stream is closed then.
         """
-        while self._unfinished:
-            getter = asyncio.ensure_future(self._queue.get())
-            done, _ = await asyncio.wait({getter, watcher.task}, return_when=asyncio.FIRST_COMPLETED)
-            if getter not in done:
-                getter.cancel()
-                self.close()
-                raise ClientDisconnected()
-            index, out = getter.result()
-            self._observe(index, out)
-            yield index, out
+        try:
+            async for index, out in self.stream:
+                self._observe(index, out)
+                yield index, out
+        except ClientDisconnected:
+            self.close()
+            raise
+        except Exception as exc:
+            self.close()
+            raise from_engine_exception(exc, retry_after_seconds=0) from exc
 
     def _observe(self, index: int, out: RequestOutput) -> None:
         now = time.perf_counter()
@@ -123,14 +112,14 @@ class Generation:
             choice = self.choices[index]
             self.metrics.observe_finished(out, choice.cache, choice.unmask, now - self.arrival)
 
-    async def collect(self, watcher: DisconnectWatcher) -> list[RequestOutput]:
+    async def collect(self) -> list[RequestOutput]:
         """Wait for every choice's final output (in choice order).
 
         Raises the 500 `APIError` as soon as one choice fails in the engine: the
         response is an error anyway, so the rest are aborted rather than awaited.
         """
         finals: list[RequestOutput | None] = [None] * len(self.choices)
-        async for index, out in self.events(watcher):
+        async for index, out in self.events():
             if out.finished:
                 finals[index] = out
                 if out.finish_reason is FinishReason.ERROR:
@@ -140,10 +129,8 @@ class Generation:
 
     def close(self) -> None:
         """Abort every unfinished choice. Synchronous and idempotent: safe in `finally` under cancellation."""
-        for task in self._pumps:
-            task.cancel()
+        self.stream.close()
         for index in sorted(self._unfinished):
-            _abort(self.engine, self.choices[index].request_id)
             self._record_abort(index)
         self._unfinished.clear()
 
@@ -160,10 +147,3 @@ class Generation:
         if last is not None:
             out.stats = last.stats
         self.metrics.observe_finished(out, choice.cache, choice.unmask, time.perf_counter() - self.arrival)
-
-
-def _abort(engine, request_id: str) -> None:
-    """`engine.abort` may be sync or async; never wait for it (we may be inside a cancelled scope)."""
-    result = engine.abort(request_id)
-    if inspect.isawaitable(result):
-        asyncio.ensure_future(result)

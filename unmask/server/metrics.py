@@ -24,6 +24,8 @@ Engine steps (from the engine's step listener, on the engine thread):
 State (read from the engine at scrape time):
   unmask_requests_running{model}                         gauge: requests being denoised
   unmask_requests_waiting{model}                         gauge: requests queued for admission
+  unmask_requests_waiting_for{model,resource}            gauge: the waiting requests, under what the queue's head
+                                                          waits for: kv_pages | sequence_slot | admission
   unmask_kv_pages_used{model}                            gauge: KV pool pages in use
   unmask_kv_pages_total{model}                           gauge: KV pool pages in all
   unmask_kv_cache_usage_ratio{model}                     gauge: used / total pages, 0..1
@@ -36,6 +38,8 @@ prometheus_client's metric updates are thread-safe, which the step listener need
 from __future__ import annotations
 
 from typing import Callable
+
+from unmask.engine.client import EngineClient
 
 from prometheus_client import (
     CollectorRegistry,
@@ -55,6 +59,10 @@ _STEP_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 _COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _TOKENS = (16, 64, 256, 1024, 4096, 16384, 65536)
 _PER_STEP = (1, 1.25, 1.5, 2, 3, 4, 6, 8, 12, 16, 32)
+# What the head of the waiting queue waits for (admission is strict first come, first served,
+# so every waiting request waits for the same thing): free KV pages for its prompt + canvas, a
+# free sequence slot (`max_num_seqs` are running), or only the engine's next step.
+WAIT_RESOURCES = ("kv_pages", "sequence_slot", "admission")
 
 
 class Metrics:
@@ -149,9 +157,15 @@ class Metrics:
                 ("unmask_engine_alive", "1 while the engine loop runs."),
             )
         }
+        self._waiting_for = Gauge(
+            "unmask_requests_waiting_for",
+            "Waiting requests, by what the head of the queue waits for (kv_pages, sequence_slot, admission).",
+            ["model", "resource"],
+            registry=r,
+        )
 
     # --- wiring -------------------------------------------------------------------------------
-    def bind_engine(self, engine) -> None:
+    def bind_engine(self, engine: EngineClient) -> None:
         """Read the state gauges from `engine` at scrape time and observe its steps."""
 
         def used() -> float:
@@ -171,6 +185,9 @@ class Metrics:
         }
         for name, read in readers.items():
             self._gauges[name].set_function(_never_raises(read))
+        for resource in WAIT_RESOURCES:
+            waiting = _never_raises(lambda r=resource: engine.num_waiting if engine.waiting_for == r else 0)
+            self._waiting_for.labels(self.model, resource).set_function(waiting)
         engine.add_step_listener(self.observe_step)
 
     def render(self) -> bytes:

@@ -106,6 +106,13 @@ _WHY_NOT = {
     "tools": "tool calling is not implemented",
     "tool_choice": "tool calling is not implemented",
     "response_format": "only plain text output is implemented",
+    "functions": "tool calling is not implemented",
+    "function_call": "tool calling is not implemented",
+    "audio": "only text output is implemented",
+    "modalities": "only text output is implemented",
+    "reasoning_effort": "the model has no reasoning setting",
+    "verbosity": "the model has no verbosity setting",
+    "web_search_options": "web search is not implemented",
 }
 
 
@@ -239,7 +246,7 @@ class CompletionRequest(_SamplingFields):
     max_tokens: Int | None = Field(None, ge=1, description="Canvas length in tokens (default 16, as OpenAI).")
     echo: Bool = Field(False, description="Prepend the prompt to the completion text.")
     logprobs: None = Field(None, description="Not supported: must be null.")
-    best_of: None = Field(None, description="Not supported (use n): must be null.")
+    best_of: Int | None = Field(None, ge=1, le=1, description="Not supported (use n): only 1 (or null).")
     suffix: None = Field(None, description="Not supported: must be null.")
 
     @field_validator("logprobs", "best_of", "suffix", mode="wrap")
@@ -266,6 +273,12 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextContentPart]
     name: str | None = None
+    # What an OpenAI SDK's assistant message carries when a client sends it back as history.
+    refusal: None = None
+    tool_calls: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None
+    function_call: None = None
+    audio: None = None
+    annotations: list[dict[str, Any]] | None = Field(None, description="Accepted, not used.")
 
     @field_validator("content", mode="wrap")
     @classmethod
@@ -285,8 +298,39 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = Field(None, max_length=0, description="Not supported: must be [] or null.")
     tool_choice: Literal["none"] | None = Field(None, description="Only 'none' (or null) is supported.")
     response_format: TextResponseFormat | None = Field(None, description="Only {'type': 'text'} is supported.")
+    # OpenAI fields accepted at the values that change nothing here (SDKs and proxies send them set).
+    parallel_tool_calls: Bool | None = Field(None, description="Accepted; there are no tools to call.")
+    store: Bool | None = Field(None, description="Accepted; nothing is stored.")
+    metadata: dict[str, str] | None = Field(None, description="Accepted, not used.")
+    service_tier: str | None = Field(None, description="Accepted, not used.")
+    prompt_cache_key: str | None = Field(None, description="Accepted, not used.")
+    safety_identifier: str | None = Field(None, description="Accepted, not used.")
+    prediction: dict[str, Any] | None = Field(None, description="Accepted, not used (it only saves time).")
+    modalities: Annotated[list[Literal["text"]], Field(max_length=1)] | None = Field(
+        None, description="Only ['text'] (or null)."
+    )
+    functions: list[dict[str, Any]] | None = Field(None, max_length=0, description="Not supported: [] or null.")
+    function_call: Literal["none"] | None = Field(None, description="Only 'none' (or null) is supported.")
+    audio: None = Field(None, description="Not supported: must be null.")
+    reasoning_effort: None = Field(None, description="Not supported: must be null.")
+    verbosity: None = Field(None, description="Not supported: must be null.")
+    web_search_options: None = Field(None, description="Not supported: must be null.")
 
-    @field_validator("logprobs", "top_logprobs", "tools", "tool_choice", "response_format", mode="wrap")
+    @field_validator(
+        "logprobs",
+        "top_logprobs",
+        "tools",
+        "tool_choice",
+        "response_format",
+        "functions",
+        "function_call",
+        "audio",
+        "modalities",
+        "reasoning_effort",
+        "verbosity",
+        "web_search_options",
+        mode="wrap",
+    )
     @classmethod
     def _not_supported(cls, value, handler, info):
         return _unsupported(value, handler, info.field_name, _WHY_NOT[info.field_name])

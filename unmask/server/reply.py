@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from unmask.engine.outputs import RequestOutput
 from unmask.server import translate
-from unmask.server.errors import APIError
+from unmask.server.errors import UNAVAILABLE, APIError
 from unmask.server.generation import ClientDisconnected, DisconnectWatcher, Generation
 from unmask.server.http_metrics import CLIENT_CLOSED
 from unmask.server.protocol import BlockState, ChatCompletionRequest, CompletionRequest, UsageInfo
@@ -62,13 +62,13 @@ async def respond(
     request: Request, gen: Generation, reply: Reply, body: CompletionRequest | ChatCompletionRequest
 ) -> Response:
     """Stream the generation's chunks, or wait for every choice and return the whole response."""
-    watcher = DisconnectWatcher(request)
+    watcher = gen.watch(request)
     headers = {"X-Request-Id": reply.id}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(_stream(gen, watcher, reply, include_usage), headers)
     try:
-        finals = await gen.collect(watcher)
+        finals = await gen.collect()
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED)
     finally:
@@ -84,7 +84,7 @@ async def _stream(
     try:
         for choice in reply.opening():
             yield reply.chunk([choice])
-        async for index, out in gen.events(watcher):
+        async for index, out in gen.events():
             reason = translate.finish_reason(out)
             block = translate.block_state(out.block)
             if out.delta_text or block is not None or reason is not None:
@@ -94,8 +94,10 @@ async def _stream(
         if include_usage:
             yield reply.chunk([], translate.usage(finals, reply.n))  # type: ignore[arg-type]
         yield DONE
-    except APIError as error:  # the engine failed on this request after the stream began
+    except APIError as error:  # the engine failed on this request, or stopped serving it, after the stream began
         yield error.sse_event()
+        if error.type == UNAVAILABLE:  # shutdown: the stream still ends as OpenAI streams end
+            yield DONE
     except ClientDisconnected:
         pass
     finally:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
+from unmask.engine.client import EngineClient
 from unmask.server.errors import model_not_found
 from unmask.server.metrics import Metrics
 from unmask.server.settings import ServerSettings
@@ -15,7 +16,7 @@ from unmask.server.settings import ServerSettings
 
 @dataclass
 class ServerState:
-    engine: object  # engine.async_engine.AsyncEngine (typed loosely: routes use only its public API)
+    engine: EngineClient
     settings: ServerSettings
     metrics: Metrics
     started: int = field(default_factory=lambda: int(time.time()))

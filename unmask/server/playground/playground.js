@@ -15,7 +15,7 @@
   const el = {
     modelLine: $("model-line"),
     keyForm: $("key-form"), key: $("api-key"), keyState: $("key-state"),
-    form: $("gen-form"), prompt: $("prompt"), promptLabel: $("prompt-label"),
+    form: $("gen-form"), prompt: $("prompt"), promptLabel: $("prompt-label"), examples: $("examples"),
     generate: $("generate"), stop: $("stop"), clearChat: $("clear-chat"), conversation: $("conversation"),
     cache: $("cache"), unmask: $("unmask"), blockLength: $("block_length"), steps: $("steps"),
     threshold: $("threshold"), factor: $("factor"), maxTokens: $("max_tokens"),
@@ -37,6 +37,7 @@
 
   async function init() {
     bindEvents();
+    onModeChange();
     el.key.value = app.apiKey;
     try {
       const [config, schema] = await Promise.all([getJSON("/playground/config.json"), getJSON("/openapi.json")]);
@@ -44,6 +45,7 @@
       fillPolicies(el.cache, allowedValues(schema, "cache"), config.defaults.cache);
       fillPolicies(el.unmask, allowedValues(schema, "unmask"), config.defaults.unmask);
       buildMethodFields(schema, config.method_fields || []);
+      buildExamples(config.examples || []);
       el.blockLength.placeholder = `default ${config.defaults.block_length}`;
       el.steps.placeholder = config.defaults.steps == null ? "default: 1 token/step" : `default ${config.defaults.steps}`;
       el.threshold.placeholder = `default ${config.defaults.threshold}`;
@@ -100,6 +102,30 @@
       return { field, input, parts: [label, input, hint] };
     });
     showMethodFields();
+  }
+
+  // One button per example prompt: a click starts a new chat with it and generates.
+  function buildExamples(examples) {
+    for (const example of examples) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "example";
+      button.dataset.family = example.family;
+      button.textContent = `${example.family}: ${example.label}`;
+      button.title = example.prompt;
+      button.addEventListener("click", () => askExample(example.prompt));
+      el.examples.append(button);
+    }
+    el.examples.hidden = examples.length === 0;
+  }
+
+  function askExample(prompt) {
+    if (app.run) stopRun();
+    el.form.elements.mode.value = "chat";
+    app.history = [];
+    renderConversation();
+    el.prompt.value = prompt;
+    el.form.requestSubmit();
   }
 
   function showMethodFields() {

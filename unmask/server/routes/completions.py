@@ -10,6 +10,7 @@ from starlette.responses import Response
 from unmask.engine.outputs import RequestOutput
 from unmask.server import translate
 from unmask.server.generation import Generation
+from unmask.server.json_body import JSONBodyRoute
 from unmask.server.protocol import (
     BlockState,
     CompletionChoice,
@@ -22,7 +23,7 @@ from unmask.server.reply import Reply, respond
 from unmask.server.routes.docs import GENERATION_ERRORS, streaming_200
 from unmask.server.state import get_state, new_request_id
 
-router = APIRouter()
+router = APIRouter(route_class=JSONBodyRoute)
 
 
 @router.post(

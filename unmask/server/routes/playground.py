@@ -10,6 +10,7 @@ None of these routes is part of the OpenAI surface, so they stay out of the sche
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from importlib import resources
 
 from fastapi import APIRouter, HTTPException, Request
@@ -32,6 +33,51 @@ CSP = (
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+
+
+@dataclass(frozen=True)
+class Example:
+    """A chat prompt the page offers with one click."""
+
+    family: str
+    label: str
+    prompt: str
+
+
+# Two of each task family the bundled model was trained on (training/tasks/), in its formats, so a
+# newcomer's first clicks get right answers; the page's default prompt is the first lists example.
+EXAMPLES = (
+    Example("arithmetic", "12 + 30", "What is 12 + 30?"),
+    Example(
+        "arithmetic",
+        "Lucy's eggs",
+        "Lucy has 54 eggs. Lucy buys 8 bags with 4 eggs in each bag. How many eggs does Lucy have now?",
+    ),
+    Example(
+        "recall",
+        "code of ocelot",
+        "Remember these codes.\nThe code of granite is 4766.\nThe code of ocelot is 6961.\n"
+        "The code of tunnel is 4855.\nThe code of hamster is 9312.\nWhat is the code of ocelot?",
+    ),
+    Example(
+        "recall",
+        "code of anchor",
+        "Remember these codes.\nThe code of falcon is 9558.\nThe code of anchor is 4979.\n"
+        "The code of silver is 9977.\nWhat is the code of anchor?",
+    ),
+    Example("lists", "sort 42, 7, 19", "Sort these numbers from smallest to largest: 42, 7, 19"),
+    Example("lists", "reverse a list", "Reverse this list: 16, 48, 67, 36, 68"),
+    Example(
+        "count",
+        "count owl",
+        "Here is a list: jelly, knot, piano, piano, owl, piano, owl, piano\nHow many times does owl appear in the list?",
+    ),
+    Example(
+        "count",
+        "count yarn",
+        "Here is a list: fish, yarn, fish, kite, yarn, fish, yarn, yarn\nHow many times does yarn appear in the list?",
+    ),
+)
 
 
 def asset_bytes(name: str) -> bytes:
@@ -66,6 +112,7 @@ async def config(request: Request) -> JSONResponse:
                 "threshold": d.threshold,
                 "factor": d.factor,
             },
+            "examples": [asdict(example) for example in EXAMPLES],
             "method_fields": [
                 {"name": name, "kind": kind, "method": method, "default": getattr(d, name, None)}
                 for name, (kind, method) in method_fields.items()
