@@ -37,7 +37,7 @@ import torch
 
 from training.tasks import FAMILIES, Example, held_out_mix, is_correct
 from training.tasks.batches import chat_prompt
-from unmask.engine.guide import BUNDLED_GUIDE
+from unmask.engine.policies.guide import BUNDLED_GUIDE
 from unmask.engine.llm import LLM
 from unmask.engine.outputs import FinishReason, RequestOutput
 from unmask.engine.params import SamplingParams

@@ -25,7 +25,7 @@ def _engine(model_dir, **config) -> LLMEngine:
 def _first_step_work(engine: LLMEngine) -> list[SequenceWork]:
     """A full-sequence step for three scheduled requests of different lengths."""
     seqs = [engine.add_request(f"r{i}", p, SamplingParams(max_tokens=24 + 8 * i, block_length=8)) for i, p in enumerate(PROMPTS)]
-    engine.scheduler.schedule(lambda s: 0)
+    engine.scheduler.admit()
     return [SequenceWork(s, torch.arange(s.length), s.masked_in_block()) for s in seqs]
 
 

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 import unmask.engine.params as engine_params
 from unmask.engine.config import EngineConfig
 from unmask.engine.engine import LLMEngine
-from unmask.engine.guide import BUNDLED_GUIDE, guide_state, leading_agreement
+from unmask.engine.policies.guide import BUNDLED_GUIDE, guide_state, leading_agreement
 from unmask.engine.llm import LLM
 from unmask.engine.outputs import FinishReason
 from unmask.engine.params import ParamError, SamplingParams
@@ -187,7 +187,7 @@ def test_freecache_attends_to_its_window_only(model_dir, window):
     """The first step equals a dense forward of the sequence cut after the window's last block."""
     engine = make_engine(model_dir)
     seq = engine.add_request("r", PROMPT, SamplingParams(max_tokens=48, block_length=16, cache="freecache", freecache_window=window))
-    engine.scheduler.schedule(lambda s: 0)
+    engine.scheduler.admit()
     policy = CACHE_POLICIES["freecache"]
     sources = seq.masked_in_block() - engine.model_config.logits_shift
     work = SequenceWork(seq, policy.active_positions(seq), sources, policy.key_length(seq))

@@ -1,4 +1,4 @@
-"""The model runner: packs a step's active positions, runs the model, returns the logits asked for.
+"""The model runner on one device (`runner_interface.Runner`): packs a step's plan, runs the model, proposes.
 
 The scheduler decides *who* runs; the runner decides *how*. It receives, per
 sequence, the positions to recompute and the positions whose outputs are
@@ -8,8 +8,6 @@ needed for logits, and never looks at policies.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -19,28 +17,12 @@ from unmask.engine.feature_cache import FeatureReuseHook, FeatureUse, plan_rows
 from unmask.engine.kv_pool import KVPool
 from unmask.engine.models.loader import LoadedModel
 from unmask.engine.models.transformer import LayerHook
+from unmask.engine.runner_interface import FaultHook, Proposals
 from unmask.engine.sampling import RowGroup, propose_batch
-from unmask.engine.sequence import Sequence
 from unmask.engine.transfer import to_device
+from unmask.engine.work import SequenceWork
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SequenceWork:
-    """What one sequence needs from a step."""
-
-    seq: Sequence
-    positions: torch.Tensor  # sorted absolute positions to recompute (CPU, int64)
-    logit_positions: torch.Tensor  # positions whose output rows feed the logits; a subset of `positions`
-    key_length: int | None = None  # keys attended are positions [0, key_length); None: the whole sequence
-    features: FeatureUse | None = None  # per-layer feature reuse (dLLM-Cache); None: recompute all `positions`
-
-    @property
-    def recomputed(self) -> int:
-        """Positions each layer recomputes."""
-        n = self.positions.numel()
-        return n if self.features is None else self.features.recomputed(n)
 
 
 def limit_host_threads(device: torch.device) -> None:
@@ -65,10 +47,15 @@ class ModelRunner:
         self.device = loaded.device
         self.pool = pool
         self.graphs = graphs  # captured steps on CUDA; None runs eagerly
-        # Fault injection for the reliability tests (tests/test_reliability.py), never set
-        # otherwise: called with a step's work before the forward pass; whatever it raises
-        # is what a failing forward raises, so the engine's per-request isolation is tested for real.
-        self.fault_hook: Callable[[list[SequenceWork]], None] | None = None
+        self.fault_hook: FaultHook | None = None  # see `Runner.fault_hook`
+
+    @property
+    def num_pages(self) -> int:
+        return self.pool.num_pages
+
+    @property
+    def has_features(self) -> bool:
+        return self.pool.has_features
 
     def pack(self, work: list[SequenceWork]) -> tuple[PackedBatch, torch.Tensor]:
         """Build the packed batch and the flat row index of every requested logit (on the model's device)."""
@@ -117,7 +104,7 @@ class ModelRunner:
             hidden = self.model(batch.input_ids, batch.positions, attention, hook)
         return self.model.compute_logits(hidden[rows])
 
-    def propose(self, work: list[SequenceWork], groups: list[RowGroup]) -> tuple[torch.Tensor, torch.Tensor]:
+    def propose(self, work: list[SequenceWork], groups: list[RowGroup]) -> Proposals:
         """Run the step and propose a token and a confidence per logit row (CPU tensors, rows in order)."""
         return propose_batch(self.run(work), groups, self.config.mask_token_id)
 

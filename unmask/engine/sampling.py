@@ -32,8 +32,12 @@ class RowGroup:
 
     params: SamplingParams
     generator: torch.Generator  # the request's CPU generator
-    rows: int
+    positions: torch.Tensor  # the sequence position of each row (CPU, int64)
     random_confidence: bool = False
+
+    @property
+    def rows(self) -> int:
+        return self.positions.numel()
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
