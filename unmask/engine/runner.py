@@ -13,10 +13,10 @@ import torch
 
 from unmask.engine.attention import PackedBatch, PagedAttention
 from unmask.engine.cuda_graphs import CudaGraphRunner
-from unmask.engine.feature_cache import FeatureReuseHook, FeatureUse, plan_rows
+from unmask.engine.feature_cache import FeatureReuse, plan_rows
 from unmask.engine.kv_pool import KVPool
 from unmask.engine.models.loader import LoadedModel
-from unmask.engine.models.transformer import LayerHook
+from unmask.engine.models.transformer import SublayerReuse
 from unmask.engine.runner_interface import FaultHook, Proposals
 from unmask.engine.sampling import RowGroup, propose_batch
 from unmask.engine.transfer import to_device
@@ -89,19 +89,19 @@ class ModelRunner:
         if self.fault_hook is not None:
             self.fault_hook(work)
         batch, rows = self.pack(work)
-        hook = None
+        reuse = None
         if any(w.features is not None for w in work):
             plan = plan_rows([w.positions for w in work], [w.features for w in work], self.device)
-            hook = FeatureReuseHook(self.pool, batch, plan, self.config.head_dim)
-        return self.forward(batch, rows, hook)
+            reuse = FeatureReuse(self.pool, batch, plan, self.config.head_dim)
+        return self.forward(batch, rows, reuse)
 
-    def forward(self, batch: PackedBatch, rows: torch.Tensor, hook: LayerHook | None = None) -> torch.Tensor:
+    def forward(self, batch: PackedBatch, rows: torch.Tensor, reuse: SublayerReuse | None = None) -> torch.Tensor:
         """The logits of the given rows of a packed batch (device tensors)."""
         attention = PagedAttention(self.pool, batch, self.config.head_dim)
-        if hook is None and self.graphs is not None and self.graphs.supports(len(batch.input_ids), len(batch.seq_lens)):
+        if reuse is None and self.graphs is not None and self.graphs.supports(len(batch.input_ids), len(batch.seq_lens)):
             hidden = self.graphs.run(batch)
         else:
-            hidden = self.model(batch.input_ids, batch.positions, attention, hook)
+            hidden = self.model(batch.input_ids, batch.positions, attention, reuse)
         return self.model.compute_logits(hidden[rows])
 
     def propose(self, work: list[SequenceWork], groups: list[RowGroup]) -> Proposals:
