@@ -200,10 +200,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
         feature_cache=any(CACHE_POLICIES[CONFIGS[n].cache].needs_features for n in a.configs),
         guide_model=a.guide_model,  # None: the engine takes the bundled guide if it fits the model
     )
-    configs, notes = select_configs(a.configs, llm.engine.guide is not None)
+    configs, notes = select_configs(a.configs, llm.engine.resources.guide is not None)
     loaded = llm.engine.loaded
     command = shlex.join(["python", "benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)])
-    guide = a.guide_model or (str(BUNDLED_GUIDE) if llm.engine.guide else None)
+    guide = a.guide_model or (str(BUNDLED_GUIDE) if llm.engine.resources.guide else None)
     dtype = str(loaded.dtype).removeprefix("torch.")
     header = {"command": command, "device": device_name(loaded.device), "dtype": dtype, "model": str(a.model),
               "guide_model": guide, "n": a.n, "block_length": BLOCK_LENGTH, "max_tokens": a.max_tokens}

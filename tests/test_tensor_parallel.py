@@ -29,6 +29,7 @@ from unmask.engine.parallel.loading import CheckpointShards
 from unmask.engine.parallel.state import ParallelState
 from unmask.engine.parallel.vocab import blank_columns, combine_stats, shard_stats
 from unmask.engine.params import SamplingParams
+from unmask.engine.runner_interface import Runner
 from unmask.kernels.confidence import fused_confidence_reference
 
 REPO = Path(__file__).resolve().parent.parent
@@ -197,6 +198,15 @@ def test_tp2_generates_the_same_tokens_as_one_process_for_a_mixed_batch(model_di
     with tp_engine(model_dir) as engine:
         assert generate(engine, REQUESTS) == want
         assert engine.pool.num_free == engine.pool.num_pages
+
+
+def test_both_runners_implement_the_runner_interface_over_the_engines_pages(llada_dir):
+    single = single_engine(llada_dir)
+    with tp_engine(llada_dir) as engine:
+        for e in (single, engine):
+            assert isinstance(e.runner, Runner)
+            assert e.pool.num_pages == e.runner.num_pages  # the allocator hands out the runner's pages
+    assert type(single.runner) is not type(engine.runner)
 
 
 def test_tp2_samples_the_same_tokens_as_one_process(llada_dir):

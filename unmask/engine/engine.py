@@ -33,6 +33,7 @@ from unmask.engine.parallel import ShardLoader, TensorParallelGroup
 from unmask.engine.params import ParamError, SamplingParams, check_text
 from unmask.engine.policies import CACHE_POLICIES, UNMASK_POLICIES
 from unmask.engine.policies.resources import PolicyResources
+from unmask.engine.policies.unmask import Drafts
 from unmask.engine.runner import ModelRunner
 from unmask.engine.runner_interface import Proposals, Runner
 from unmask.engine.sampling import RowGroup
@@ -44,6 +45,7 @@ from unmask.kernels.confidence import precompile_fused_confidence
 log = logging.getLogger("unmask.engine")
 
 StepListener = Callable[[StepStats], None]
+Outcome = tuple[Sequence, Commit | Exception]  # a sequence's step: what it committed, or why it failed
 
 
 @dataclass
@@ -53,7 +55,7 @@ class Executed:
     work: list[SequenceWork]
     tokens: torch.Tensor  # proposed token per logit row, work in order (CPU)
     confidence: torch.Tensor
-    failures: list[tuple[Sequence, Exception]] = field(default_factory=list)
+    failures: list[Outcome] = field(default_factory=list)  # the sequences whose forward failed, with the exception
 
     def rows(self, i: int) -> slice:
         """The logit rows of `work[i]`."""
@@ -111,11 +113,6 @@ class LLMEngine:
             # Proposals are made here (tensor-parallel ranks reduce split logits instead).
             precompile_fused_confidence(self.model_config.vocab_size, self.loaded.dtype, self.loaded.device)
         self.resources.feature_pages = self.runner.has_features
-
-    @property
-    def guide(self):
-        """The guide model among the policies' resources (None when none loaded)."""
-        return self.resources.guide
 
     def close(self) -> None:
         """Stop the tensor-parallel workers (nothing to do on one device); no step runs after it."""
@@ -196,9 +193,8 @@ class LLMEngine:
         start = time.perf_counter()
         executed = self._execute(plan)
         commits = self._commit(executed)
-        outputs = [self._fail(seq, exc) for seq, exc in executed.failures]
-        outputs += self._outputs(commits)
-        self._publish(self._step_stats(plan, executed, commits, start))
+        outputs = self._outputs(executed.failures + commits)
+        self._publish(self._step_stats(plan, executed, commits, start))  # after the outputs freed their pages
         return outputs
 
     def _execute(self, plan: list[SequenceWork]) -> Executed:
@@ -237,13 +233,13 @@ class LLMEngine:
         policy = UNMASK_POLICIES[w.seq.params.unmask]
         return RowGroup(w.seq.params, w.seq.generator, w.logit_positions, policy.random_confidence)
 
-    def _commit(self, executed: Executed) -> list[tuple[Sequence, Commit | Exception]]:
+    def _commit(self, executed: Executed) -> list[Outcome]:
         """Let each unmask policy prepare its sequences' proposals, then commit what it chooses, sequence by sequence.
 
         One request's failure must not take the batch down: it is returned in place of its commit.
         """
         self._prepare(executed)
-        commits: list[tuple[Sequence, Commit | Exception]] = []
+        commits: list[Outcome] = []
         for i, w in enumerate(executed.work):
             rows = executed.rows(i)
             try:
@@ -258,8 +254,8 @@ class LLMEngine:
         return w.seq.commit(w.targets[chosen], tokens[chosen])
 
     def _prepare(self, executed: Executed) -> None:
-        """Each preparing unmask policy's one batched look at its sequences' proposals (e.g. the guide's check)."""
-        drafts: dict[str, list[tuple[Sequence, torch.Tensor]]] = {}
+        """Each preparing unmask policy's one batched look at its sequences' proposals (`UnmaskPolicy.prepare`)."""
+        drafts: dict[str, Drafts] = {}
         for i, w in enumerate(executed.work):
             if UNMASK_POLICIES[w.seq.params.unmask].prepares:
                 drafts.setdefault(w.seq.params.unmask, []).append((w.seq, executed.tokens[executed.rows(i)]))
@@ -269,7 +265,8 @@ class LLMEngine:
             except Exception:  # its requests then fail in their commit; the others go on
                 log.exception("unmask=%s failed to prepare its step", name)
 
-    def _outputs(self, commits: list[tuple[Sequence, Commit | Exception]]) -> list[RequestOutput]:
+    def _outputs(self, commits: list[Outcome]) -> list[RequestOutput]:
+        """Each sequence's output of the step: its final one when it failed or finished, else its news (if any)."""
         outputs = []
         for seq, commit in commits:
             try:
@@ -281,7 +278,7 @@ class LLMEngine:
         return outputs
 
     def _step_stats(
-        self, plan: list[SequenceWork], executed: Executed, commits: list[tuple[Sequence, Commit | Exception]], start: float
+        self, plan: list[SequenceWork], executed: Executed, commits: list[Outcome], start: float
     ) -> StepStats:
         done = [c for _, c in commits if isinstance(c, Commit)]
         return StepStats(

@@ -7,7 +7,7 @@ KV pages (and feature pages); the engine's page allocator hands out their ids.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -20,6 +20,7 @@ Proposals = tuple[torch.Tensor, torch.Tensor]  # (token ids [N], confidence [N])
 FaultHook = Callable[[list["SequenceWork"]], None]
 
 
+@runtime_checkable
 class Runner(Protocol):
     # Fault injection for the reliability tests (tests/test_reliability.py), never set otherwise:
     # called with a step's work before the forward pass; what it raises is what a failing forward raises.
