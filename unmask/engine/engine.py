@@ -65,8 +65,8 @@ class Executed:
         self._offsets = [0, *itertools.accumulate(w.logit_positions.numel() for w in self.work)]
 
 
-def build_pool(loaded: LoadedModel, config: EngineConfig) -> KVPool:
-    """Size the page pool from the explicit budget, or from free memory on the device."""
+def build_kv_tensors(loaded: LoadedModel, config: EngineConfig) -> KVPool:
+    """The KV (and feature) tensors of as many pages as the explicit budget, or the device's free memory, holds."""
     budget = config.kv_cache_bytes(loaded.device)
     return KVPool.from_budget(loaded.config, budget, config.page_size, loaded.dtype, loaded.device, config.feature_cache)
 
@@ -108,7 +108,7 @@ class LLMEngine:
         if self.parallel is not None:
             self.runner = self.parallel.start()
         else:
-            kv = build_pool(self.loaded, config)
+            kv = build_kv_tensors(self.loaded, config)
             self.runner = ModelRunner(self.loaded, kv, build_graph_runner(self.loaded.model, kv, config))
             # Proposals are made here (tensor-parallel ranks reduce split logits instead).
             precompile_fused_confidence(self.model_config.vocab_size, self.loaded.dtype, self.loaded.device)
