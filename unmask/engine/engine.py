@@ -88,7 +88,7 @@ class LLMEngine:
             self.close()
             raise
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)
-        self.pool = PageAllocator(self.runner.num_pages, config.page_size)
+        self.pool = PageAllocator(self.runner.num_pages, config.page_size)  # page ids; the runner holds their tensors
         shift = self.model_config.logits_shift
         self.scheduler: Scheduler[SequenceWork] = Scheduler(self.pool, limits, lambda seq: plan_work(seq, shift))
         self.streams: dict[str, TextStream] = {}
@@ -122,7 +122,7 @@ class LLMEngine:
     # --- requests -------------------------------------------------------------
     @property
     def max_model_len(self) -> int:
-        return min(self.model_config.max_position, self.pool.num_pages * self.pool.page_size)
+        return min(self.model_config.max_position, self.pool.capacity_tokens)
 
     def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
         """Tokenize and validate a request without touching engine state (safe from any thread)."""
