@@ -324,7 +324,7 @@ class AsyncEngine(EngineClient):
         running = self._engine.scheduler.running
         if len(running) < self.config.max_num_seqs:
             return 0
-        return min(max(0, _fewest_steps(s.params) - s.stats.forward_passes) for s in running)
+        return min(max(0, _fewest_steps(s.params) - s.steps_taken) for s in running)
 
     def _time_cycle(self, seconds: float) -> None:
         previous = self._mean_cycle_seconds
