@@ -404,6 +404,31 @@ def test_guided_needs_a_guide_model(llada_dir):
     assert info.value.param == "unmask"
 
 
+# --- fewest steps (the drain deadline's lower bound) -----------------------------------------------
+
+# 20 tokens in blocks of 8 at 4 steps a block: the short last block of 4 keeps the rate (2 steps).
+FEWEST_STEPS_REQUEST = dict(max_tokens=20, block_length=8, steps=4, ignore_eos=True, seed=3)
+
+
+def steps_taken(engine: LLMEngine, unmask: str) -> tuple[int, int]:
+    """A request's denoising steps as run, and its unmask policy's `fewest_steps` for it."""
+    params = SamplingParams(unmask=unmask, **FEWEST_STEPS_REQUEST)
+    out = run(engine, [PROMPT], [params])[0]
+    return out.stats.forward_passes, UNMASK_POLICIES[unmask].fewest_steps(params.resolve(engine.config.defaults))
+
+
+@pytest.mark.parametrize("unmask", ["low_confidence", "random"])
+def test_a_fixed_step_policys_fewest_steps_are_exactly_the_steps_it_takes(llada_dir, unmask):
+    taken, fewest = steps_taken(make_engine(llada_dir), unmask)
+    assert taken == fewest == 2 * 4 + 2
+
+
+@pytest.mark.parametrize("unmask", ["threshold", "factor", "guided"])
+def test_an_adaptive_policy_never_takes_fewer_steps_than_its_fewest_steps(llada_dir, guide_dir, unmask):
+    taken, fewest = steps_taken(make_engine(llada_dir, guide_dir), unmask)
+    assert fewest == 3 and taken >= fewest  # one step per block at least
+
+
 # --- the bundled model ------------------------------------------------------------------------------
 
 

@@ -95,6 +95,13 @@ class SamplingParams:
         """Denoising steps per full block for the fixed-step policies."""
         return self.block_size if self.steps is None else self.steps
 
+    def steps_for_block(self, block_tokens: int) -> int:
+        """Denoising steps the fixed-step policies spend on a block of `block_tokens` tokens.
+
+        A short last block keeps the tokens-per-step rate of a full block.
+        """
+        return max(1, -(-block_tokens * self.steps_per_block // self.block_size))
+
     def validate(self) -> None:
         """Raise `ParamError` naming the first invalid field."""
         check_int("max_tokens", self.max_tokens, low=1)

@@ -142,12 +142,9 @@ class Sequence:
         return start + torch.nonzero(self.tokens[start:end] == self.mask_id).flatten()
 
     def steps_in_block(self) -> int:
-        """Denoising steps the fixed-step policies spend on the current block.
-
-        A short last block keeps the tokens-per-step rate of a full block.
-        """
+        """Denoising steps the fixed-step policies spend on the current block (`SamplingParams.steps_for_block`)."""
         start, end = self.block_bounds()
-        return max(1, -(-(end - start) * self.params.steps_per_block // self.block_size))
+        return self.params.steps_for_block(end - start)
 
     # --- finalized output ---------------------------------------------------
     def _committed_run(self) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from unmask.engine.params import SamplingParams
 from unmask.engine.policies.resources import PolicyResources, Requirement
 from unmask.engine.sequence import Sequence, UnmaskState
 
@@ -47,6 +48,10 @@ class UnmaskPolicy:
         """Indices into `confidence` (the block's masked positions) to commit this step."""
         raise NotImplementedError
 
+    def fewest_steps(self, params: SamplingParams) -> int:
+        """A lower bound on the steps this policy takes to fill the whole canvas: one per block."""
+        return -(-params.max_tokens // params.block_size)
+
 
 class LowConfidence(UnmaskPolicy):
     """Commit the k most confident tokens, k from the block's even schedule (LLaDA)."""
@@ -61,6 +66,11 @@ class LowConfidence(UnmaskPolicy):
         # The schedule assumes one commit pattern; never ask for more than remain.
         k = max(1, min(k, confidence.numel()))
         return torch.topk(confidence, k).indices
+
+    def fewest_steps(self, params: SamplingParams) -> int:
+        """Exactly the schedule's steps: each block takes its `SamplingParams.steps_for_block`."""
+        full, last = divmod(params.max_tokens, params.block_size)
+        return full * params.steps_for_block(params.block_size) + (params.steps_for_block(last) if last else 0)
 
 
 class RandomOrder(LowConfidence):
