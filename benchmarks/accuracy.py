@@ -37,11 +37,12 @@ import torch
 
 from training.tasks import FAMILIES, Example, held_out_mix, is_correct
 from training.tasks.batches import chat_prompt
-from unmask.engine.guide import BUNDLED_GUIDE
 from unmask.engine.llm import LLM
 from unmask.engine.outputs import FinishReason, RequestOutput
 from unmask.engine.params import SamplingParams
 from unmask.engine.policies import CACHE_POLICIES
+from unmask.engine.policies.guide import BUNDLED_GUIDE
+from unmask.engine.policies.resources import FEATURE_PAGES
 from unmask.server.model_path import resolve_model_dir
 
 BLOCK_LENGTH = 32
@@ -197,13 +198,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
     llm = LLM(
         str(a.model), device=a.device, dtype=a.dtype, max_num_seqs=a.max_num_seqs,
         kv_cache_memory=a.kv_cache_mb * 2**20 if a.kv_cache_mb else None,
-        feature_cache=any(CACHE_POLICIES[CONFIGS[n].cache].needs_features for n in a.configs),
+        feature_cache=any(FEATURE_PAGES in CACHE_POLICIES[CONFIGS[n].cache].requirements for n in a.configs),
         guide_model=a.guide_model,  # None: the engine takes the bundled guide if it fits the model
     )
-    configs, notes = select_configs(a.configs, llm.engine.guide is not None)
+    configs, notes = select_configs(a.configs, llm.engine.resources.guide is not None)
     loaded = llm.engine.loaded
     command = shlex.join(["python", "benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)])
-    guide = a.guide_model or (str(BUNDLED_GUIDE) if llm.engine.guide else None)
+    guide = a.guide_model or (str(BUNDLED_GUIDE) if llm.engine.resources.guide else None)
     dtype = str(loaded.dtype).removeprefix("torch.")
     header = {"command": command, "device": device_name(loaded.device), "dtype": dtype, "model": str(a.model),
               "guide_model": guide, "n": a.n, "block_length": BLOCK_LENGTH, "max_tokens": a.max_tokens}

@@ -21,6 +21,7 @@ import torch
 
 import unmask.engine.engine as engine_module
 import unmask.engine.runner as runner_module
+import unmask.engine.scheduler as scheduler_module
 from benchmarks.throughput import admit_random_requests, make_engine
 from unmask.engine import cuda_graphs, sampling
 from unmask.engine.params import SamplingParams
@@ -46,15 +47,15 @@ def timed(owner: object, name: str, label: str, totals: Totals, calls: collectio
 
 def instrument(totals: Totals, calls: collections.Counter) -> None:
     phases = [
-        (engine_module.Scheduler, "schedule", "schedule (with the work per sequence)"),
-        (engine_module.LLMEngine, "_work_for", "work per sequence"),
+        (scheduler_module.Scheduler, "schedule", "schedule (with the work per sequence)"),
+        (engine_module, "plan_work", "work per sequence"),
         (runner_module.ModelRunner, "pack_host", "pack (host tensors)"),
         (runner_module, "batch_to", "copy to the GPU"),
         (cuda_graphs.CudaGraphRunner, "run", "graph fill + replay launch"),
         (sampling, "row_inputs", "sampling inputs"),
         (sampling, "fused_confidence", "confidence kernel launch"),
         (sampling, "to_host", "wait for the GPU + read proposals"),
-        (engine_module.LLMEngine, "_commit", "commit per sequence"),
+        (engine_module.LLMEngine, "_commit_sequence", "commit per sequence"),
         (engine_module.LLMEngine, "_output", "output per sequence"),
     ]
     for owner, name, label in phases:

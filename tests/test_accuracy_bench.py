@@ -111,7 +111,7 @@ def test_the_table_has_a_header_line_and_one_line_per_row(bench, random_model_di
 
 
 def test_guided_rows_are_skipped_without_a_guide(random_model_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("unmask.engine.guide.BUNDLED_GUIDE", tmp_path / "no-guide")
+    monkeypatch.setattr("unmask.engine.policies.guide.BUNDLED_GUIDE", tmp_path / "no-guide")
     rows = main(["--model", str(random_model_dir), "--n", "1", "--families", "count", "--configs", "dual/guided",
                  "--device", "cpu", "--kv-cache-mb", "16", "--no-warmup"])
     assert [r.config for r in rows] == [REFERENCE]

@@ -229,7 +229,7 @@ def test_a_bad_prompt_met_late_aborts_the_others_and_frees_their_pages(llada_dir
     with pytest.raises(ParamError):
         llm.generate([PROMPT, PROMPT, PROMPT, too_long], SamplingParams(max_tokens=16, block_length=8))
     assert not llm.engine.has_unfinished
-    assert llm.engine.runner.pool.num_free == llm.engine.runner.pool.num_pages
+    assert llm.engine.pool.num_free == llm.engine.pool.num_pages
 
 
 def test_host_ops_run_on_one_thread_when_the_model_is_on_a_gpu_and_on_all_on_the_cpu():

@@ -16,7 +16,7 @@ def _engine(model_dir) -> LLMEngine:
 
 def _admit(engine: LLMEngine, prompt: list[int], max_tokens: int, **params):
     seq = engine.add_request(f"r{len(engine.scheduler.running)}-{len(prompt)}", prompt, SamplingParams(max_tokens=max_tokens, **params))
-    engine.scheduler.schedule(lambda s: 0)
+    engine.scheduler.admit()
     return seq
 
 

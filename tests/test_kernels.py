@@ -15,13 +15,12 @@ with NaN before the kernel writes them.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from unmask.kernels._triton import HAS_TRITON
+from kernel_fixtures import INTERPRETING, kernel_device  # noqa: F401  (pytest fixture)
 from unmask.kernels.confidence import fused_confidence, fused_confidence_reference, fused_confidence_triton
 from unmask.kernels.kv_write import write_kv, write_kv_reference, write_kv_triton
 from unmask.kernels.paged_attention import paged_attention, paged_attention_reference, paged_attention_triton
@@ -29,19 +28,8 @@ from unmask.kernels.rms_norm import add_rms_norm, rms_norm, rms_norm_reference, 
 from unmask.kernels.rotary import rotary, rotary_reference, rotary_table, rotary_triton
 from unmask.kernels.silu_mul import silu_mul, silu_mul_reference, silu_mul_triton
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # The serving dtype; the interpreter's bf16 matrix product is broken (Triton 3.9), so it checks fp16.
 HALF = torch.float16 if INTERPRETING else torch.bfloat16
-
-
-@pytest.fixture
-def kernel_device() -> str:
-    """Where the Triton kernels can run: the GPU, or the CPU under TRITON_INTERPRET=1."""
-    if torch.cuda.is_available() and HAS_TRITON:
-        return "cuda"
-    if INTERPRETING and HAS_TRITON:
-        return "cpu"
-    pytest.skip("needs a CUDA device with Triton (or TRITON_INTERPRET=1)")
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 import unmask.engine.params as engine_params
 from unmask.engine.config import EngineConfig
 from unmask.engine.engine import LLMEngine
-from unmask.engine.guide import BUNDLED_GUIDE, guide_state, leading_agreement
+from unmask.engine.policies.guide import BUNDLED_GUIDE, guide_state, leading_agreement
 from unmask.engine.llm import LLM
 from unmask.engine.outputs import FinishReason
 from unmask.engine.params import ParamError, SamplingParams
@@ -187,7 +187,7 @@ def test_freecache_attends_to_its_window_only(model_dir, window):
     """The first step equals a dense forward of the sequence cut after the window's last block."""
     engine = make_engine(model_dir)
     seq = engine.add_request("r", PROMPT, SamplingParams(max_tokens=48, block_length=16, cache="freecache", freecache_window=window))
-    engine.scheduler.schedule(lambda s: 0)
+    engine.scheduler.admit()
     policy = CACHE_POLICIES["freecache"]
     sources = seq.masked_in_block() - engine.model_config.logits_shift
     work = SequenceWork(seq, policy.active_positions(seq), sources, policy.key_length(seq))
@@ -279,7 +279,7 @@ def _biased(*heads: tuple[torch.nn.Module, int]):
 def test_guided_commits_the_whole_agreed_run_in_one_step(model_dir, guide_dir):
     engine = make_engine(model_dir, guide_dir)
     token = int(engine.tokenizer.encode(" fox", add_special_tokens=False)[0])
-    with _biased((engine.loaded.model.lm_head, token), (engine.guide.model.lm_head, token)):
+    with _biased((engine.loaded.model.lm_head, token), (engine.resources.guide.model.lm_head, token)):
         (out,) = run(engine, [PROMPT], [SamplingParams(max_tokens=40, block_length=16, unmask="guided")])
     assert out.token_ids == [token] * 40
     assert out.stats.steps_per_block == [1, 1, 1]  # a block per step: both models agree on every draft
@@ -288,7 +288,7 @@ def test_guided_commits_the_whole_agreed_run_in_one_step(model_dir, guide_dir):
 def test_where_the_guide_rejects_a_draft_it_commits_its_own_token(model_dir, guide_dir):
     engine = make_engine(model_dir, guide_dir)
     model_token, guide_token = (int(engine.tokenizer.encode(w, add_special_tokens=False)[0]) for w in (" fox", " dog"))
-    with _biased((engine.loaded.model.lm_head, model_token), (engine.guide.model.lm_head, guide_token)):
+    with _biased((engine.loaded.model.lm_head, model_token), (engine.resources.guide.model.lm_head, guide_token)):
         (out,) = run(engine, [PROMPT], [SamplingParams(max_tokens=40, block_length=16, unmask="guided")])
     assert out.token_ids == [guide_token] * 40  # every first draft rejected and replaced by the guide's token
     assert out.stats.steps_per_block == [16, 16, 8]
@@ -297,7 +297,7 @@ def test_where_the_guide_rejects_a_draft_it_commits_its_own_token(model_dir, gui
 def test_a_guide_that_prefers_the_mask_token_never_commits_it(model_dir, guide_dir):
     engine = make_engine(model_dir, guide_dir)
     mask = engine.model_config.mask_token_id
-    with _biased((engine.guide.model.lm_head, mask)):
+    with _biased((engine.resources.guide.model.lm_head, mask)):
         (out,) = run(engine, [PROMPT], [SamplingParams(max_tokens=24, block_length=8, unmask="guided")])
     assert len(out.token_ids) == 24 and mask not in out.token_ids
     assert all(t < engine.model_config.vocab_size for t in out.token_ids)
@@ -321,9 +321,9 @@ def test_the_guide_keeps_its_kv_so_a_step_feeds_it_only_new_tokens(model_dir, gu
     while engine.has_unfinished:
         masks = seq.masked_in_block().numel()
         first = seq.stats.forward_passes == 0
-        before = engine.guide.tokens_fed
+        before = engine.resources.guide.tokens_fed
         engine.step()
-        fed.append(engine.guide.tokens_fed - before)
+        fed.append(engine.resources.guide.tokens_fed - before)
         assert fed[-1] == (len(PROMPT) + masks - 1 if first else masks)
 
 
@@ -337,9 +337,9 @@ def test_batched_guide_verification_equals_one_request_at_a_time(model_dir, guid
     alone = []
     for seq, d in zip(seqs, drafts):
         copy_ = copy.deepcopy(seq)
-        engine.guide.verify([(copy_, d)])
+        engine.resources.guide.verify([(copy_, d)])
         alone.append(guide_state(copy_))
-    engine.guide.verify(list(zip(seqs, drafts)))
+    engine.resources.guide.verify(list(zip(seqs, drafts)))
     for seq, single in zip(seqs, alone):
         batched = guide_state(seq)
         assert (batched.agreed, batched.correction, batched.length) == (single.agreed, single.correction, single.length)
@@ -402,6 +402,31 @@ def test_guided_needs_a_guide_model(llada_dir):
     with pytest.raises(ParamError) as info:
         engine.add_request("r", PROMPT, SamplingParams(max_tokens=16, unmask="guided"))
     assert info.value.param == "unmask"
+
+
+# --- fewest steps (the drain deadline's lower bound) -----------------------------------------------
+
+# 20 tokens in blocks of 8 at 4 steps a block: the short last block of 4 keeps the rate (2 steps).
+FEWEST_STEPS_REQUEST = dict(max_tokens=20, block_length=8, steps=4, ignore_eos=True, seed=3)
+
+
+def steps_taken(engine: LLMEngine, unmask: str) -> tuple[int, int]:
+    """A request's denoising steps as run, and its unmask policy's `fewest_steps` for it."""
+    params = SamplingParams(unmask=unmask, **FEWEST_STEPS_REQUEST)
+    out = run(engine, [PROMPT], [params])[0]
+    return out.stats.forward_passes, UNMASK_POLICIES[unmask].fewest_steps(params.resolve(engine.config.defaults))
+
+
+@pytest.mark.parametrize("unmask", ["low_confidence", "random"])
+def test_a_fixed_step_policys_fewest_steps_are_exactly_the_steps_it_takes(llada_dir, unmask):
+    taken, fewest = steps_taken(make_engine(llada_dir), unmask)
+    assert taken == fewest == 2 * 4 + 2
+
+
+@pytest.mark.parametrize("unmask", ["threshold", "factor", "guided"])
+def test_an_adaptive_policy_never_takes_fewer_steps_than_its_fewest_steps(llada_dir, guide_dir, unmask):
+    taken, fewest = steps_taken(make_engine(llada_dir, guide_dir), unmask)
+    assert fewest == 3 and taken >= fewest  # one step per block at least
 
 
 # --- the bundled model ------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from unmask.engine.parallel.loading import CheckpointShards
 from unmask.engine.parallel.state import ParallelState
 from unmask.engine.parallel.vocab import blank_columns, combine_stats, shard_stats
 from unmask.engine.params import SamplingParams
+from unmask.engine.runner_interface import Runner
 from unmask.kernels.confidence import fused_confidence_reference
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,6 +117,19 @@ def test_vocab_parallel_sampling_does_not_depend_on_how_the_vocabulary_is_split(
     torch.testing.assert_close(one_conf, three_conf)
 
 
+def test_vocab_parallel_sampling_draws_the_single_device_tokens():
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(2)) * 2
+    temperature = torch.tensor([0.0, 0.5, 1.0, 2.0]).repeat(16)
+    full = logits.clone()
+    full[:, 0] = float("-inf")  # what blank_columns does to the mask token on its rank
+    want, want_conf = fused_confidence_reference(full, temperature, torch.arange(64) * 7919)
+    for tp in (2, 3):
+        tokens, confidence = reduce_in_shards(logits, tp, temperature)
+        # The same fp32 keys from the same logits: no rounding to allow for here.
+        assert torch.equal(tokens, want), tp
+        torch.testing.assert_close(confidence, want_conf)
+
+
 def test_vocab_parallel_sampling_draws_from_the_tempered_softmax():
     rows, temperature = 4000, 0.5
     logits = torch.tensor([0.0, 0.5, 1.0, -10.0, 0.2]).repeat(rows, 1)  # token 0 is the mask
@@ -184,6 +198,26 @@ def test_tp2_generates_the_same_tokens_as_one_process_for_a_mixed_batch(model_di
     with tp_engine(model_dir) as engine:
         assert generate(engine, REQUESTS) == want
         assert engine.pool.num_free == engine.pool.num_pages
+
+
+def test_both_runners_implement_the_runner_interface_over_the_engines_pages(llada_dir):
+    single = single_engine(llada_dir)
+    with tp_engine(llada_dir) as engine:
+        for e in (single, engine):
+            assert isinstance(e.runner, Runner)
+            assert e.pool.num_pages == e.runner.num_pages  # the allocator hands out the runner's pages
+    assert type(single.runner) is not type(engine.runner)
+
+
+def test_tp2_samples_the_same_tokens_as_one_process(llada_dir):
+    """The fused path's sampled rows: each rank reduces its shard with the single device's noise."""
+    sampled = [
+        ("Hello world", SamplingParams(max_tokens=32, block_length=16, temperature=1.0, seed=11, cache="dual")),
+        ("The quick brown fox", SamplingParams(max_tokens=24, block_length=8, temperature=0.6, seed=5, unmask="threshold")),
+    ]
+    want = generate(single_engine(llada_dir), sampled)
+    with tp_engine(llada_dir) as engine:
+        assert generate(engine, sampled) == want
 
 
 def test_tp2_sampling_is_seeded_and_the_same_alone_or_batched(llada_dir):

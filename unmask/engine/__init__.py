@@ -1,4 +1,4 @@
-"""Unmask's engine: everything between a request and the GPU (see DESIGN.md §3).
+"""Unmask's engine: everything between a request and the GPU (see docs/ARCHITECTURE.md).
 
 The public names are imported on first use, not here: importing a light module
 such as `engine.params` (the CLI parser does) must not pull in torch.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import queue
 import threading
 import time
@@ -24,12 +23,12 @@ from unmask.engine.engine import LLMEngine, StepListener
 from unmask.engine.errors import EngineDeadError, QueueFullError
 from unmask.engine.outputs import FinishReason, RequestOutput
 from unmask.engine.params import SamplingParams
+from unmask.engine.policies import UNMASK_POLICIES
 from unmask.engine.sequence import Sequence
 
 log = logging.getLogger("unmask.async_engine")
 
 _IDLE_WAIT_SECONDS = 0.1
-_FIXED_STEP_POLICIES = ("low_confidence", "random")  # a block takes exactly `steps` steps
 _CYCLE_TIME_SMOOTHING = 0.2  # weight of the latest loop cycle in the running mean
 
 
@@ -324,7 +323,7 @@ class AsyncEngine(EngineClient):
         running = self._engine.scheduler.running
         if len(running) < self.config.max_num_seqs:
             return 0
-        return min(max(0, _fewest_steps(s.params) - s.stats.forward_passes) for s in running)
+        return min(max(0, _fewest_steps(s.params) - s.steps_taken) for s in running)
 
     def _time_cycle(self, seconds: float) -> None:
         previous = self._mean_cycle_seconds
@@ -362,15 +361,10 @@ class AsyncEngine(EngineClient):
 def _fewest_steps(params: SamplingParams) -> int:
     """The fewest steps a request can finish in: a lower bound, so only a request that surely
     cannot make a deadline is refused. End-of-text or a stop string may end it after one step;
-    otherwise every block takes at least one step, and a fixed-step policy exactly its steps."""
+    otherwise it takes its unmask policy's fewest steps over the canvas."""
     if not params.ignore_eos or params.stop:
         return 1
-    blocks = math.ceil(params.max_tokens / params.block_size)
-    if params.unmask not in _FIXED_STEP_POLICIES:
-        return blocks
-    rate = params.steps_per_block / params.block_size  # a short last block keeps the rate
-    full, last = divmod(params.max_tokens, params.block_size)
-    return full * params.steps_per_block + (max(1, math.ceil(last * rate)) if last else 0)
+    return UNMASK_POLICIES[params.unmask].fewest_steps(params)
 
 
 def _error_output(seq: Sequence, exc: Exception) -> RequestOutput:

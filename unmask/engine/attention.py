@@ -1,4 +1,4 @@
-"""The paged attention backend the model calls in every layer (DESIGN.md §2, step 3).
+"""The paged attention backend the model calls in every layer.
 
 Fresh K/V of the active positions are written into each sequence's pages,
 then every active query attends over all of its own sequence's pages. The

@@ -136,5 +136,5 @@ def build_graph_runner(model: DiffusionTransformer, pool: KVPool, config: Engine
     """The engine's graph runner on CUDA (None on the CPU or with `cuda_graph_max_tokens` 0: every step runs eagerly)."""
     if pool.k.device.type != "cuda" or config.cuda_graph_max_tokens <= 0:
         return None
-    max_len = min(model.cfg.max_position, pool.num_pages * pool.page_size)
-    return CudaGraphRunner(model, pool, config.cuda_graph_max_tokens, config.max_num_seqs, pool.pages_for(max_len))
+    max_pages = min(pool.num_pages, -(-model.cfg.max_position // pool.page_size))  # of the longest sequence
+    return CudaGraphRunner(model, pool, config.cuda_graph_max_tokens, config.max_num_seqs, max_pages)

@@ -1,4 +1,10 @@
-"""The step loop: schedule, pick active positions, run the model, commit tokens, emit outputs.
+"""The step loop: plan, execute, commit, then the outputs.
+
+The scheduler plans a step (which sequences, each one's work as its cache
+policy answers it), the runner executes the plan (one forward, one proposal
+per masked position), and each sequence commits what its unmask policy
+chooses (`Sequence.commit`). The engine names no policy: it checks a
+request's policies' requirements and calls their hooks.
 
 `LLMEngine` is synchronous and single-threaded; `AsyncEngine` drives it from
 its own thread for the server and `LLM` drives it for offline use.
@@ -10,6 +16,7 @@ import itertools
 import logging
 import secrets
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -18,27 +25,48 @@ from unmask.engine.config import EngineConfig
 from unmask.engine.cuda_graphs import build_graph_runner
 from unmask.engine.detokenizer import TextStream
 from unmask.engine.errors import EngineDeadError
-from unmask.engine.guide import GuideRunner, guide_state, load_guide
 from unmask.engine.kv_pool import KVPool
 from unmask.engine.models.loader import LoadedModel, load_model
 from unmask.engine.outputs import BlockView, FinishReason, RequestOutput, StepStats
-from unmask.engine.parallel import ShardLoader, TensorParallelGroup, TensorParallelRunner
+from unmask.engine.pages import PageAllocator
+from unmask.engine.parallel import ShardLoader, TensorParallelGroup
 from unmask.engine.params import ParamError, SamplingParams, check_text
 from unmask.engine.policies import CACHE_POLICIES, UNMASK_POLICIES
-from unmask.engine.runner import ModelRunner, SequenceWork
+from unmask.engine.policies.resources import PolicyResources
+from unmask.engine.policies.unmask import Drafts
+from unmask.engine.runner import ModelRunner
+from unmask.engine.runner_interface import Proposals, Runner
 from unmask.engine.sampling import RowGroup
 from unmask.engine.scheduler import Scheduler, SchedulerLimits
-from unmask.engine.sequence import Sequence
+from unmask.engine.sequence import Commit, Sequence
+from unmask.engine.work import SequenceWork, plan_work
 from unmask.kernels.confidence import precompile_fused_confidence
 
 log = logging.getLogger("unmask.engine")
 
 StepListener = Callable[[StepStats], None]
-Proposals = tuple[torch.Tensor, torch.Tensor]  # (token ids [N], confidence [N]) of a step's logit rows
+Outcome = tuple[Sequence, Commit | Exception]  # a sequence's step: what it committed, or why it failed
 
 
-def build_pool(loaded: LoadedModel, config: EngineConfig) -> KVPool:
-    """Size the page pool from the explicit budget, or from free memory on the device."""
+@dataclass
+class Executed:
+    """A plan as the runner executed it: the work that ran, its proposals, and the sequences that failed."""
+
+    work: list[SequenceWork]
+    tokens: torch.Tensor  # proposed token per logit row, work in order (CPU)
+    confidence: torch.Tensor
+    failures: list[Outcome] = field(default_factory=list)  # the sequences whose forward failed, with the exception
+
+    def rows(self, i: int) -> slice:
+        """The logit rows of `work[i]`."""
+        return slice(self._offsets[i], self._offsets[i + 1])
+
+    def __post_init__(self) -> None:
+        self._offsets = [0, *itertools.accumulate(w.logit_positions.numel() for w in self.work)]
+
+
+def build_kv_tensors(loaded: LoadedModel, config: EngineConfig) -> KVPool:
+    """The KV (and feature) tensors of as many pages as the explicit budget, or the device's free memory, holds."""
     budget = config.kv_cache_bytes(loaded.device)
     return KVPool.from_budget(loaded.config, budget, config.page_size, loaded.dtype, loaded.device, config.feature_cache)
 
@@ -60,29 +88,31 @@ class LLMEngine:
             self.close()
             raise
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)
-        self.scheduler = Scheduler(self.pool, limits)
+        self.pool = PageAllocator(self.runner.num_pages, config.page_size)  # page ids; the runner holds their tensors
+        shift = self.model_config.logits_shift
+        self.scheduler: Scheduler[SequenceWork] = Scheduler(self.pool, limits, lambda seq: plan_work(seq, shift))
         self.streams: dict[str, TextStream] = {}
         self.step_listeners: list[StepListener] = []
 
     def _load(self, loaded: LoadedModel | None) -> None:
-        """The model, the guide, the KV pool and the runner (with tensor parallelism: rank 0's shares)."""
+        """The model, the policies' resources and the runner with its KV tensors (with tensor parallelism: rank 0's shares)."""
         config = self.config
         if self.parallel is not None:
             loaded = self.parallel.loaded
         self.loaded = loaded or load_model(config.model_dir, config.dtype, config.device, config.load_format)
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
-        # Before the pool, which takes what memory is left.
-        self.guide: GuideRunner | None = load_guide(config.guide_model, self.loaded)
-        self.runner: ModelRunner | TensorParallelRunner
+        # Before the KV tensors, which take what memory is left.
+        self.resources = PolicyResources.load(config, self.loaded)
+        self.runner: Runner
         if self.parallel is not None:
             self.runner = self.parallel.start()
-            self.pool = self.runner.pool
         else:
-            self.pool = build_pool(self.loaded, config)
-            self.runner = ModelRunner(self.loaded, self.pool, build_graph_runner(self.loaded.model, self.pool, config))
+            kv = build_kv_tensors(self.loaded, config)
+            self.runner = ModelRunner(self.loaded, kv, build_graph_runner(self.loaded.model, kv, config))
             # Proposals are made here (tensor-parallel ranks reduce split logits instead).
             precompile_fused_confidence(self.model_config.vocab_size, self.loaded.dtype, self.loaded.device)
+        self.resources.feature_pages = self.runner.has_features
 
     def close(self) -> None:
         """Stop the tensor-parallel workers (nothing to do on one device); no step runs after it."""
@@ -92,7 +122,7 @@ class LLMEngine:
     # --- requests -------------------------------------------------------------
     @property
     def max_model_len(self) -> int:
-        return min(self.model_config.max_position, self.pool.num_pages * self.pool.page_size)
+        return min(self.model_config.max_position, self.pool.capacity_tokens)
 
     def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
         """Tokenize and validate a request without touching engine state (safe from any thread)."""
@@ -107,20 +137,15 @@ class LLMEngine:
             )
         self._check_support(resolved)
         seed = resolved.seed if resolved.seed is not None else secrets.randbits(63)
-        return Sequence(request_id, prompt_ids, resolved, self.model_config.mask_token_id, self.model_config.eos_token_id, seed)
+        mask_id, eos_id = self.model_config.mask_token_id, self.model_config.eos_token_id
+        state = UNMASK_POLICIES[resolved.unmask].new_state()
+        return Sequence(request_id, prompt_ids, resolved, mask_id, eos_id, seed, unmask_state=state)
 
     def _check_support(self, params: SamplingParams) -> None:
-        """Refuse the methods this engine was started without."""
-        if CACHE_POLICIES[params.cache].needs_features and not self.pool.has_features:
-            raise ParamError(
-                "cache",
-                f"cache={params.cache!r} needs the pool's feature pages: start the engine with feature_cache=True "
-                "(`unmask serve --feature-cache`)",
-            )
-        if params.unmask == "guided" and self.guide is None:
-            raise ParamError(
-                "unmask", "unmask='guided' needs a guide model: start the engine with guide_model=DIR (`unmask serve --guide-model DIR`)"
-            )
+        """Refuse a request whose policies need what this engine was started without."""
+        for kind, policy in (("cache", CACHE_POLICIES[params.cache]), ("unmask", UNMASK_POLICIES[params.unmask])):
+            for requirement in policy.requirements:
+                requirement.check(kind, policy.name, self.resources)
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -162,79 +187,33 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one denoising step for the scheduled sequences; return their outputs."""
-        # Each candidate's work is planned once: its packed positions are the scheduler's cost.
-        planned: dict[int, SequenceWork] = {}
-
-        def cost(seq: Sequence) -> int:
-            planned[id(seq)] = self._work_for(seq)
-            return planned[id(seq)].positions.numel()
-
-        batch = self.scheduler.schedule(cost)
-        if not batch:
+        plan = self.scheduler.schedule()
+        if not plan:
             return []
         start = time.perf_counter()
-        scheduled = [planned[id(seq)] for seq in batch]
-        for w in scheduled:
-            w.seq.stats.active_positions += w.recomputed
-        work, proposals, failures = self._forward(scheduled)
-        outputs = [self._fail(seq, exc) for seq, exc in failures]
-        committed, finished_blocks = 0, []
-        if work:
-            tokens, confidence = proposals
-            offsets = [0, *itertools.accumulate(w.logit_positions.numel() for w in work)]
-            self._consult_guide(work, tokens, offsets)
-            for i, w in enumerate(work):
-                rows = slice(offsets[i], offsets[i + 1])
-                try:
-                    n, block_steps = self._commit(w.seq, tokens[rows], confidence[rows])
-                    committed += n
-                    finished_blocks += block_steps
-                    out = self._output(w.seq)
-                except Exception as exc:  # one request's failure must not take the batch down
-                    out = self._fail(w.seq, exc)
-                if out is not None:
-                    outputs.append(out)
-        self._publish(StepStats(
-            batch_size=len(batch),
-            active_tokens=sum(w.recomputed for w in work),  # of the sequences that ran
-            tokens_committed=committed,
-            step_seconds=time.perf_counter() - start,
-            pages_in_use=self.pool.num_used,
-            pages_total=self.pool.num_pages,
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
-            policies=[(s.params.cache, s.params.unmask) for s in batch],
-            finished_blocks=finished_blocks,
-        ))
+        executed = self._execute(plan)
+        commits = self._commit(executed)
+        outputs = self._outputs(executed.failures + commits)
+        self._publish(self._step_stats(plan, executed, commits, start))  # after the outputs freed their pages
         return outputs
 
-    def _work_for(self, seq: Sequence) -> SequenceWork:
-        targets = seq.masked_in_block()
-        sources = targets - self.model_config.logits_shift  # Dream reads position i from output i - 1
-        policy = CACHE_POLICIES[seq.params.cache]
-        positions = policy.active_positions(seq)
-        if self.model_config.logits_shift:
-            positions = torch.unique(torch.cat([positions, sources]))
-        return SequenceWork(seq, positions, sources, policy.key_length(seq), policy.features(seq))
+    def _execute(self, plan: list[SequenceWork]) -> Executed:
+        """Run the plan and propose tokens; if it fails, rerun each sequence alone so only the culprit fails.
 
-    def _forward(
-        self, work: list[SequenceWork]
-    ) -> tuple[list[SequenceWork], Proposals | None, list[tuple[Sequence, Exception]]]:
-        """Run the batch and propose tokens; if it fails, rerun each sequence alone so only the culprit fails.
-
-        Returns the work that ran, its proposals (rows in work order) and the failures.
         An `EngineDeadError` (a tensor-parallel group failed) is no request's fault: it propagates.
         """
+        for w in plan:
+            w.seq.record_work(w.recomputed)
         try:
-            return work, self._propose(work), []
+            return Executed(plan, *self._propose(plan))
         except EngineDeadError:
             raise
         except Exception as exc:
-            if len(work) == 1:
-                return [], None, [(work[0].seq, exc)]
+            if len(plan) == 1:
+                return Executed([], torch.empty(0, dtype=torch.long), torch.empty(0), [(plan[0].seq, exc)])
             log.warning("batched step failed (%s); isolating the failing request", exc)
         ok, proposals, failures = [], [], []
-        for w in work:
+        for w in plan:
             try:
                 proposals.append(self._propose([w]))
                 ok.append(w)
@@ -242,53 +221,78 @@ class LLMEngine:
                 raise
             except Exception as exc:
                 failures.append((w.seq, exc))
-        if not proposals:
-            return ok, None, failures
-        return ok, (torch.cat([p[0] for p in proposals]), torch.cat([p[1] for p in proposals])), failures
+        tokens = torch.cat([p[0] for p in proposals]) if proposals else torch.empty(0, dtype=torch.long)
+        confidence = torch.cat([p[1] for p in proposals]) if proposals else torch.empty(0)
+        return Executed(ok, tokens, confidence, failures)
 
     def _propose(self, work: list[SequenceWork]) -> Proposals:
         return self.runner.propose(work, [self._row_group(w) for w in work])
 
-    def _consult_guide(self, work: list[SequenceWork], tokens: torch.Tensor, offsets: list[int]) -> None:
-        """One batched guide pass over the guided sequences' proposals (see `engine.guide`).
-
-        Where the guide rejected a draft, its own token replaces that proposal in `tokens`.
-        """
-        guided = [i for i, w in enumerate(work) if w.seq.params.unmask == "guided"]
-        if not guided:
-            return
-        assert self.guide is not None  # guided requests are refused without one
-        try:
-            self.guide.verify([(work[i].seq, tokens[offsets[i] : offsets[i + 1]]) for i in guided])
-        except Exception:  # the guided requests then fail in their commit; the others go on
-            log.exception("the guide model failed")
-            return
-        for i in guided:
-            state = guide_state(work[i].seq)
-            if state.correction is not None:
-                tokens[offsets[i] + state.agreed] = state.correction
-
     @staticmethod
     def _row_group(w: SequenceWork) -> RowGroup:
         policy = UNMASK_POLICIES[w.seq.params.unmask]
-        return RowGroup(w.seq.params, w.seq.generator, w.logit_positions.numel(), policy.random_confidence)
+        return RowGroup(w.seq.params, w.seq.generator, w.logit_positions, policy.random_confidence)
 
-    def _commit(self, seq: Sequence, tokens: torch.Tensor, confidence: torch.Tensor) -> tuple[int, list[int]]:
-        """Apply the unmask policy to one sequence's proposals; returns (tokens committed, steps of blocks finished)."""
-        targets = seq.masked_in_block()
-        chosen = UNMASK_POLICIES[seq.params.unmask].choose(seq, confidence)
-        seq.tokens[targets[chosen]] = tokens[chosen]
-        seq.last_committed = targets[chosen]
-        seq.step += 1
-        seq.last_block = seq.block
-        seq.stats.forward_passes += 1
-        seq.stats.tokens_committed += chosen.numel()
-        finished_blocks = []
-        if chosen.numel() == targets.numel():  # nothing left masked in the block
-            seq.stats.steps_per_block.append(seq.step)
-            finished_blocks.append(seq.step)
-            seq.block, seq.step = seq.block + 1, 0
-        return chosen.numel(), finished_blocks
+    def _commit(self, executed: Executed) -> list[Outcome]:
+        """Let each unmask policy prepare its sequences' proposals, then commit what it chooses, sequence by sequence.
+
+        One request's failure must not take the batch down: it is returned in place of its commit.
+        """
+        self._prepare(executed)
+        commits: list[Outcome] = []
+        for i, w in enumerate(executed.work):
+            rows = executed.rows(i)
+            try:
+                commits.append((w.seq, self._commit_sequence(w, executed.tokens[rows], executed.confidence[rows])))
+            except Exception as exc:
+                commits.append((w.seq, exc))
+        return commits
+
+    def _commit_sequence(self, w: SequenceWork, tokens: torch.Tensor, confidence: torch.Tensor) -> Commit:
+        """Commit the proposals (one per `w.targets`) that the sequence's unmask policy chooses."""
+        chosen = UNMASK_POLICIES[w.seq.params.unmask].choose(w.seq, confidence)
+        return w.seq.commit(w.targets[chosen], tokens[chosen])
+
+    def _prepare(self, executed: Executed) -> None:
+        """Each preparing unmask policy's one batched look at its sequences' proposals (`UnmaskPolicy.prepare`)."""
+        drafts: dict[str, Drafts] = {}
+        for i, w in enumerate(executed.work):
+            if UNMASK_POLICIES[w.seq.params.unmask].prepares:
+                drafts.setdefault(w.seq.params.unmask, []).append((w.seq, executed.tokens[executed.rows(i)]))
+        for name, items in drafts.items():
+            try:
+                UNMASK_POLICIES[name].prepare(items, self.resources)
+            except Exception:  # its requests then fail in their commit; the others go on
+                log.exception("unmask=%s failed to prepare its step", name)
+
+    def _outputs(self, commits: list[Outcome]) -> list[RequestOutput]:
+        """Each sequence's output of the step: its final one when it failed or finished, else its news (if any)."""
+        outputs = []
+        for seq, commit in commits:
+            try:
+                out = self._fail(seq, commit) if isinstance(commit, Exception) else self._output(seq)
+            except Exception as exc:
+                out = self._fail(seq, exc)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _step_stats(
+        self, plan: list[SequenceWork], executed: Executed, commits: list[Outcome], start: float
+    ) -> StepStats:
+        done = [c for _, c in commits if isinstance(c, Commit)]
+        return StepStats(
+            batch_size=len(plan),
+            active_tokens=sum(w.recomputed for w in executed.work),  # of the sequences that ran
+            tokens_committed=sum(c.tokens for c in done),
+            step_seconds=time.perf_counter() - start,
+            pages_in_use=self.pool.num_used,
+            pages_total=self.pool.num_pages,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            policies=[(w.seq.params.cache, w.seq.params.unmask) for w in plan],
+            finished_blocks=[c.finished_block_steps for c in done if c.finished_block_steps is not None],
+        )
 
     # --- outputs ----------------------------------------------------------------
     def _output(self, seq: Sequence) -> RequestOutput | None:
@@ -337,12 +341,12 @@ class LLMEngine:
             if stream.stopped:
                 reason = FinishReason.STOP
         self.scheduler.finish(seq)
-        seq.finish_reason = reason
+        seq.finish(reason)
         return self._make_output(seq, delta, stream.released, reason)
 
     def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
         log.exception("request %s failed in the engine", seq.request_id, exc_info=exc)
-        seq.error = f"{type(exc).__name__}: {exc}"
+        seq.finish(FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
         return self._finish(seq, FinishReason.ERROR)
 
     def _publish(self, stats: StepStats) -> None:

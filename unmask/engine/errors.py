@@ -1,6 +1,9 @@
-"""Errors the engine raises to its callers (the server maps each to an HTTP status)."""
+"""Errors the engine raises to its callers (the server maps each to an HTTP status).
 
-from unmask.engine.models.arch import CheckpointError
+Torch-free (the scheduler raises these): `CheckpointError`, whose home needs
+torch, is imported on first use.
+"""
+
 from unmask.engine.params import ParamError
 
 
@@ -13,3 +16,11 @@ class EngineDeadError(RuntimeError):
 
 
 __all__ = ["CheckpointError", "EngineDeadError", "ParamError", "QueueFullError"]
+
+
+def __getattr__(name: str):
+    if name == "CheckpointError":
+        from unmask.engine.models.arch import CheckpointError
+
+        return CheckpointError
+    raise AttributeError(f"module 'unmask.engine.errors' has no attribute {name!r}")

@@ -20,8 +20,8 @@ positions it may need into the forward, and at every layer:
 So for these sequences "active positions" means the positions in the forward
 (whose residual stream is carried through every layer); the positions
 *recomputed* at a layer are the non-verified ones plus `keep`. The plain
-forward path never sees this module: the runner passes a hook only when a
-sequence of the step uses feature pages.
+forward path never sees this module: the runner passes a `FeatureReuse` only
+when a sequence of the step uses feature pages.
 """
 
 from __future__ import annotations
@@ -93,29 +93,38 @@ def _cat(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return (torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)).to(device)
 
 
-class FeatureReuseHook:
-    """Runs each block on the rows V-verify picks, reusing the feature pages for the rest (`LayerHook`)."""
+class FeatureReuse:
+    """The block's `SublayerReuse`: each layer recomputes the rows V-verify picks; the rest reuse the feature pages."""
 
     def __init__(self, pool: KVPool, batch: PackedBatch, plan: FeaturePlan, head_dim: int):
         assert pool.attn_out is not None and pool.mlp_out is not None, "the pool has no feature pages"
         self.pool, self.batch, self.plan, self.head_dim = pool, batch, plan, head_dim
+        self._rows = plan.fixed_rows  # this layer's recomputed rows (its attention picks them, its MLP reuses them)
 
-    def __call__(
-        self, block: Block, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, attention: AttentionBackend, layer: int
+    def attention(
+        self, block: Block, h: torch.Tensor, positions: torch.Tensor, rotary: Rotary, attention: AttentionBackend, layer: int
     ) -> torch.Tensor:
-        h = block.attn_norm(x)
-        rows = self._recomputed_rows(block, h, layer)
-        attn = self._cached(self.pool.attn_out[layer], x)
-        attn[rows] = block.attn(h[rows], positions[rows], rotary, self._attention_for(rows), layer)
-        x = x + attn
-        mlp = self._cached(self.pool.mlp_out[layer], x)
-        mlp[rows] = block.mlp(block.mlp_norm(x[rows]))
-        # Rows of sequences without feature use are written too: harmless (their own
-        # slots, never read) and cheaper than filtering them out.
-        slots = self.batch.slot_mapping[rows]
-        self.pool.attn_out[layer].view(-1, x.shape[-1])[slots] = attn[rows].to(self.pool.attn_out.dtype)
-        self.pool.mlp_out[layer].view(-1, x.shape[-1])[slots] = mlp[rows].to(self.pool.mlp_out.dtype)
-        return x + mlp
+        assert self.pool.attn_out is not None
+        self._rows = rows = self._recomputed_rows(block, h, layer)
+        out = self._cached(self.pool.attn_out[layer], h)
+        out[rows] = block.attn(h[rows], positions[rows], rotary, self._attention_for(rows), layer)
+        self._store(self.pool.attn_out[layer], rows, out)
+        return out
+
+    def mlp(self, block: Block, h: torch.Tensor, layer: int) -> torch.Tensor:
+        assert self.pool.mlp_out is not None
+        out = self._cached(self.pool.mlp_out[layer], h)
+        out[self._rows] = block.mlp(h[self._rows])
+        self._store(self.pool.mlp_out[layer], self._rows, out)
+        return out
+
+    def _store(self, features: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
+        """Write the recomputed rows' outputs to their slots of the feature pages.
+
+        Rows of sequences without feature use are written too: harmless (their own
+        slots, never read) and cheaper than filtering them out.
+        """
+        features.view(-1, out.shape[-1])[self.batch.slot_mapping[rows]] = out[rows].to(features.dtype)
 
     def _recomputed_rows(self, block: Block, h: torch.Tensor, layer: int) -> torch.Tensor:
         """Sorted rows this layer recomputes: the fixed ones and, per sequence, the least similar V."""

@@ -1,10 +1,8 @@
-"""The paged KV cache pool: page tensors, the free list, and slot arithmetic.
+"""The paged KV cache's tensors and slot arithmetic (which pages are free is `engine.pages`).
 
 Every layer's K and V live in one tensor each, [layers, pages, page_size,
 kv_heads, head_dim]. A sequence owns the pages listed in its page table;
 position p lives in page `pages[p // page_size]` at slot `p % page_size`.
-Pages for prompt + canvas are reserved at admission (a diffusion canvas is
-fixed-length, so a sequence never grows) and returned when it ends.
 
 With `features=True` the pool also holds, per layer and slot, a token's
 attention output and FFN output ([layers, pages, page_size, hidden] each),
@@ -18,10 +16,6 @@ from __future__ import annotations
 import torch
 
 from unmask.engine.models.config import ModelConfig
-
-
-class OutOfPagesError(RuntimeError):
-    """More pages were asked for than are free."""
 
 
 class KVPool:
@@ -44,8 +38,6 @@ class KVPool:
         self.mlp_out = torch.zeros(feature_shape, dtype=dtype, device=device) if features else None
         self.page_size = page_size
         self.num_pages = num_pages
-        # A stack: recently freed pages are reused first, which keeps them warm in cache.
-        self._free: list[int] = list(range(num_pages - 1, -1, -1))
 
     @staticmethod
     def bytes_per_page(cfg: ModelConfig, page_size: int, dtype: torch.dtype, features: bool = False) -> int:
@@ -72,27 +64,6 @@ class KVPool:
     @property
     def has_features(self) -> bool:
         return self.attn_out is not None
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_pages - len(self._free)
-
-    def pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
-
-    def allocate(self, num_tokens: int) -> list[int]:
-        """Reserve the pages for `num_tokens` positions, or raise `OutOfPagesError`."""
-        n = self.pages_for(num_tokens)
-        if n > len(self._free):
-            raise OutOfPagesError(f"{n} pages needed, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
-
-    def free(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))
 
     def slots_in_table(self, page_table: torch.Tensor, owner: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Flat slot index (page * page_size + offset) of each position; `owner` names its row of `page_table`."""

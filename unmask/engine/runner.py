@@ -1,4 +1,4 @@
-"""The model runner: packs a step's active positions, runs the model, returns the logits asked for.
+"""The model runner on one device (`runner_interface.Runner`): packs a step's plan, runs the model, proposes.
 
 The scheduler decides *who* runs; the runner decides *how*. It receives, per
 sequence, the positions to recompute and the positions whose outputs are
@@ -8,39 +8,21 @@ needed for logits, and never looks at policies.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from unmask.engine.attention import PackedBatch, PagedAttention
 from unmask.engine.cuda_graphs import CudaGraphRunner
-from unmask.engine.feature_cache import FeatureReuseHook, FeatureUse, plan_rows
+from unmask.engine.feature_cache import FeatureReuse, plan_rows
 from unmask.engine.kv_pool import KVPool
 from unmask.engine.models.loader import LoadedModel
-from unmask.engine.models.transformer import LayerHook
+from unmask.engine.models.transformer import SublayerReuse
+from unmask.engine.runner_interface import FaultHook, Proposals
 from unmask.engine.sampling import RowGroup, propose_batch
-from unmask.engine.sequence import Sequence
 from unmask.engine.transfer import to_device
+from unmask.engine.work import SequenceWork
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SequenceWork:
-    """What one sequence needs from a step."""
-
-    seq: Sequence
-    positions: torch.Tensor  # sorted absolute positions to recompute (CPU, int64)
-    logit_positions: torch.Tensor  # positions whose output rows feed the logits; a subset of `positions`
-    key_length: int | None = None  # keys attended are positions [0, key_length); None: the whole sequence
-    features: FeatureUse | None = None  # per-layer feature reuse (dLLM-Cache); None: recompute all `positions`
-
-    @property
-    def recomputed(self) -> int:
-        """Positions each layer recomputes."""
-        n = self.positions.numel()
-        return n if self.features is None else self.features.recomputed(n)
 
 
 def limit_host_threads(device: torch.device) -> None:
@@ -65,10 +47,15 @@ class ModelRunner:
         self.device = loaded.device
         self.pool = pool
         self.graphs = graphs  # captured steps on CUDA; None runs eagerly
-        # Fault injection for the reliability tests (tests/test_reliability.py), never set
-        # otherwise: called with a step's work before the forward pass; whatever it raises
-        # is what a failing forward raises, so the engine's per-request isolation is tested for real.
-        self.fault_hook: Callable[[list[SequenceWork]], None] | None = None
+        self.fault_hook: FaultHook | None = None  # see `Runner.fault_hook`
+
+    @property
+    def num_pages(self) -> int:
+        return self.pool.num_pages
+
+    @property
+    def has_features(self) -> bool:
+        return self.pool.has_features
 
     def pack(self, work: list[SequenceWork]) -> tuple[PackedBatch, torch.Tensor]:
         """Build the packed batch and the flat row index of every requested logit (on the model's device)."""
@@ -102,22 +89,22 @@ class ModelRunner:
         if self.fault_hook is not None:
             self.fault_hook(work)
         batch, rows = self.pack(work)
-        hook = None
+        reuse = None
         if any(w.features is not None for w in work):
             plan = plan_rows([w.positions for w in work], [w.features for w in work], self.device)
-            hook = FeatureReuseHook(self.pool, batch, plan, self.config.head_dim)
-        return self.forward(batch, rows, hook)
+            reuse = FeatureReuse(self.pool, batch, plan, self.config.head_dim)
+        return self.forward(batch, rows, reuse)
 
-    def forward(self, batch: PackedBatch, rows: torch.Tensor, hook: LayerHook | None = None) -> torch.Tensor:
+    def forward(self, batch: PackedBatch, rows: torch.Tensor, reuse: SublayerReuse | None = None) -> torch.Tensor:
         """The logits of the given rows of a packed batch (device tensors)."""
         attention = PagedAttention(self.pool, batch, self.config.head_dim)
-        if hook is None and self.graphs is not None and self.graphs.supports(len(batch.input_ids), len(batch.seq_lens)):
+        if reuse is None and self.graphs is not None and self.graphs.supports(len(batch.input_ids), len(batch.seq_lens)):
             hidden = self.graphs.run(batch)
         else:
-            hidden = self.model(batch.input_ids, batch.positions, attention, hook)
+            hidden = self.model(batch.input_ids, batch.positions, attention, reuse)
         return self.model.compute_logits(hidden[rows])
 
-    def propose(self, work: list[SequenceWork], groups: list[RowGroup]) -> tuple[torch.Tensor, torch.Tensor]:
+    def propose(self, work: list[SequenceWork], groups: list[RowGroup]) -> Proposals:
         """Run the step and propose a token and a confidence per logit row (CPU tensors, rows in order)."""
         return propose_batch(self.run(work), groups, self.config.mask_token_id)
 

@@ -1,13 +1,17 @@
 """From logits to proposals: the token each masked position would take, and how sure the model is.
 
-Follows LLaDA (ALGORITHMS.md): with temperature T > 0 the proposal is the
-Gumbel-max sample argmax(l - T log(-log u)) — the same ordering as LLaDA's
+Follows LLaDA: with temperature T > 0 the proposal is the
+Gumbel-max sample argmax(l / T - log(-log u)) — the same ordering as LLaDA's
 exp(l) / (-log u)^T, computed without overflow — while the confidence is read
 from the softmax of the un-noised logits. Dream's `margin` and `entropy`
 confidences are offered beside `prob`.
 
-All randomness of a request comes from its own generator, one seed per step,
-so a request samples the same tokens whether it runs alone or in a batch.
+All randomness of a request comes from its own generator, one seed per step;
+the Gumbel noise of a row is `kernels.noise` of that seed, the row's position
+and each token id, on every path (the fused kernel, its reference, the
+general path below, the tensor-parallel reduction). So a request samples the
+same tokens alone or in a batch, on CPU or GPU, with any confidence kind, and
+with or without tensor parallelism (up to fp32 rounding of near-tied keys).
 The common case (`prob` confidence, no top-p) goes through one fused kernel
 for the whole step; the step then makes one host transfer of the results.
 """
@@ -22,8 +26,7 @@ import torch
 from unmask.engine.params import SamplingParams
 from unmask.engine.transfer import to_device, to_host
 from unmask.kernels import fused_confidence
-
-_SEED_RANGE = 2**62
+from unmask.kernels.noise import SEED_BITS, gumbel_keys, row_keys
 
 
 @dataclass
@@ -32,8 +35,12 @@ class RowGroup:
 
     params: SamplingParams
     generator: torch.Generator  # the request's CPU generator
-    rows: int
+    positions: torch.Tensor  # the sequence position of each row (CPU, int64)
     random_confidence: bool = False
+
+    @property
+    def rows(self) -> int:
+        return self.positions.numel()
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -54,7 +61,7 @@ class RowInputs:
     seeds: list[int]  # one per group
     fused: torch.Tensor  # bool [N]: rows of the fused path (`prob` confidence, no top-p)
     temperature: torch.Tensor  # float32 [N]
-    row_seeds: torch.Tensor  # int64 [N]
+    row_seeds: torch.Tensor  # int64 [N] each row's noise key (`noise.row_keys` of its step seed and position)
 
     @cached_property
     def general_rows(self) -> torch.Tensor:
@@ -68,15 +75,14 @@ def uses_fused_path(params: SamplingParams) -> bool:
 
 def row_inputs(groups: list[RowGroup]) -> RowInputs:
     """Draw this step's seed of every group and spread the groups' settings over their rows."""
-    seeds = [int(torch.randint(_SEED_RANGE, (1,), generator=g.generator)) for g in groups]
+    seeds = [int(torch.randint(2**SEED_BITS, (1,), generator=g.generator)) for g in groups]
     rows = torch.tensor([g.rows for g in groups], dtype=torch.long)
-    first_row = torch.repeat_interleave(rows.cumsum(0) - rows, rows)
     # Per group, spread over its rows without a Python loop over rows (a step has thousands).
     return RowInputs(
         seeds,
         fused=torch.tensor([uses_fused_path(g.params) for g in groups], dtype=torch.bool).repeat_interleave(rows),
         temperature=torch.tensor([g.params.temperature for g in groups], dtype=torch.float32).repeat_interleave(rows),
-        row_seeds=torch.tensor(seeds, dtype=torch.long).repeat_interleave(rows) + torch.arange(int(rows.sum())) - first_row,
+        row_seeds=row_keys(torch.tensor(seeds, dtype=torch.long).repeat_interleave(rows), torch.cat([g.positions for g in groups])),
     )
 
 
@@ -125,7 +131,8 @@ def _propose_general_groups(
     for group, seed in zip(groups, seeds):
         if uses_fused_path(group.params):
             continue
-        t, c = _propose_general(logits[start : start + group.rows], group.params, seed)
+        keys = row_keys(torch.full((group.rows,), seed, dtype=torch.long), group.positions).to(logits.device)
+        t, c = _propose_general(logits[start : start + group.rows], group.params, keys)
         start += group.rows
         tokens.append(t)
         confidence.append(c.float())
@@ -142,15 +149,13 @@ def _randomize_confidence(confidence: torch.Tensor, groups: list[RowGroup], seed
         start += group.rows
 
 
-def _propose_general(logits: torch.Tensor, params: SamplingParams, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Any confidence kind and top-p, in plain PyTorch (float64 Gumbel noise)."""
+def _propose_general(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Any confidence kind and top-p, in plain PyTorch (the rows' noise `keys`, as the fused kernel's)."""
     probs = logits.float().softmax(-1)
     if params.temperature > 0:
-        filtered = top_p_filter(logits.float(), params.top_p).double()
-        generator = torch.Generator(device=logits.device).manual_seed(seed)
-        u = torch.rand(filtered.shape, generator=generator, dtype=torch.float64, device=logits.device)
-        u = u.clamp_min(torch.finfo(torch.float64).tiny)
-        tokens = (filtered - params.temperature * torch.log(-torch.log(u))).argmax(-1)
+        filtered = top_p_filter(logits.float(), params.top_p)
+        temperature = torch.full((filtered.shape[0],), params.temperature, device=logits.device)
+        tokens = gumbel_keys(filtered, temperature, keys).argmax(-1)
     else:
         tokens = logits.argmax(-1)
     return tokens, _confidence(probs, tokens, params.confidence or "prob")

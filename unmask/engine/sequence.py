@@ -1,4 +1,10 @@
-"""One request's state: its token canvas, where it is in the blockwise schedule, its pages."""
+"""One request's state: its token canvas, where it is in the blockwise schedule, its pages.
+
+Its fields change only through its own methods: `admit` and `release` (the
+scheduler's), `record_work` and `commit` (a step's), `finish` (the engine's).
+`steps_taken` is its clock: the denoising steps it has committed, which the
+cache policies' refresh schedules count (never the metrics in `stats`).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,18 @@ class SequenceStatus(Enum):
     FINISHED = "finished"
 
 
+class UnmaskState:
+    """Base of an unmask policy's own per-request state (e.g. the guide's KV); the policy makes it."""
+
+
+@dataclass
+class Commit:
+    """What one `Sequence.commit` did."""
+
+    tokens: int  # tokens committed
+    finished_block_steps: int | None  # the steps the block took, if this commit finished it
+
+
 @dataclass
 class Sequence:
     """`tokens` holds prompt + canvas; canvas positions start as `mask_id`.
@@ -33,27 +51,67 @@ class Sequence:
     mask_id: int
     eos_id: int
     seed: int
+    unmask_state: UnmaskState | None = None  # the unmask policy's own state (`UnmaskPolicy.new_state`)
     tokens: torch.Tensor = field(init=False)
     status: SequenceStatus = SequenceStatus.WAITING
     pages: list[int] = field(default_factory=list)
-    page_table: torch.Tensor | None = None  # pages as a device tensor, built once at admission
     block: int = 0
     step: int = 0
+    steps_taken: int = 0  # denoising steps committed so far: the policies' clock
     last_block: int = 0  # the block the latest step worked on (for streaming views)
     # Positions the latest step committed (delayed caching recomputes them once more).
     last_committed: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     finish_reason: FinishReason | None = None
     error: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
-    last_scheduled: int = -1  # engine step counter, for round-robin fairness
     stats: RequestStats = field(default_factory=RequestStats)
-    policy_state: dict = field(default_factory=dict)  # private state of the cache/unmask policies
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self) -> None:
         canvas = [self.mask_id] * self.params.max_tokens
         self.tokens = torch.tensor(self.prompt_ids + canvas, dtype=torch.long)
         self.generator = torch.Generator().manual_seed(self.seed)
+
+    # --- lifecycle ------------------------------------------------------------
+    def admit(self, pages: list[int]) -> None:
+        """Start running on `pages` (every page its prompt and canvas need)."""
+        self.pages = pages
+        self.status = SequenceStatus.RUNNING
+
+    def release(self) -> list[int]:
+        """Stop running; returns the pages it held, for the allocator to take back."""
+        pages, self.pages = self.pages, []
+        self.status = SequenceStatus.FINISHED
+        return pages
+
+    def finish(self, reason: FinishReason, error: str | None = None) -> None:
+        self.finish_reason = reason
+        if error is not None:
+            self.error = error
+
+    # --- a step -----------------------------------------------------------------
+    def record_work(self, recomputed: int) -> None:
+        """Count the positions a scheduled step recomputes for this sequence."""
+        self.stats.active_positions += recomputed
+
+    def commit(self, targets: torch.Tensor, tokens: torch.Tensor) -> Commit:
+        """Write `tokens` at the masked positions `targets` of the current block, and advance the clock.
+
+        The block ends when nothing in it is left masked; the next step starts the next one.
+        """
+        self.tokens[targets] = tokens
+        self.last_committed = targets
+        self.last_block = self.block
+        self.step += 1
+        self.steps_taken += 1
+        self.stats.forward_passes += 1
+        self.stats.tokens_committed += targets.numel()
+        if self.masked_in_block().numel():
+            return Commit(targets.numel(), None)
+        self.stats.steps_per_block.append(self.step)
+        finished = self.step
+        self.block, self.step = self.block + 1, 0
+        return Commit(targets.numel(), finished)
 
     # --- geometry -----------------------------------------------------------
     @property
@@ -84,12 +142,9 @@ class Sequence:
         return start + torch.nonzero(self.tokens[start:end] == self.mask_id).flatten()
 
     def steps_in_block(self) -> int:
-        """Denoising steps the fixed-step policies spend on the current block.
-
-        A short last block keeps the tokens-per-step rate of a full block.
-        """
+        """Denoising steps the fixed-step policies spend on the current block (`SamplingParams.steps_for_block`)."""
         start, end = self.block_bounds()
-        return max(1, -(-(end - start) * self.params.steps_per_block // self.block_size))
+        return self.params.steps_for_block(end - start)
 
     # --- finalized output ---------------------------------------------------
     def _committed_run(self) -> torch.Tensor:

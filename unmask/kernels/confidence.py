@@ -13,9 +13,11 @@ softmax:
 The Triton kernel makes one pass over each row. The vocabulary is cut into
 chunks so that few rows still fill the GPU; each program keeps an online
 max / sum-of-exponentials and the best (noised) key of its chunk, and a tiny
-second kernel merges the chunks. Gumbel noise comes from Philox keyed by the
-row's seed and the column index, so a row's sample depends only on its logits,
-temperature and seed: not on the batch it runs in, nor on the chunking.
+second kernel merges the chunks. The Gumbel noise is `kernels.noise`, keyed by
+the row's noise key (its "seed": `noise.row_keys` of a step seed and a
+position) and the column's token id, so a row's sample depends only on its
+logits, temperature and key: not on the batch it runs in, nor on the chunking,
+nor on whether the kernel or its PyTorch reference ran it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from unmask.kernels._triton import HAS_TRITON, next_power_of_2, num_sms, tl, triton, use_triton
+from unmask.kernels.noise import gumbel_bits, gumbel_from_bits, gumbel_keys
 
 __all__ = ["fused_confidence", "fused_confidence_reference", "fused_confidence_triton", "precompile_fused_confidence"]
 
@@ -46,27 +49,17 @@ def _check(logits: torch.Tensor, temperature: torch.Tensor | None, seeds: torch.
 # ----------------------------------------------------------------------------- reference
 
 
-def _gumbel(seed: int, size: int, device: torch.device) -> torch.Tensor:
-    """Gumbel(0, 1) noise of one row, from a generator seeded with the row's seed."""
-    generator = torch.Generator(device=device).manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
-    u = torch.rand(size, generator=generator, device=device, dtype=torch.float64)
-    u = u.clamp(torch.finfo(torch.float64).tiny, 1.0 - torch.finfo(torch.float64).eps)
-    return -torch.log(-torch.log(u))
-
-
 def fused_confidence_reference(
     logits: torch.Tensor, temperature: torch.Tensor | None = None, seeds: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch `fused_confidence` (same promise; its Gumbel noise comes from torch's generator,
-    so sampled tokens follow the same distribution as the kernel's, not the same draws)."""
+    """Plain-PyTorch `fused_confidence` (same promise, same noise: the kernel's tokens up to fp32 rounding of the keys)."""
     _check(logits, temperature, seeds)
     x = logits.float()
     tokens = x.argmax(-1)
     if temperature is not None:
-        # One generator per sampled row keeps each row's draw independent of the batch; host loop is fine on CPU.
-        for row in (temperature > 0).nonzero().flatten().tolist():
-            noise = _gumbel(int(seeds[row]), x.shape[1], x.device)
-            tokens[row] = (x[row].double() / float(temperature[row]) + noise).argmax()
+        sampled = (temperature > 0).nonzero().flatten()
+        if sampled.numel():
+            tokens[sampled] = gumbel_keys(x[sampled], temperature[sampled], seeds[sampled]).argmax(-1)
     log_norm = torch.logsumexp(x, -1)
     confidence = torch.exp(x.gather(1, tokens[:, None]).squeeze(1) - log_norm)
     return tokens, confidence
@@ -76,22 +69,8 @@ def fused_confidence_reference(
 
 
 @triton.jit
-def _gumbel_keys(x, inv_temp, bits):
-    """l / T + g, g ~ Gumbel(0, 1) = -log(E), E = -log(u) ~ Exp(1), u from 32 random bits."""
-    # 23 of the bits give u = (b + 0.5) / 2^23 and w = 1 - u, both exact in fp32 and strictly inside (0, 1).
-    b = (bits.to(tl.uint32, bitcast=True) >> 9).to(tl.float32)
-    u = (b + 0.5) * (1.0 / 8388608.0)
-    w = (8388607.5 - b) * (1.0 / 8388608.0)
-    # Near u = 1 a fast log loses E = -log(u) ~ w to rounding, and E is what the top of the Gumbel
-    # tail (the likely winners) is made of: there use the series -log(1 - w) = w + w^2/2 + w^3/3 + w^4/4.
-    series = w * (1.0 + w * (0.5 + w * (0.3333333333 + w * 0.25)))
-    e = tl.where(w < 0.015625, series, -tl.log2(u) * 0.6931471805599453)
-    return x * inv_temp - tl.log2(e) * 0.6931471805599453
-
-
-@triton.jit
 def _scan_tile(
-    m, s, best_key, best_idx, best_logit, row_ptr, base, tile, hi, inv_temp, bits,
+    m, s, best_key, best_idx, best_logit, row_ptr, base, tile, hi, inv_temp, key,
     SAMPLED: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr,
 ):
     """Fold one [ROWS, WIDTH] tile of a row's logits into the per-warp state (one warp per tile row).
@@ -102,7 +81,7 @@ def _scan_tile(
     cols = base + tile
     x = tl.load(row_ptr + cols, mask=cols < hi, other=float("-inf")).to(tl.float32)
     if SAMPLED:
-        keys = tl.where(cols < hi, _gumbel_keys(x, inv_temp, bits), float("-inf"))
+        keys = tl.where(cols < hi, x * inv_temp + gumbel_from_bits(gumbel_bits(key, cols)), float("-inf"))
         tile_max = tl.max(x, 1)
         tile_key, tile_arg = tl.max(keys, 1, return_indices=True, return_indices_tie_break_left=True)
         tile_logit = tl.sum(tl.where(tl.arange(0, WIDTH)[None, :] == tile_arg[:, None], x, 0.0), 1)
@@ -122,11 +101,10 @@ def _scan_tile(
 
 
 @triton.jit
-def _scan_chunk(row_ptr, lo, hi, inv_temp, seed, SAMPLED: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+def _scan_chunk(row_ptr, lo, hi, inv_temp, key, SAMPLED: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr):
     """(max, sum of exp(l - max), best key, its column, its logit) of columns lo..hi-1 of one row.
 
-    Each step covers 4 tiles of ROWS x WIDTH columns; one Philox call yields 4 random words per
-    counter, one for each tile, so the noise of column c depends only on (seed, c).
+    Each step covers 4 tiles of ROWS x WIDTH columns; the noise of column c depends only on (key, c).
     """
     tile = tl.arange(0, ROWS)[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]
     m = tl.full([ROWS], float("-inf"), tl.float32)
@@ -135,22 +113,15 @@ def _scan_chunk(row_ptr, lo, hi, inv_temp, seed, SAMPLED: tl.constexpr, ROWS: tl
     best_idx = tl.zeros([ROWS], tl.int32) + lo
     best_logit = tl.full([ROWS], float("-inf"), tl.float32)
     for start in range(lo, hi, 4 * ROWS * WIDTH):
-        if SAMPLED:
-            r0, r1, r2, r3 = tl.randint4x(seed, start // 4 + tile)
-        else:  # greedy: no noise; the bits are not read
-            r0 = tile
-            r1 = tile
-            r2 = tile
-            r3 = tile
         step = ROWS * WIDTH
         m, s, best_key, best_idx, best_logit = _scan_tile(
-            m, s, best_key, best_idx, best_logit, row_ptr, start, tile, hi, inv_temp, r0, SAMPLED, ROWS, WIDTH)
+            m, s, best_key, best_idx, best_logit, row_ptr, start, tile, hi, inv_temp, key, SAMPLED, ROWS, WIDTH)
         m, s, best_key, best_idx, best_logit = _scan_tile(
-            m, s, best_key, best_idx, best_logit, row_ptr, start + step, tile, hi, inv_temp, r1, SAMPLED, ROWS, WIDTH)
+            m, s, best_key, best_idx, best_logit, row_ptr, start + step, tile, hi, inv_temp, key, SAMPLED, ROWS, WIDTH)
         m, s, best_key, best_idx, best_logit = _scan_tile(
-            m, s, best_key, best_idx, best_logit, row_ptr, start + 2 * step, tile, hi, inv_temp, r2, SAMPLED, ROWS, WIDTH)
+            m, s, best_key, best_idx, best_logit, row_ptr, start + 2 * step, tile, hi, inv_temp, key, SAMPLED, ROWS, WIDTH)
         m, s, best_key, best_idx, best_logit = _scan_tile(
-            m, s, best_key, best_idx, best_logit, row_ptr, start + 3 * step, tile, hi, inv_temp, r3, SAMPLED, ROWS, WIDTH)
+            m, s, best_key, best_idx, best_logit, row_ptr, start + 3 * step, tile, hi, inv_temp, key, SAMPLED, ROWS, WIDTH)
     # Merge the tile rows (warps): the leftmost column wins ties, since warps interleave columns.
     m_all = tl.max(m, 0)
     m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
@@ -288,9 +259,10 @@ def fused_confidence(
 
     temperature: fp32 [N] or None. Rows with temperature 0 (or all rows, when
     None) are greedy: token = argmax (the first, on ties). Rows with T > 0 draw
-    token ~ softmax(logits / T) by Gumbel-max with noise from `seeds` (int64
-    [N], required with a temperature); the same logits, T and seed give the
-    same token whatever else is in the batch. confidence = softmax(logits)[token]
+    token ~ softmax(logits / T) by Gumbel-max with the noise (`kernels.noise`)
+    of each row's key in `seeds` (int64 [N], required with a temperature); the
+    same logits, T and key give the same token whatever else is in the batch,
+    in the kernel and in the reference alike (up to fp32 rounding of the keys). confidence = softmax(logits)[token]
     of the un-noised logits. Runs the Triton kernel on CUDA (no host
     synchronisation) and the PyTorch reference elsewhere.
     """

@@ -18,8 +18,8 @@ import socket
 import sys
 from dataclasses import fields
 
-import unmask.engine.params as engine_params
 from unmask.engine.config import DUMMY_NEEDS, LOAD_FORMATS
+from unmask.engine.method_params import METHOD_PARAMS_BY_NAME
 from unmask.engine.params import (
     CACHE_POLICIES,
     CONFIDENCE_KINDS,
@@ -136,15 +136,16 @@ _HELP = {
     "confidence": "how a masked position's confidence is measured",
     "block_length": "tokens per block",
     "steps": "steps per block for the fixed-step unmask policies (default: one token per step)",
-    "threshold": "confidence threshold of unmask=threshold",
-    "factor": "factor of unmask=factor",
 }
 
 
 def _add_default_option(group, name: str, default) -> None:
-    """`--NAME` for one `EngineDefaults` field (so every engine default is settable from the CLI)."""
-    owner = getattr(engine_params, "METHOD_FIELDS", {}).get(name)
-    help_text = _HELP.get(name) or (f"for {owner[0]}={owner[1]}" if owner else "")
+    """`--NAME` for one `EngineDefaults` field (so every engine default is settable from the CLI).
+
+    A method parameter's help comes from its declaration (`engine.method_params`).
+    """
+    param = METHOD_PARAMS_BY_NAME.get(name)
+    help_text = f"{param.help} (for {param.applies_to})" if param else _HELP.get(name, "")
     kind = int if default is None or isinstance(default, int) else type(default)
     group.add_argument(
         f"--{name.replace('_', '-')}", dest=name, type=kind, default=default, choices=_CHOICES.get(name), help=help_text

@@ -10,7 +10,6 @@ generation endpoints; the OpenAI SDK sends them through `extra_body`.
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -25,13 +24,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-import unmask.engine.params as engine_params
-from unmask.engine.params import (
-    CACHE_POLICIES,
-    CONFIDENCE_KINDS,
-    UNMASK_POLICIES,
-    EngineDefaults,
-)
+from unmask.engine.method_params import METHOD_PARAMS
+from unmask.engine.params import CACHE_POLICIES, CONFIDENCE_KINDS, UNMASK_POLICIES
 
 # JSON types, not Python's coercions: `true` is not the integer 1, nor "5" the number 5.
 Int = Annotated[int, Strict()]
@@ -46,22 +40,15 @@ UnmaskPolicyName = Literal[tuple(UNMASK_POLICIES)]  # type: ignore[valid-type]
 ConfidenceName = Literal[tuple(CONFIDENCE_KINDS)]  # type: ignore[valid-type]
 
 # The ranges `engine.params.SamplingParams.validate` enforces, stated in the schema too so that
-# /openapi.json says what is accepted (tests/test_server_api.py checks the two agree).
+# /openapi.json says what is accepted (tests/test_server_api.py checks the two agree). The
+# methods' own parameters bring theirs from their declaration (`engine.method_params`).
 BOUNDS: dict[str, dict[str, float]] = {
     "temperature": {"ge": 0, "le": 100},
     "top_p": {"gt": 0, "le": 1},
     "seed": {"ge": 0, "le": 2**63 - 1},
     "block_length": {"ge": 1},
     "steps": {"ge": 1},
-    "threshold": {"gt": 0, "le": 1},
-    "factor": {"gt": 0, "le": 1e6},
-    "dkv_refresh": {"ge": 1},
-    "dkv_window": {"ge": 0},
-    "dllm_prompt_refresh": {"ge": 1},
-    "dllm_response_refresh": {"ge": 1},
-    "dllm_rho": {"ge": 0, "le": 1},
-    "freecache_window": {"ge": 0},
-    "guide_relative": {"gt": 0, "le": 1},
+    **{p.name: p.bounds() for p in METHOD_PARAMS},
 }
 
 
@@ -145,32 +132,18 @@ class StreamOptions(BaseModel):
 
 
 def _method_fields() -> dict[str, Any]:
-    """One optional request field per parameter of a single cache/unmask method (`dkv_refresh`, ...).
+    """One optional request field per method parameter (`threshold`, `dkv_refresh`, ...), from its declaration.
 
-    Derived from `EngineDefaults`, so a method the engine adds is accepted here
-    (and documented in /openapi.json) without a server change.
+    So a parameter the engine declares is accepted here, with its range and
+    help in /openapi.json, without a server change.
     """
-    declared = {"block_length", "steps", "cache", "unmask", "threshold", "factor", "confidence"}
-    owners = getattr(engine_params, "METHOD_FIELDS", {})
-    result = {}
-    for f in fields(EngineDefaults):
-        if f.name in declared:
-            continue
-        default = getattr(EngineDefaults(), f.name)
-        kind = (
-            Bool
-            if isinstance(default, bool)
-            else Int
-            if isinstance(default, int)
-            else Float
-            if isinstance(default, float)
-            else str
+    return {
+        p.name: (
+            (Int if p.kind is int else Float) | None,
+            Field(None, description=f"For {p.applies_to}: {p.help}. Server default: {p.default}.", **BOUNDS[p.name]),
         )
-        owner = owners.get(f.name)
-        applies = f"For {owner[0]}={owner[1]!r}. " if owner else ""
-        description = f"{applies}Server default: {default}."
-        result[f.name] = (kind | None, Field(None, description=description, **BOUNDS.get(f.name, {})))
-    return result
+        for p in METHOD_PARAMS
+    }
 
 
 _MethodFields = create_model("_MethodFields", __base__=_Request, **_method_fields())
@@ -190,10 +163,6 @@ class DiffusionFields(_MethodFields):
     )
     cache: CachePolicyName | None = Field(None, description="Cache policy: which positions are recomputed each step.")
     unmask: UnmaskPolicyName | None = Field(None, description="Unmask policy: how many tokens a step commits.")
-    threshold: Float | None = Field(
-        None, description="Confidence threshold for `unmask=threshold`.", **BOUNDS["threshold"]
-    )
-    factor: Float | None = Field(None, description="Factor f for `unmask=factor`.", **BOUNDS["factor"])
     confidence: ConfidenceName | None = Field(None, description="How a masked position's confidence is measured.")
     stream_blocks: Bool = Field(
         False,

@@ -49,8 +49,6 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
         steps=body.steps,
         cache=body.cache,
         unmask=body.unmask,
-        threshold=body.threshold,
-        factor=body.factor,
         confidence=body.confidence,
         stream_blocks=body.stream and body.stream_blocks,  # per-step outputs are useless without a stream
         **{name: getattr(body, name) for name in METHOD_FIELD_NAMES},

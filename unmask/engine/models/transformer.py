@@ -31,12 +31,21 @@ class AttentionBackend(Protocol):
         ...
 
 
-class LayerHook(Protocol):
-    """Runs one block in place of `Block.forward`, e.g. on a subset of the rows (dLLM-Cache)."""
+class SublayerReuse(Protocol):
+    """Runs a block's two sublayers on some rows only, reusing stored outputs for the others (dLLM-Cache).
 
-    def __call__(
-        self, block: "Block", x: torch.Tensor, positions: torch.Tensor, rotary: "Rotary", attention: AttentionBackend, layer: int
+    The block keeps its own norms and residual adds; only its attention and
+    MLP sublayers go through this seam (`Block.forward`).
+    """
+
+    def attention(
+        self, block: "Block", h: torch.Tensor, positions: torch.Tensor, rotary: "Rotary", attention: AttentionBackend, layer: int
     ) -> torch.Tensor:
+        """The attention sublayer's output [T, hidden] for the normed input h [T, hidden]."""
+        ...
+
+    def mlp(self, block: "Block", h: torch.Tensor, layer: int) -> torch.Tensor:
+        """The MLP sublayer's output [T, hidden] for the normed input h [T, hidden]."""
         ...
 
 
@@ -178,11 +187,22 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, attention: AttentionBackend, layer: int
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: Rotary,
+        attention: AttentionBackend,
+        layer: int,
+        reuse: SublayerReuse | None = None,
     ) -> torch.Tensor:
-        attended = self.attn(self.attn_norm(x), positions, rotary, attention, layer)
+        """Pre-norm attention and MLP with residual adds; `reuse` computes the sublayers in its own way."""
+        h = self.attn_norm(x)
+        if reuse is None:
+            attended = self.attn(h, positions, rotary, attention, layer)
+        else:
+            attended = reuse.attention(self, h, positions, rotary, attention, layer)
         h, x = self.mlp_norm.add_and_norm(attended, x)
-        return x + self.mlp(h)
+        return x + (self.mlp(h) if reuse is None else reuse.mlp(self, h, layer))
 
 
 class DiffusionTransformer(nn.Module):
@@ -204,18 +224,15 @@ class DiffusionTransformer(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         attention: AttentionBackend,
-        layer_hook: LayerHook | None = None,
+        reuse: SublayerReuse | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden] (normed).
 
-        A `layer_hook` runs every block in place of its own forward.
+        `reuse` is passed to every block (`Block.forward`).
         """
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            if layer_hook is None:
-                x = layer(x, positions, self.rotary, attention, i)
-            else:
-                x = layer_hook(layer, x, positions, self.rotary, attention, i)
+            x = layer(x, positions, self.rotary, attention, i, reuse)
         return self.final_norm(x)
 
     def fuse_projections(self) -> None:

@@ -1,4 +1,4 @@
-"""Tensor parallelism across the GPUs of one host (issue 9).
+"""Tensor parallelism across the GPUs of one host.
 
 One process per rank: rank 0 is the engine process (scheduler, policies,
 sampling decisions); ranks 1..N-1 are workers that run the same forward on

@@ -22,26 +22,36 @@ from unmask.engine.parallel.plan import Join, SamplingPlan, StepPlan
 from unmask.engine.parallel.processes import WorkerGroup
 from unmask.engine.parallel.rank import RankModel, join, kv_pages, run_step
 from unmask.engine.parallel.state import ParallelState, rank_device
-from unmask.engine.runner import SequenceWork
+from unmask.engine.runner_interface import FaultHook, Proposals
 from unmask.engine.sampling import RowGroup, complete_proposals, row_inputs
+from unmask.engine.work import SequenceWork
 
 
 class TensorParallelRunner:
-    """`ModelRunner.propose` over a tensor-parallel group, called on rank 0."""
+    """The `Runner` of a tensor-parallel group, called on rank 0."""
 
     def __init__(self, rank: RankModel, workers: WorkerGroup):
         self.rank, self.workers = rank, workers
-        self.fault_hook = None  # as `ModelRunner.fault_hook` (reliability tests)
+        self.fault_hook: FaultHook | None = None  # see `Runner.fault_hook`
 
     @property
     def pool(self) -> KVPool:
+        """Rank 0's share of the KV tensors."""
         return self.rank.pool
+
+    @property
+    def num_pages(self) -> int:
+        return self.rank.pool.num_pages  # agreed by the group: the fewest any rank holds
+
+    @property
+    def has_features(self) -> bool:
+        return self.rank.pool.has_features
 
     @property
     def graphs(self) -> CudaGraphRunner | None:
         return self.rank.runner.graphs
 
-    def propose(self, work: list[SequenceWork], groups: list[RowGroup]) -> tuple[torch.Tensor, torch.Tensor]:
+    def propose(self, work: list[SequenceWork], groups: list[RowGroup]) -> Proposals:
         """Send the step to the workers, run rank 0's share, and complete the proposals."""
         if self.fault_hook is not None:
             self.fault_hook(work)

@@ -12,11 +12,11 @@ and the argmax of a union is the best of the shards' argmaxes). Gathering
                  so greedy decoding breaks ties like an argmax over the full row)
     confidence = exp(logit[token] - logsumexp over ranks of the shards' lse)
 
-which is the `prob` confidence: softmax(l)[token]. The Gumbel noise is keyed
-by (row seed, global token id), so the draw does not depend on how the
-vocabulary is split (nor on the batch). It is not the single-device kernel's
-noise: with temperature > 0, tensor-parallel and single-device runs draw from
-the same distribution, not the same tokens.
+which is the `prob` confidence: softmax(l)[token]. The Gumbel noise is
+`kernels.noise`, keyed by (row key, global token id) as on a single device, so
+the draw depends neither on how the vocabulary is split nor on the batch, and
+a tensor-parallel run samples the single-device run's tokens (up to fp32
+rounding of near-tied keys: the ranks sum their partial products in another order).
 """
 
 from __future__ import annotations
@@ -26,26 +26,24 @@ from dataclasses import dataclass
 import torch
 
 from unmask.engine.parallel.layers import VocabShard
+from unmask.kernels.noise import gumbel_keys
 
 # Rows are reduced in chunks of about this many logits, which bounds the fp32/fp64 temporaries.
 _CHUNK_ELEMENTS = 2**26
-
-# splitmix64 (Steele et al.): the golden-ratio increment and the finalizer's multipliers.
-_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
 @dataclass
 class ShardStats:
     """What one rank contributes per logit row."""
 
-    key: torch.Tensor  # float64 [N] the best key in the shard
+    key: torch.Tensor  # float32 [N] the best key in the shard
     token: torch.Tensor  # int64 [N] its global token id
     logit: torch.Tensor  # float32 [N] its un-noised logit
     lse: torch.Tensor  # float32 [N] log-sum-exp of the shard's logits
 
     def pack(self) -> torch.Tensor:
         """[N, 4] float64 (token ids are exact in float64 below 2^53)."""
-        return torch.stack([self.key, self.token.double(), self.logit.double(), self.lse.double()], dim=-1)
+        return torch.stack([self.key.double(), self.token.double(), self.logit.double(), self.lse.double()], dim=-1)
 
 
 def blank_columns(logits: torch.Tensor, shard: VocabShard, mask_id: int) -> None:
@@ -70,12 +68,10 @@ def _chunk_stats(logits: torch.Tensor, shard: VocabShard, temperature: torch.Ten
     x = logits.float()
     lse = torch.logsumexp(x, dim=-1)
     logit, index = x.max(dim=-1)
-    key = logit.double()
+    key = logit.clone()
     sampled = (temperature > 0).nonzero().flatten()
     if sampled.numel():
-        columns = shard.start + torch.arange(x.shape[1], device=x.device)
-        noise = gumbel_noise(seeds[sampled], columns)
-        keys = x[sampled].double() / temperature[sampled, None].double() + noise
+        keys = gumbel_keys(x[sampled], temperature[sampled], seeds[sampled], first_token=shard.start)
         key[sampled], index[sampled] = keys.max(dim=-1)
         logit[sampled] = x[sampled].gather(1, index[sampled, None]).squeeze(1)
     return ShardStats(key, index + shard.start, logit, lse)
@@ -88,26 +84,3 @@ def combine_stats(gathered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     total = torch.logsumexp(lse, dim=0)
     chosen_logit = logit.gather(0, best).squeeze(0)
     return token.gather(0, best).squeeze(0).long(), torch.exp(chosen_logit - total).float()
-
-
-def gumbel_noise(seeds: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise [R, C] (float64) keyed by each row's seed and each global token id."""
-    bits = _mix((_mix(seeds + _signed(_GOLDEN))[:, None] ^ columns[None, :]) + _signed(_GOLDEN))
-    uniform = (_shift_right(bits, 11).double() + 0.5) * 2.0**-53  # in (0, 1)
-    return -torch.log(-torch.log(uniform))
-
-
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finalizer on int64 words (a bijection; products wrap around as uint64 would)."""
-    x = (x ^ _shift_right(x, 30)) * _signed(_MIX1)
-    x = (x ^ _shift_right(x, 27)) * _signed(_MIX2)
-    return x ^ _shift_right(x, 31)
-
-
-def _shift_right(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Logical (unsigned) right shift of int64 words."""
-    return (x >> n) & ((1 << (64 - n)) - 1)
-
-
-def _signed(c: int) -> int:
-    return c - 2**64 if c >= 2**63 else c

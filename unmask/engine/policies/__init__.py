@@ -1,4 +1,8 @@
-"""Cache policies (active positions) and unmask policies (what a step commits), by request name."""
+"""Cache policies (active positions) and unmask policies (what a step commits), by request name.
+
+A policy owns its needs (`requirements`, `policies.resources`), its state
+(an unmask policy's `new_state`) and its parameters (`engine.method_params`).
+"""
 
 from unmask.engine.policies.cache import CachePolicy, DualCache, PrefixCache
 from unmask.engine.policies.dkv import DKVDecode, DKVGreedy

@@ -1,10 +1,12 @@
-"""Cache policies: which positions of a sequence are recomputed at a step (DESIGN.md §2).
+"""Cache policies: which positions of a sequence are recomputed at a step.
 
 Every position that is not active keeps the K/V last written to its pages.
 A policy only returns positions; the runner and the KV pool do the rest.
 Two optional answers extend the mechanism: how far the keys reach
 (`key_length`, for methods that drop the far masked suffix from attention),
-and per-layer feature reuse (`features`, for dLLM-Cache).
+and per-layer feature reuse (`features`, for dLLM-Cache). Schedules count
+the sequence's own clock, `seq.steps_taken`. A policy lists what it cannot
+run without in `requirements` (`policies.resources`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from unmask.engine.feature_cache import FeatureUse
+from unmask.engine.policies.resources import Requirement
 from unmask.engine.sequence import Sequence
 
 
@@ -19,7 +22,7 @@ class CachePolicy:
     """Base: recompute everything (the reference, `none`)."""
 
     name = "none"
-    needs_features = False  # True: the policy needs the pool's feature pages (`EngineConfig.feature_cache`)
+    requirements: tuple[Requirement, ...] = ()
 
     def active_positions(self, seq: Sequence) -> torch.Tensor:
         """Sorted absolute positions whose K/V (and hidden states) are recomputed this step."""

@@ -15,11 +15,6 @@ from unmask.engine.policies.cache import CachePolicy
 from unmask.engine.sequence import Sequence
 
 
-def _steps_taken(seq: Sequence) -> int:
-    """Denoising steps the request has run so far (the refresh schedules count these)."""
-    return seq.stats.forward_passes
-
-
 class DKVDecode(CachePolicy):
     """dKV-Cache-Decode: every masked position of the canvas and last step's commits; all every `dkv_refresh` steps.
 
@@ -31,7 +26,7 @@ class DKVDecode(CachePolicy):
 
     def is_refresh(self, seq: Sequence) -> bool:
         assert seq.params.dkv_refresh is not None
-        return _steps_taken(seq) % seq.params.dkv_refresh == 0
+        return seq.steps_taken % seq.params.dkv_refresh == 0
 
     def active_positions(self, seq: Sequence) -> torch.Tensor:
         if self.is_refresh(seq):
@@ -52,7 +47,7 @@ class DKVGreedy(CachePolicy):
     name = "dkv-greedy"
 
     def is_refresh(self, seq: Sequence) -> bool:
-        return _steps_taken(seq) == 0
+        return seq.steps_taken == 0
 
     def active_positions(self, seq: Sequence) -> torch.Tensor:
         if self.is_refresh(seq):

@@ -22,17 +22,18 @@ import torch
 
 from unmask.engine.feature_cache import FeatureUse
 from unmask.engine.policies.cache import CachePolicy
+from unmask.engine.policies.resources import FEATURE_PAGES
 from unmask.engine.sequence import Sequence
 
 
 class DLLMCache(CachePolicy):
     name = "dllm-cache"
-    needs_features = True
+    requirements = (FEATURE_PAGES,)
 
     @staticmethod
     def _refreshes(seq: Sequence) -> tuple[bool, bool]:
         """(prompt refreshed, response refreshed) at this step."""
-        p, t = seq.params, seq.stats.forward_passes
+        p, t = seq.params, seq.steps_taken
         assert p.dllm_prompt_refresh is not None and p.dllm_response_refresh is not None
         return t % p.dllm_prompt_refresh == 0, t % p.dllm_response_refresh == 0
 

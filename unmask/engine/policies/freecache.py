@@ -28,7 +28,7 @@ class FreeCache(CachePolicy):
     name = "freecache"
 
     def is_refresh(self, seq: Sequence) -> bool:
-        return seq.stats.forward_passes == 0
+        return seq.steps_taken == 0
 
     def key_length(self, seq: Sequence) -> int:
         assert seq.params.freecache_window is not None

@@ -3,13 +3,22 @@
 A policy sees the confidences of the block's still-masked positions (in
 position order) and returns the indices (into that list) to commit. It
 always commits at least one token, so a block always finishes.
+
+A policy may also keep per-request state (`new_state`, stored on the
+sequence as `unmask_state`), look at every one of its sequences' proposals in
+one batched call before the step commits (`prepare`), and list the engine
+resources it cannot run without (`requirements`, `policies.resources`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from unmask.engine.sequence import Sequence
+from unmask.engine.params import SamplingParams
+from unmask.engine.policies.resources import PolicyResources, Requirement
+from unmask.engine.sequence import Sequence, UnmaskState
+
+Drafts = list[tuple[Sequence, torch.Tensor]]  # each sequence with its step's proposed tokens (in place)
 
 
 def even_schedule(block_tokens: int, steps: int) -> list[int]:
@@ -21,10 +30,27 @@ def even_schedule(block_tokens: int, steps: int) -> list[int]:
 class UnmaskPolicy:
     name = ""
     random_confidence = False  # rank by uniform noise instead of model confidence
+    requirements: tuple[Requirement, ...] = ()
+    prepares = False  # True: `prepare` runs at every step this policy's sequences take part in
+
+    def new_state(self) -> UnmaskState | None:
+        """A new request's own state (None: the policy keeps none)."""
+        return None
+
+    def prepare(self, drafts: Drafts, resources: PolicyResources) -> None:
+        """Before the commits: one batched look at the proposals of all this policy's sequences of a step.
+
+        It may change a proposed token in place. If it raises, its sequences fail in `choose`
+        (the others of the step go on).
+        """
 
     def choose(self, seq: Sequence, confidence: torch.Tensor) -> torch.Tensor:
         """Indices into `confidence` (the block's masked positions) to commit this step."""
         raise NotImplementedError
+
+    def fewest_steps(self, params: SamplingParams) -> int:
+        """A lower bound on the steps this policy takes to fill the whole canvas: one per block."""
+        return -(-params.max_tokens // params.block_size)
 
 
 class LowConfidence(UnmaskPolicy):
@@ -40,6 +66,11 @@ class LowConfidence(UnmaskPolicy):
         # The schedule assumes one commit pattern; never ask for more than remain.
         k = max(1, min(k, confidence.numel()))
         return torch.topk(confidence, k).indices
+
+    def fewest_steps(self, params: SamplingParams) -> int:
+        """Exactly the schedule's steps: each block takes its `SamplingParams.steps_for_block`."""
+        full, last = divmod(params.max_tokens, params.block_size)
+        return full * params.steps_for_block(params.block_size) + (params.steps_for_block(last) if last else 0)
 
 
 class RandomOrder(LowConfidence):

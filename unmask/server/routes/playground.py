@@ -17,7 +17,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
-import unmask.engine.params as engine_params
+from unmask.engine.method_params import METHOD_FIELDS
 from unmask.server.state import get_state
 
 router = APIRouter()
@@ -99,7 +99,6 @@ async def config(request: Request) -> JSONResponse:
     d = state.settings.defaults
     # A method's own parameter (dkv_refresh, ...) is refused on a request using another method,
     # so the page shows and sends each one only while its method is selected.
-    method_fields = getattr(engine_params, "METHOD_FIELDS", {})
     return JSONResponse(
         {
             "model": state.model_name,
@@ -114,8 +113,8 @@ async def config(request: Request) -> JSONResponse:
             },
             "examples": [asdict(example) for example in EXAMPLES],
             "method_fields": [
-                {"name": name, "kind": kind, "method": method, "default": getattr(d, name, None)}
-                for name, (kind, method) in method_fields.items()
+                {"name": name, "kind": kind, "method": method, "default": getattr(d, name)}
+                for name, (kind, method) in METHOD_FIELDS.items()
             ],
         },
         headers={"Cache-Control": "no-cache"},

@@ -1,4 +1,4 @@
-"""The guide model behind `unmask=guided` (FlashDLM's Guided Diffusion, arXiv 2505.21467).
+"""The guide model behind `unmask=guided` (FlashDLM's Guided Diffusion, arXiv 2505.21467): the guided policy's resource.
 
 A small autoregressive LM with the diffusion model's tokenizer checks the
 diffusion model's proposals ("drafts") for the current block left to right,
@@ -36,17 +36,16 @@ from transformers.cache_utils import DynamicCache
 from unmask.engine.models.arch import CheckpointError
 from unmask.engine.bundled import bundled_model_dir
 from unmask.engine.models.loader import LoadedModel, load_tokenizer
-from unmask.engine.sequence import Sequence
+from unmask.engine.sequence import Sequence, UnmaskState
 
 log = logging.getLogger("unmask.guide")
 
 BUNDLED_GUIDE = bundled_model_dir("unmask-tiny-guide")
 TOP_K = 2  # a draft must be among the guide's two most likely tokens (FlashDLM's top-2 relative rule)
-_STATE_KEY = "guide"
 
 
 @dataclass
-class GuideState:
+class GuideState(UnmaskState):
     """One request's guide: KV over its first `length` positions, and this step's verdict."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer [kv_heads, length, head_dim]
@@ -56,8 +55,10 @@ class GuideState:
 
 
 def guide_state(seq: Sequence) -> GuideState:
-    """The sequence's guide state (created empty on first use; it ends with the sequence)."""
-    return seq.policy_state.setdefault(_STATE_KEY, GuideState())
+    """The sequence's guide state (the guided policy gives each of its sequences one; it ends with the sequence)."""
+    if not isinstance(seq.unmask_state, GuideState):
+        raise TypeError(f"request {seq.request_id} has no guide state: it uses unmask={seq.params.unmask!r}")
+    return seq.unmask_state
 
 
 @dataclass

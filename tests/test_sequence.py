@@ -1,0 +1,80 @@
+"""`Sequence`: its blocks, its commits and its own step counters."""
+
+from __future__ import annotations
+
+import torch
+
+from unmask.engine.outputs import FinishReason
+from unmask.engine.params import EngineDefaults, SamplingParams
+from unmask.engine.sequence import Sequence, SequenceStatus
+
+MASK, EOS = 99, 98
+
+
+def make_sequence(max_tokens: int = 8, block_length: int = 4, prompt: tuple[int, ...] = (1, 2, 3)) -> Sequence:
+    params = SamplingParams(max_tokens=max_tokens, block_length=block_length).resolve(EngineDefaults())
+    return Sequence("r", list(prompt), params, MASK, EOS, seed=0)
+
+
+def test_a_new_sequence_is_its_prompt_then_a_masked_canvas():
+    seq = make_sequence()
+    assert seq.tokens.tolist() == [1, 2, 3] + [MASK] * 8
+    assert (seq.block, seq.step, seq.steps_taken) == (0, 0, 0)
+    assert seq.masked_in_block().tolist() == [3, 4, 5, 6]
+
+
+def test_commit_writes_the_tokens_and_advances_the_clocks():
+    seq = make_sequence()
+    commit = seq.commit(torch.tensor([4, 6]), torch.tensor([10, 11]))
+    assert seq.tokens[3:7].tolist() == [MASK, 10, MASK, 11]
+    assert (commit.tokens, commit.finished_block_steps) == (2, None)
+    assert (seq.block, seq.step, seq.steps_taken) == (0, 1, 1)
+    assert seq.last_committed.tolist() == [4, 6]
+    assert seq.masked_in_block().tolist() == [3, 5]
+
+
+def test_the_commit_that_unmasks_a_block_moves_to_the_next_block():
+    seq = make_sequence()
+    seq.commit(torch.tensor([3, 4]), torch.tensor([10, 11]))
+    commit = seq.commit(torch.tensor([5, 6]), torch.tensor([12, 13]))
+    assert commit.finished_block_steps == 2
+    assert (seq.block, seq.step, seq.steps_taken, seq.last_block) == (1, 0, 2, 0)
+    assert seq.stats.steps_per_block == [2]
+    assert seq.masked_in_block().tolist() == [7, 8, 9, 10]
+
+
+def test_the_canvas_is_done_after_its_last_block():
+    seq = make_sequence(max_tokens=6, block_length=4)  # blocks of 4 and 2
+    seq.commit(torch.tensor([3, 4, 5, 6]), torch.tensor([10, 11, 12, 13]))
+    assert not seq.canvas_done
+    seq.commit(torch.tensor([7, 8]), torch.tensor([14, 15]))
+    assert seq.canvas_done and seq.stats.steps_per_block == [1, 1]
+
+
+def test_commits_are_counted_in_the_request_stats():
+    seq = make_sequence()
+    seq.record_work(11)
+    seq.commit(torch.tensor([3]), torch.tensor([10]))
+    assert (seq.stats.forward_passes, seq.stats.tokens_committed, seq.stats.active_positions) == (1, 1, 11)
+
+
+def test_committed_prefix_stops_at_the_first_mask_and_at_end_of_text():
+    seq = make_sequence()
+    seq.commit(torch.tensor([3, 4, 6]), torch.tensor([10, EOS, 12]))
+    assert seq.committed_prefix() == [10]
+    assert seq.hit_eos()
+
+
+def test_admit_and_release_hand_the_pages_over():
+    seq = make_sequence()
+    seq.admit([4, 5])
+    assert seq.status is SequenceStatus.RUNNING and seq.pages == [4, 5]
+    assert seq.release() == [4, 5]
+    assert seq.pages == [] and seq.is_finished
+
+
+def test_finish_keeps_the_first_error():
+    seq = make_sequence()
+    seq.finish(FinishReason.ERROR, "ValueError: bad")
+    seq.finish(FinishReason.ERROR)
+    assert (seq.finish_reason, seq.error) == (FinishReason.ERROR, "ValueError: bad")
