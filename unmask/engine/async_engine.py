@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from unmask.engine.config import EngineConfig
 from unmask.engine.engine import LLMEngine, StepListener
 from unmask.engine.errors import EngineDeadError, QueueFullError
-from unmask.engine.outputs import FinishReason, RequestOutput
+from unmask.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from unmask.engine.params import SamplingParams
+from unmask.engine.scoring import ScoringJob
 from unmask.engine.sequence import Sequence
 
 log = logging.getLogger("unmask.async_engine")
@@ -36,6 +37,15 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Score:
+    """A prompt to score on the engine thread; its scores (or failure) are set on `future`."""
+
+    job: ScoringJob
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -49,6 +59,7 @@ class AsyncEngine:
         self._listeners: list[StepListener] = []
         self._pending = 0  # adds sent to the thread but not yet queued in the scheduler
         self._pending_lock = threading.Lock()
+        self._scoring: list[_Score] = []  # engine thread only: prompts being scored, first come first served
 
     # --- lifecycle --------------------------------------------------------------
     async def start(self) -> None:
@@ -62,7 +73,7 @@ class AsyncEngine:
         """Stop accepting requests; with `drain`, let in-flight ones finish first."""
         self._draining = True
         if drain:
-            while self.engine is not None and self.is_alive and (self.engine.has_unfinished or self._pending):
+            while self.engine is not None and self.is_alive and (self.engine.has_unfinished or self._pending or self._scoring):
                 await asyncio.sleep(0.05)
         self._stopping.set()
         if self._thread is not None:
@@ -138,6 +149,21 @@ class AsyncEngine:
         self._commands.put(_Add(seq))
         return RequestStream(self, request_id, out_queue)
 
+    async def score(self, request_id: str, prompt: str | list[int], top_k: int) -> list[TokenLogprob | None]:
+        """The prompt's per-token scores (`engine.scoring`; the first is None), computed on the engine thread
+        a chunk at a time between steps. Raises ParamError / EngineDeadError; cancelling stops the work."""
+        job = await asyncio.to_thread(self._engine.make_scoring_job, request_id, prompt, top_k)
+        if not self.accepting:
+            raise EngineDeadError("the engine is shutting down" if self._draining else "the engine is not running")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put(_Score(job, loop, future))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+
     def _detach(self, request_id: str) -> None:
         """Stop delivering outputs of a request (its stream is closed)."""
         self._queues.pop(request_id, None)
@@ -151,9 +177,11 @@ class AsyncEngine:
         engine = self._engine
         try:
             while not self._stopping.is_set():
-                self._drain_commands(block=not engine.has_unfinished)
+                self._drain_commands(block=not (engine.has_unfinished or self._scoring))
                 if engine.has_unfinished:
                     self._deliver(engine.step())
+                if self._scoring:
+                    self._score_next_chunk()
         except BaseException as exc:  # the loop is dead; fail every waiting client instead of hanging them
             log.exception("engine loop died")
             self._failure = exc
@@ -173,9 +201,25 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
-    def _apply(self, command: _Add | _Abort) -> None:
+    def _score_next_chunk(self) -> None:
+        """One chunk of the oldest scoring job; a job that fails fails alone."""
+        current = self._scoring[0]
+        try:
+            self._engine.run_scoring(current.job)
+        except Exception as exc:
+            log.exception("scoring %s failed", current.job.request_id)
+            self._scoring.pop(0)
+            _settle(current, exception=exc)
+            return
+        if current.job.done:
+            self._scoring.pop(0)
+            _settle(current, result=current.job.scores)
+
+    def _apply(self, command: _Add | _Abort | _Score) -> None:
         engine = self._engine
-        if isinstance(command, _Add):
+        if isinstance(command, _Score):
+            self._scoring.append(command)
+        elif isinstance(command, _Add):
             with self._pending_lock:
                 self._pending -= 1
             if command.seq.request_id not in self._queues:
@@ -185,6 +229,7 @@ class AsyncEngine:
             except Exception as exc:
                 self._deliver([_error_output(command.seq, exc)])
         else:
+            self._scoring = [s for s in self._scoring if s.job.request_id != command.request_id]
             out = engine.abort(command.request_id)
             if out is not None:
                 self._deliver([out])
@@ -197,6 +242,8 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(out_queue.put_nowait, out)
 
     def _fail_all(self, message: str) -> None:
+        for pending in self._scoring:
+            _settle(pending, exception=EngineDeadError(message))
         for request_id, (loop, out_queue) in list(self._queues.items()):
             out = RequestOutput(request_id, [], finished=True, finish_reason=FinishReason.ERROR, error=message)
             loop.call_soon_threadsafe(out_queue.put_nowait, out)
@@ -243,6 +290,20 @@ class RequestStream:
     def __del__(self) -> None:
         if not self._done:
             self._close(abort=True)
+
+
+def _settle(score: _Score, result: list[TokenLogprob | None] | None = None, exception: BaseException | None = None) -> None:
+    """Complete a scoring future from the engine thread (unless its awaiter was cancelled)."""
+
+    def settle() -> None:
+        if score.future.done():
+            return
+        if exception is not None:
+            score.future.set_exception(exception)
+        else:
+            score.future.set_result(result)
+
+    score.loop.call_soon_threadsafe(settle)
 
 
 def _error_output(seq: Sequence, exc: Exception) -> RequestOutput:
