@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from unmask.engine.config import EngineConfig
 from unmask.engine.engine import LLMEngine, StepListener
 from unmask.engine.errors import EngineDeadError, QueueFullError
-from unmask.engine.outputs import FinishReason, RequestOutput, TokenLogprob
+from unmask.engine.outputs import FinishReason, PromptScores, RequestOutput
 from unmask.engine.params import SamplingParams
 from unmask.engine.scoring import ScoringJob
 from unmask.engine.sequence import Sequence
@@ -149,8 +149,8 @@ class AsyncEngine:
         self._commands.put(_Add(seq))
         return RequestStream(self, request_id, out_queue)
 
-    async def score(self, request_id: str, prompt: str | list[int], top_k: int) -> list[TokenLogprob | None]:
-        """The prompt's per-token scores (`engine.scoring`; the first is None), computed on the engine thread
+    async def score(self, request_id: str, prompt: str | list[int], top_k: int) -> PromptScores:
+        """The prompt's per-token scores (`engine.scoring`), computed on the engine thread
         a chunk at a time between steps. Raises ParamError / EngineDeadError; cancelling stops the work."""
         job = await asyncio.to_thread(self._engine.make_scoring_job, request_id, prompt, top_k)
         if not self.accepting:
@@ -213,7 +213,7 @@ class AsyncEngine:
             return
         if current.job.done:
             self._scoring.pop(0)
-            _settle(current, result=current.job.scores)
+            _settle(current, result=current.job.result())
 
     def _apply(self, command: _Add | _Abort | _Score) -> None:
         engine = self._engine
@@ -292,7 +292,7 @@ class RequestStream:
             self._close(abort=True)
 
 
-def _settle(score: _Score, result: list[TokenLogprob | None] | None = None, exception: BaseException | None = None) -> None:
+def _settle(score: _Score, result: PromptScores | None = None, exception: BaseException | None = None) -> None:
     """Complete a scoring future from the engine thread (unless its awaiter was cancelled)."""
 
     def settle() -> None:

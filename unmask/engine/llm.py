@@ -8,7 +8,7 @@ from dataclasses import fields
 
 from unmask.engine.config import EngineConfig
 from unmask.engine.engine import LLMEngine
-from unmask.engine.outputs import RequestOutput, TokenLogprob
+from unmask.engine.outputs import PromptScores, RequestOutput
 from unmask.engine.params import SamplingParams
 
 
@@ -57,14 +57,14 @@ class LLM:
         while pending and len(self.engine.scheduler.waiting) < self.engine.config.max_waiting:
             self.engine.add_request(*pending.popleft())
 
-    def score(self, prompts: str | list[int] | list[str] | list[list[int]], top_logprobs: int = 0) -> list[list[TokenLogprob | None]]:
+    def score(self, prompts: str | list[int] | list[str] | list[list[int]], top_logprobs: int = 0) -> list[PromptScores]:
         """Each prompt token's log p(x_i | x_<i, later positions masked) (see `engine.scoring`); the first is None."""
         batch = _prompt_list(prompts)
         jobs = [self.engine.make_scoring_job(f"score-{uuid.uuid4().hex}", p, top_logprobs) for p in batch]
         for job in jobs:
             while not job.done:
                 self.engine.run_scoring(job)
-        return [job.scores for job in jobs]
+        return [job.result() for job in jobs]
 
     def close(self) -> None:
         """Stop the tensor-parallel worker processes (nothing to do on one device)."""

@@ -50,6 +50,14 @@ class TokenLogprob:
 
 
 @dataclass
+class PromptScores:
+    """A scored prompt: its tokens and each one's score given the tokens before it (the first has none)."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+@dataclass
 class RequestStats:
     """Per-request counters; `forward_passes` counts denoising steps this request took part in."""
 

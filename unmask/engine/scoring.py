@@ -28,7 +28,7 @@ import torch
 
 from unmask.engine.models.config import ModelConfig
 from unmask.engine.models.transformer import DenseAttention
-from unmask.engine.outputs import TokenLogprob
+from unmask.engine.outputs import PromptScores, TokenLogprob
 
 
 @dataclass
@@ -46,6 +46,9 @@ class ScoringJob:
     @property
     def done(self) -> bool:
         return len(self.scores) >= len(self.token_ids)
+
+    def result(self) -> PromptScores:
+        return PromptScores(self.token_ids, self.scores)
 
     @torch.inference_mode()
     def run_chunk(self, model: torch.nn.Module, config: ModelConfig, device: torch.device, max_tokens: int) -> None:

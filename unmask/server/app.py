@@ -10,13 +10,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from unmask.server.auth import PROTECTED_PREFIX, AuthMiddleware
+from unmask.server.auth import AuthMiddleware, is_protected
 from unmask.server.body_limit import BodyLimitMiddleware
 from unmask.server.errors import install_error_handlers
 from unmask.server.http_metrics import HTTPMetricsMiddleware
 from unmask.server.metrics import Metrics
 from unmask.server.protocol import ChatCompletionChunk, CompletionChunk
-from unmask.server.routes import chat, completions, playground, system
+from unmask.server.routes import chat, completions, playground, system, tokenizer
 from unmask.server.settings import ServerSettings
 from unmask.server.state import ServerState
 
@@ -44,7 +44,7 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     )
     state.metrics.bind_engine(engine)
     app.state.unmask = state
-    routers = [completions.router, chat.router, system.router, playground.router]
+    routers = [completions.router, chat.router, tokenizer.router, system.router, playground.router]
     for router in routers:
         app.include_router(router)
     install_error_handlers(app)
@@ -110,7 +110,7 @@ def _openapi(app: FastAPI, secured: bool) -> dict:
     if secured:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         for path, operations in schema["paths"].items():
-            if path.startswith(PROTECTED_PREFIX):
+            if is_protected(path):
                 for operation in operations.values():
                     operation["security"] = [{"bearer": []}]
     app.openapi_schema = schema
