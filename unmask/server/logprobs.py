@@ -7,6 +7,8 @@ same text, the legacy format's dictionary keeps the likelier.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from unmask.engine.outputs import RequestOutput, TokenLogprob
 from unmask.server.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
@@ -19,38 +21,53 @@ def finite(logprob: float) -> float:
 
 
 def token_text(tokenizer, token_id: int) -> str:
+    """How a token is shown: its text, special tokens included (`<|endoftext|>`)."""
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
+def _visible_length(tokenizer, token_id: int) -> int:
+    """The characters a token adds to a choice's text (none for a special token, which the text leaves out)."""
+    return len(tokenizer.decode([token_id], skip_special_tokens=True))
+
+
 def generated_logprobs(out: RequestOutput, tokenizer, include_end: bool) -> list[TokenLogprob]:
-    """The output's logprobs trimmed to the tokens its text shows (a stop string may cut the last ones off).
+    """The output's logprobs, one per token of `token_ids`; if a stop string cut the text, only the tokens it shows.
 
     With `include_end`, the end-of-text token that ended the request follows them, as vLLM reports it.
     """
     entries = out.logprobs or []
-    covered, keep = 0, 0
-    for token_id in out.token_ids:
-        if covered >= len(out.text):
-            break
-        covered += len(tokenizer.decode([token_id], skip_special_tokens=True))
-        keep += 1
-    if include_end and keep == len(out.token_ids):
-        keep = len(entries)  # the end-of-text entry, if the request ended on one
-    return entries[:keep]
+    lengths = [_visible_length(tokenizer, t) for t in out.token_ids]
+    if sum(lengths) > len(out.text):  # cut by a stop string
+        keep, covered = 0, 0
+        while covered < len(out.text):
+            covered += lengths[keep]
+            keep += 1
+        return entries[:keep]
+    return entries if include_end else entries[: len(out.token_ids)]
 
 
-def completion_logprobs(tokenizer, segments: list[tuple[int, list[Scored]]]) -> CompletionLogprobs:
-    """The legacy object for segments of tokens in text order, each given with where its text starts
-    in the choice's text (with echo: the prompt's tokens at 0, then the generated ones after the prompt's text)."""
+@dataclass
+class Segment:
+    """Tokens whose text lies in a choice's text from `start` on: the echoed prompt (special tokens
+    written out) or the generated tokens (special tokens left out of the text)."""
+
+    start: int
+    scored: list[Scored]
+    text_has_special_tokens: bool
+
+
+def completion_logprobs(tokenizer, segments: list[Segment]) -> CompletionLogprobs:
+    """The legacy object over segments of tokens in text order (with echo: the prompt's, then the generated ones)."""
     result = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
-    for offset, scored in segments:
-        for token_id, entry in scored:
+    for segment in segments:
+        offset = segment.start
+        for token_id, entry in segment.scored:
             text = token_text(tokenizer, token_id)
             result.tokens.append(text)
             result.text_offset.append(offset)
             result.token_logprobs.append(None if entry is None else finite(entry.logprob))
             result.top_logprobs.append(None if entry is None else _top_dict(tokenizer, entry))
-            offset += len(text)
+            offset += len(text) if segment.text_has_special_tokens else _visible_length(tokenizer, token_id)
     return result
 
 

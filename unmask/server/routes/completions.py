@@ -11,7 +11,7 @@ from unmask.engine.outputs import FinishReason, PromptScores, RequestOutput
 from unmask.server import translate
 from unmask.server.generation import ChoiceRequest, ClientDisconnected, Generation
 from unmask.server.http_metrics import CLIENT_CLOSED
-from unmask.server.logprobs import completion_logprobs, generated_logprobs
+from unmask.server.logprobs import Segment, completion_logprobs, generated_logprobs
 from unmask.server.protocol import (
     BlockState,
     CompletionChoice,
@@ -101,9 +101,9 @@ class _CompletionReply(Reply):
         segments = []
         if self.scores is not None:
             prompt = self.scores[index // self.n]
-            segments.append((0, list(zip(prompt.token_ids, prompt.logprobs))))
+            segments.append(Segment(0, list(zip(prompt.token_ids, prompt.logprobs)), text_has_special_tokens=True))
         generated = generated_logprobs(out, self.tokenizer, include_end=True)
-        segments.append((generated_start, [(entry.token_id, entry) for entry in generated]))
+        segments.append(Segment(generated_start, [(e.token_id, e) for e in generated], text_has_special_tokens=False))
         return completion_logprobs(self.tokenizer, segments)
 
     def opening(self) -> list[CompletionChunkChoice]:
