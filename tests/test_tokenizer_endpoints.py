@@ -34,6 +34,15 @@ def test_tokenized_messages_are_the_prompt_a_chat_request_sends(live_server):
     assert post(live_server, "/detokenize", tokens=tokens).json()["prompt"] == f"<|user|>\n{TEXT}<|eot|>\n<|assistant|>\n"
 
 
+def test_messages_take_add_special_tokens(live_server):
+    plain = post(live_server, "/tokenize", messages=MESSAGES).json()["tokens"]
+    special = post(live_server, "/tokenize", messages=MESSAGES, add_special_tokens=True).json()["tokens"]
+    # The bundled tokenizer adds no special tokens of its own: the template already wrote them.
+    assert special == plain == live_server.engine.tokenizer.encode(
+        live_server.engine.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    )
+
+
 def test_detokenize_inverts_tokenize(live_server):
     tokens = post(live_server, "/tokenize", prompt=TEXT).json()["tokens"]
     assert post(live_server, "/detokenize", tokens=tokens).json() == {"prompt": TEXT}

@@ -105,9 +105,16 @@ def check_choice_count(num_prompts: int, n: int, max_waiting: int) -> None:
 
 
 def chat_prompt_ids(
-    tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True, continue_final_message: bool = False
+    tokenizer,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    add_special_tokens: bool = False,
 ) -> list[int]:
-    """Render the conversation with the checkpoint's chat template, by default ready for the assistant's turn."""
+    """Render the conversation with the checkpoint's chat template, by default ready for the assistant's turn.
+
+    The template writes the special tokens a chat needs; `add_special_tokens` adds the tokenizer's own on top.
+    """
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(
             400,
@@ -131,7 +138,7 @@ def chat_prompt_ids(
         )
     except Exception as exc:  # templates raise on conversations they do not accept (e.g. role order)
         raise APIError(400, f"The chat template rejected the messages: {exc}", INVALID_REQUEST, "messages") from exc
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 def _template_role(role: str) -> str:

@@ -53,8 +53,9 @@ def _check_one_input(body: TokenizeRequest) -> None:
 
 def _token_ids(tokenizer, body: TokenizeRequest) -> list[int]:
     if body.messages is not None:
-        ids = translate.chat_prompt_ids(tokenizer, body.messages, body.add_generation_prompt, body.continue_final_message)
-        return tokenizer.build_inputs_with_special_tokens(ids) if body.add_special_tokens else ids
+        return translate.chat_prompt_ids(
+            tokenizer, body.messages, body.add_generation_prompt, body.continue_final_message, bool(body.add_special_tokens)
+        )
     assert body.prompt is not None
     try:
         check_text("prompt", body.prompt)
