@@ -5,37 +5,21 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
+from dense_reference import masked_suffix_logprobs
 from unmask.engine.async_engine import AsyncEngine
 from unmask.engine.config import EngineConfig
 from unmask.engine.llm import LLM
-from unmask.engine.models import load_model
 from unmask.engine.params import ParamError
 
 PROMPT = [5, 9, 12, 7, 30, 2, 41, 8, 17]
-
-
-@torch.no_grad()
-def direct_scores(model_dir, prompt: list[int]) -> list[tuple[float, list[int]]]:
-    """For each i >= 1: one dense forward of the prompt with positions i.. masked, read at i (Dream: i - 1)."""
-    loaded = load_model(model_dir)
-    cfg = loaded.config
-    scores = []
-    for i in range(1, len(prompt)):
-        x = torch.tensor(prompt[:i] + [cfg.mask_token_id] * (len(prompt) - i))
-        logits = loaded.model.forward_dense(x[None])[0, i - cfg.logits_shift]
-        logits[cfg.mask_token_id] = float("-inf")
-        logp = logits.log_softmax(-1)
-        scores.append((float(logp[prompt[i]]), logp.topk(3).indices.tolist()))
-    return scores
 
 
 def test_scores_are_the_masked_suffix_conditionals(model_dir):
     scored = LLM(str(model_dir)).score(PROMPT, top_logprobs=3)[0]
     assert scored.token_ids == PROMPT
     assert scored.logprobs[0] is None  # the first token has no prefix
-    for entry, token, (logprob, top_ids) in zip(scored.logprobs[1:], PROMPT[1:], direct_scores(model_dir, PROMPT)):
+    for entry, token, (logprob, top_ids) in zip(scored.logprobs[1:], PROMPT[1:], masked_suffix_logprobs(model_dir, PROMPT, top=3)):
         assert entry.token_id == token
         assert entry.logprob == pytest.approx(logprob, abs=1e-4)
         assert [t for t, _ in entry.top] == top_ids

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Iterator
 
 import pytest
-import torch
 
-from server_fixtures import LiveServer, serve_in_thread
+from dense_reference import masked_suffix_logprobs
+from server_fixtures import LiveServer, live_server, serve_in_thread  # noqa: F401  (live_server: a fixture)
 from unmask.engine.models import load_model
 from unmask.engine.models.make_random import make_random_checkpoint
 from unmask.server.settings import ServerSettings
@@ -24,20 +24,6 @@ def random_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(random_dir) -> Iterator[LiveServer]:
     yield from serve_in_thread(random_dir, ServerSettings(), kv_cache_memory=2**24, max_score_tokens=MAX_SCORE_TOKENS)
-
-
-@torch.no_grad()
-def direct_prompt_logprobs(model_dir, prompt: list[int]) -> list[float]:
-    """log p(x_i | x_<i, positions i.. masked) for i >= 1, from dense forwards of the checkpoint (mask excluded)."""
-    loaded = load_model(model_dir)
-    mask = loaded.config.mask_token_id
-    result = []
-    for i in range(1, len(prompt)):
-        x = torch.tensor(prompt[:i] + [mask] * (len(prompt) - i))
-        logits = loaded.model.forward_dense(x[None])[0, i]
-        logits[mask] = float("-inf")
-        result.append(float(logits.log_softmax(-1)[prompt[i]]))
-    return result
 
 
 def complete(server: LiveServer, **body) -> dict:
@@ -60,7 +46,7 @@ def test_echo_with_logprobs_scores_every_prompt_token_as_the_direct_computation(
     logprobs = body["choices"][0]["logprobs"]
     assert len(logprobs["token_logprobs"]) == len(PROMPT) + 1  # the prompt, then the generated token
     assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
-    expected = direct_prompt_logprobs(random_dir, PROMPT)
+    expected = [logprob for logprob, _ in masked_suffix_logprobs(random_dir, PROMPT)]
     assert logprobs["token_logprobs"][1 : len(PROMPT)] == pytest.approx(expected, abs=1e-4)
 
 
@@ -89,7 +75,8 @@ def test_max_tokens_zero_with_echo_only_scores_the_prompt(server, random_dir):
     body = complete(server, prompt=PROMPT, max_tokens=0, logprobs=0, echo=True)
     logprobs = body["choices"][0]["logprobs"]
     assert len(logprobs["tokens"]) == len(PROMPT) and body["usage"]["completion_tokens"] == 0
-    assert logprobs["token_logprobs"][1:] == pytest.approx(direct_prompt_logprobs(random_dir, PROMPT), abs=1e-4)
+    expected = [logprob for logprob, _ in masked_suffix_logprobs(random_dir, PROMPT)]
+    assert logprobs["token_logprobs"][1:] == pytest.approx(expected, abs=1e-4)
 
 
 def test_max_tokens_zero_without_scoring_is_refused(server):
@@ -161,3 +148,27 @@ def test_top_k_one_over_http_gives_the_greedy_text(server):
 @pytest.mark.parametrize("field,value", [("top_k", -2), ("min_p", 1.5), ("logprobs", 21)])
 def test_out_of_range_fields_are_refused_by_name(server, field, value):
     assert refusal(server, "/v1/completions", prompt=PROMPT, max_tokens=2, **{field: value})["param"] == field
+
+
+SORT = "Sort these numbers from smallest to largest: 42, 7, 19"
+
+
+def test_a_completion_ended_by_end_of_text_lists_that_token_last(live_server):
+    prompt = f"<|user|>\n{SORT}<|eot|>\n<|assistant|>\n"  # the bundled chat template, as a raw prompt
+    body = complete(live_server, prompt=prompt, max_tokens=32, logprobs=0)
+    choice = body["choices"][0]
+    tokens = choice["logprobs"]["tokens"]
+    assert choice["text"] == "Answer: 7, 19, 42" and choice["finish_reason"] == "stop"
+    assert tokens[-1] == "<|endoftext|>" and "".join(tokens[:-1]) == choice["text"]
+    assert len(tokens) == body["usage"]["completion_tokens"] + 1
+
+
+def test_a_stop_string_cuts_the_logprobs_with_the_text(live_server):
+    with live_server.http() as http:
+        body = http.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": SORT}], "max_tokens": 32, "stop": [", 19"], "logprobs": True},
+        ).json()
+    choice = body["choices"][0]
+    assert choice["message"]["content"] == "Answer: 7"
+    assert "".join(entry["token"] for entry in choice["logprobs"]["content"]) == "Answer: 7"
