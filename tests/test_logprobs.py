@@ -116,3 +116,12 @@ def test_top_k_samples_only_among_the_k_likeliest(llada_dir):
     assert all(e.token_id in [t for t, _ in e.top] for e in out.logprobs)
     assert any(e.token_id != e.top[0][0] for e in out.logprobs)  # not simply greedy
     assert all(math.isfinite(e.logprob) for e in out.logprobs)
+
+
+@pytest.mark.gpu
+def test_commit_time_logprobs_on_the_gpu_agree_with_the_cpu(llada_dir):
+    params = SamplingParams(max_tokens=16, block_length=8, logprobs=2, ignore_eos=True, top_k=5)
+    cpu = LLM(str(llada_dir), device="cpu").generate([5, 9, 12, 7], params)[0]
+    gpu = LLM(str(llada_dir), device="cuda", dtype="float32", kv_cache_memory=64 * 2**20).generate([5, 9, 12, 7], params)[0]
+    assert gpu.token_ids == cpu.token_ids
+    assert [e.logprob for e in gpu.logprobs] == pytest.approx([e.logprob for e in cpu.logprobs], abs=1e-3)

@@ -66,3 +66,12 @@ def test_cancelling_a_score_stops_its_work_on_the_engine(llada_dir):
             await engine.shutdown()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.gpu
+def test_scores_on_the_gpu_agree_with_the_cpu(llada_dir):
+    cpu = LLM(str(llada_dir), device="cpu").score(PROMPT, top_logprobs=2)[0]
+    gpu = LLM(str(llada_dir), device="cuda", dtype="float32", kv_cache_memory=64 * 2**20).score(PROMPT, top_logprobs=2)[0]
+    assert [e.logprob for e in gpu.logprobs[1:]] == pytest.approx([e.logprob for e in cpu.logprobs[1:]], abs=1e-3)
+    bf16 = LLM(str(llada_dir), device="cuda", kv_cache_memory=64 * 2**20).score(PROMPT)[0]  # the serving dtype
+    assert [e.logprob for e in bf16.logprobs[1:]] == pytest.approx([e.logprob for e in cpu.logprobs[1:]], abs=0.1)
