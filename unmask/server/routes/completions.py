@@ -23,7 +23,7 @@ from unmask.server.protocol import (
 from unmask.server.reply import Reply, respond
 from unmask.server.routes.docs import GENERATION_ERRORS, streaming_200
 from unmask.server.scoring import check_scoring_request, score_prompts
-from unmask.server.state import get_state, new_request_id
+from unmask.server.state import ServerState, get_state, new_request_id
 
 router = APIRouter()
 
@@ -50,16 +50,28 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
             scores = await score_prompts(state.engine, request, request_id, prompts, body.logprobs, retry_after)
         except ClientDisconnected:
             return Response(status_code=CLIENT_CLOSED)
+    # With max_tokens 0 nothing is generated: the choices then only carry their ids and prompts.
     choices = translate.choice_requests(request_id, prompts, body, max(max_tokens, 1), state.settings.defaults)
-    tokenizer = state.engine.tokenizer
-    # On the event loop, but cheap: the engine has accepted every prompt, so none is longer than the context.
-    echoes = [_echo_text(tokenizer, c.prompt) for c in choices] if body.echo else None
-    reply = _CompletionReply(request_id, int(time.time()), model, body.n, echoes, tokenizer, scores)
     if max_tokens == 0:
+        reply = _reply(state, body, request_id, model, choices, scores)
         finals = [_nothing_generated(c, scores[i // body.n]) for i, c in enumerate(choices)]  # type: ignore[index]
         return JSONResponse(reply.response(finals).model_dump(mode="json"), headers={"X-Request-Id": request_id})
     gen = await Generation.start(state.engine, choices, state.metrics, arrival, state.settings.retry_after_seconds)
-    return await respond(request, gen, reply, body)
+    return await respond(request, gen, _reply(state, body, request_id, model, choices, scores), body)
+
+
+def _reply(
+    state: ServerState,
+    body: CompletionRequest,
+    request_id: str,
+    model: str,
+    choices: list[ChoiceRequest],
+    scores: list[PromptScores] | None,
+) -> _CompletionReply:
+    tokenizer = state.engine.tokenizer
+    # On the event loop, but cheap: the engine has accepted (or scored) every prompt, so none is longer than the context.
+    echoes = [_echo_text(tokenizer, c.prompt) for c in choices] if body.echo else None
+    return _CompletionReply(request_id, int(time.time()), model, body.n, echoes, tokenizer, scores)
 
 
 def _nothing_generated(choice: ChoiceRequest, scores: PromptScores) -> RequestOutput:
