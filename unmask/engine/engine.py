@@ -20,14 +20,16 @@ from unmask.engine.detokenizer import TextStream
 from unmask.engine.errors import EngineDeadError
 from unmask.engine.guide import GuideRunner, guide_state, load_guide
 from unmask.engine.kv_pool import KVPool
+from unmask.engine.logprobs import output_logprobs, record_commit_logprobs
 from unmask.engine.models.loader import LoadedModel, load_model
 from unmask.engine.outputs import BlockView, FinishReason, RequestOutput, StepStats
 from unmask.engine.parallel import ShardLoader, TensorParallelGroup, TensorParallelRunner
-from unmask.engine.params import ParamError, SamplingParams, check_text
+from unmask.engine.params import ParamError, SamplingParams, check_logprobs, check_text
 from unmask.engine.policies import CACHE_POLICIES, UNMASK_POLICIES
 from unmask.engine.runner import ModelRunner, SequenceWork
 from unmask.engine.sampling import RowGroup
 from unmask.engine.scheduler import Scheduler, SchedulerLimits
+from unmask.engine.scoring import ScoringJob
 from unmask.engine.sequence import Sequence
 from unmask.kernels.confidence import precompile_fused_confidence
 
@@ -117,6 +119,10 @@ class LLMEngine:
                 f"cache={params.cache!r} needs the pool's feature pages: start the engine with feature_cache=True "
                 "(`unmask serve --feature-cache`)",
             )
+        if params.unmask == "guided" and params.logprobs is not None:
+            raise ParamError(
+                "logprobs", "logprobs are not available with unmask='guided': the guide model may replace the proposed token"
+            )
         if params.unmask == "guided" and self.guide is None:
             raise ParamError(
                 "unmask", "unmask='guided' needs a guide model: start the engine with guide_model=DIR (`unmask serve --guide-model DIR`)"
@@ -146,6 +152,26 @@ class LLMEngine:
         seq = self.make_sequence(request_id, prompt, params)
         self.add_sequence(seq)
         return seq
+
+    # --- prompt scoring (engine.scoring) ------------------------------------------
+    def make_scoring_job(self, request_id: str, prompt: str | list[int], top_k: int) -> ScoringJob:
+        """Tokenize and check a prompt to score (safe from any thread); `run_scoring` computes it."""
+        if self.parallel is not None:
+            raise ParamError("logprobs", "prompt logprobs (echo with logprobs) are not supported with tensor parallelism")
+        check_logprobs(top_k)
+        ids = self._prompt_ids(prompt)
+        limit = min(self.config.max_score_tokens, self.model_config.max_position)
+        if len(ids) > limit:
+            raise ParamError(
+                "prompt",
+                f"the prompt has {len(ids)} tokens; prompt logprobs (echo with logprobs) are computed for prompts of at "
+                f"most {limit} tokens (scoring costs one forward pass per prompt token)",
+            )
+        return ScoringJob(request_id, ids, top_k)
+
+    def run_scoring(self, job: ScoringJob) -> None:
+        """Score the job's next chunk of positions (one step's token budget)."""
+        job.run_chunk(self.loaded.model, self.model_config, self.loaded.device, self.config.max_num_batched_tokens)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request now and free its pages; returns its final output, or None if unknown."""
@@ -187,6 +213,7 @@ class LLMEngine:
                 rows = slice(offsets[i], offsets[i + 1])
                 try:
                     n, block_steps = self._commit(w.seq, tokens[rows], confidence[rows])
+                    record_commit_logprobs(w, self.model_config.logits_shift)
                     committed += n
                     finished_blocks += block_steps
                     out = self._output(w.seq)
@@ -247,7 +274,11 @@ class LLMEngine:
         return ok, (torch.cat([p[0] for p in proposals]), torch.cat([p[1] for p in proposals])), failures
 
     def _propose(self, work: list[SequenceWork]) -> Proposals:
-        return self.runner.propose(work, [self._row_group(w) for w in work])
+        groups = [self._row_group(w) for w in work]
+        proposals = self.runner.propose(work, groups)
+        for w, group in zip(work, groups):  # filled only for requests that ask for logprobs
+            w.row_logprobs = group.logprobs
+        return proposals
 
     def _consult_guide(self, work: list[SequenceWork], tokens: torch.Tensor, offsets: list[int]) -> None:
         """One batched guide pass over the guided sequences' proposals (see `engine.guide`).
@@ -306,17 +337,19 @@ class LLMEngine:
         return self._make_output(seq, delta, stream.released)
 
     def _make_output(self, seq: Sequence, delta: str, text: str, reason: FinishReason | None = None) -> RequestOutput:
+        token_ids = seq.committed_prefix()
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_ids,
             text=text,
-            token_ids=seq.committed_prefix(),
+            token_ids=token_ids,
             delta_text=delta,
             block=self._block_view(seq) if seq.params.stream_blocks else None,
             finished=reason is not None,
             finish_reason=reason,
             error=seq.error,
             stats=seq.stats,
+            logprobs=output_logprobs(seq, len(token_ids)) if reason in (FinishReason.STOP, FinishReason.LENGTH) else None,
         )
 
     def _block_view(self, seq: Sequence) -> BlockView:

@@ -26,6 +26,8 @@ METHOD_FIELDS = {
     "guide_relative": ("unmask", "guided"),
 }
 
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (vLLM's default limit)
+
 
 class ParamError(ValueError):
     """A request parameter is invalid; `param` names the offending field."""
@@ -68,6 +70,8 @@ class SamplingParams:
     max_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0  # sample among the k likeliest tokens; 0 (or -1, vLLM's spelling) keeps them all
+    min_p: float = 0.0  # drop tokens with probability below min_p x the top token's
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     block_length: int | None = None
@@ -86,6 +90,9 @@ class SamplingParams:
     guide_relative: float | None = None  # guided: accept a draft with p_guide >= this * p_guide(top-1)
     stream_blocks: bool = False
     ignore_eos: bool = False  # run to max_tokens: end-of-text neither ends the request nor cuts its tokens
+    # Commit-time log-probabilities: None records none; k records each committed token's
+    # log-probability at the step that committed it, with that step's k likeliest alternatives.
+    logprobs: int | None = None
 
     def resolve(self, defaults: EngineDefaults) -> "SamplingParams":
         """Return a copy with every unset denoising field taken from `defaults`, validated."""
@@ -121,6 +128,10 @@ class SamplingParams:
         _check_int("max_tokens", self.max_tokens, low=1)
         _check_float("temperature", self.temperature, low=0.0, high=100.0)
         _check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        _check_int("top_k", self.top_k, low=-1)
+        _check_float("min_p", self.min_p, low=0.0, high=1.0)
+        if self.logprobs is not None:
+            check_logprobs(self.logprobs)
         if self.seed is not None:
             _check_int("seed", self.seed, low=0, high=2**63 - 1)
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
@@ -185,6 +196,11 @@ def _check_float(name: str, value, low: float, high: float, low_open: bool = Fal
     if too_low or value > high:
         bracket = "(" if low_open else "["
         raise ParamError(name, f"{name} must be in {bracket}{low}, {high}], got {value}")
+
+
+def check_logprobs(value) -> None:
+    """A number of likeliest alternatives to report per token."""
+    _check_int("logprobs", value, low=0, high=MAX_LOGPROBS)
 
 
 def check_text(name: str, text: str) -> None:

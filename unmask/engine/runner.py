@@ -19,7 +19,7 @@ from unmask.engine.feature_cache import FeatureReuseHook, FeatureUse, plan_rows
 from unmask.engine.kv_pool import KVPool
 from unmask.engine.models.loader import LoadedModel
 from unmask.engine.models.transformer import LayerHook
-from unmask.engine.sampling import RowGroup, propose_batch
+from unmask.engine.sampling import RowGroup, RowLogprobs, propose_batch
 from unmask.engine.sequence import Sequence
 from unmask.engine.transfer import to_device
 
@@ -35,6 +35,7 @@ class SequenceWork:
     logit_positions: torch.Tensor  # positions whose output rows feed the logits; a subset of `positions`
     key_length: int | None = None  # keys attended are positions [0, key_length); None: the whole sequence
     features: FeatureUse | None = None  # per-layer feature reuse (dLLM-Cache); None: recompute all `positions`
+    row_logprobs: RowLogprobs | None = None  # set by the proposal when the request asks for logprobs
 
     @property
     def recomputed(self) -> int:

@@ -34,6 +34,20 @@ class RowGroup:
     generator: torch.Generator  # the request's CPU generator
     rows: int
     random_confidence: bool = False
+    logprobs: RowLogprobs | None = None  # filled by the proposal when the request asks for logprobs
+
+
+@dataclass
+class RowLogprobs:
+    """The model's log-probabilities at one sequence's logit rows of a step (CPU tensors).
+
+    Read from the un-noised, unfiltered softmax (temperature 1, no top-k/top-p/min-p),
+    the mask token excluded: the distribution the model itself assigns.
+    """
+
+    proposed: torch.Tensor  # float32 [rows]: log p of the token proposed at each row
+    top_ids: torch.Tensor  # int64 [rows, k]: the k likeliest tokens, best first
+    top_logprobs: torch.Tensor  # float32 [rows, k]
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -45,6 +59,38 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     drop_sorted = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches p
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Logits with everything below the k-th largest set to -inf (ties at the k-th are kept)."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Logits of tokens less likely than min_p x the likeliest token set to -inf."""
+    if min_p <= 0.0:
+        return logits
+    floor = logits.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(min_p, dtype=logits.dtype))
+    return logits.masked_fill(logits < floor, float("-inf"))
+
+
+def sampling_filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The logits a sample is drawn from: top-k and min-p first, then top-p over what they keep (as vLLM)."""
+    return top_p_filter(min_p_filter(top_k_filter(logits, params.top_k), params.min_p), params.top_p)
+
+
+def row_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> RowLogprobs:
+    """The log-probability of each row's token and the row's k likeliest tokens, on the CPU."""
+    logp = logits.float().log_softmax(-1)
+    top = logp.topk(k, dim=-1)
+    return RowLogprobs(
+        proposed=logp.gather(-1, tokens[:, None]).squeeze(-1).cpu(),
+        top_ids=top.indices.cpu(),
+        top_logprobs=top.values.cpu(),
+    )
 
 
 @dataclass
@@ -63,7 +109,9 @@ class RowInputs:
 
 
 def uses_fused_path(params: SamplingParams) -> bool:
-    return params.confidence == "prob" and params.top_p >= 1.0
+    """The fused kernel samples from the whole distribution and keeps no logprobs."""
+    filtered = params.top_p < 1.0 or params.top_k > 0 or params.min_p > 0.0
+    return params.confidence == "prob" and not filtered and params.logprobs is None
 
 
 def row_inputs(groups: list[RowGroup]) -> RowInputs:
@@ -125,7 +173,10 @@ def _propose_general_groups(
     for group, seed in zip(groups, seeds):
         if uses_fused_path(group.params):
             continue
-        t, c = _propose_general(logits[start : start + group.rows], group.params, seed)
+        rows = logits[start : start + group.rows]
+        t, c = _propose_general(rows, group.params, seed)
+        if group.params.logprobs is not None:
+            group.logprobs = row_logprobs(rows, t, group.params.logprobs)
         start += group.rows
         tokens.append(t)
         confidence.append(c.float())
@@ -143,10 +194,10 @@ def _randomize_confidence(confidence: torch.Tensor, groups: list[RowGroup], seed
 
 
 def _propose_general(logits: torch.Tensor, params: SamplingParams, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Any confidence kind and top-p, in plain PyTorch (float64 Gumbel noise)."""
+    """Any confidence kind, top-k, top-p and min-p, in plain PyTorch (float64 Gumbel noise)."""
     probs = logits.float().softmax(-1)
     if params.temperature > 0:
-        filtered = top_p_filter(logits.float(), params.top_p).double()
+        filtered = sampling_filter(logits.float(), params).double()
         generator = torch.Generator(device=logits.device).manual_seed(seed)
         u = torch.rand(filtered.shape, generator=generator, dtype=torch.float64, device=logits.device)
         u = u.clamp_min(torch.finfo(torch.float64).tiny)

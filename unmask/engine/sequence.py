@@ -8,7 +8,7 @@ from enum import Enum
 
 import torch
 
-from unmask.engine.outputs import FinishReason, RequestStats
+from unmask.engine.outputs import FinishReason, RequestStats, TokenLogprob
 from unmask.engine.params import SamplingParams
 
 
@@ -48,6 +48,7 @@ class Sequence:
     last_scheduled: int = -1  # engine step counter, for round-robin fairness
     stats: RequestStats = field(default_factory=RequestStats)
     policy_state: dict = field(default_factory=dict)  # private state of the cache/unmask policies
+    token_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # by position, with params.logprobs
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self) -> None:

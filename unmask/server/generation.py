@@ -61,7 +61,7 @@ class DisconnectWatcher:
 
 @dataclass
 class Generation:
-    stream: OutputStream
+    stream: OutputStream[RequestOutput]
     choices: list[ChoiceRequest]
     metrics: Metrics
     arrival: float  # time.perf_counter() when the HTTP request arrived
