@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Iterator
 
+import httpx
 import pytest
 
 from dense_reference import masked_suffix_logprobs
@@ -172,3 +175,63 @@ def test_a_stop_string_cuts_the_logprobs_with_the_text(live_server):
     choice = body["choices"][0]
     assert choice["message"]["content"] == "Answer: 7"
     assert "".join(entry["token"] for entry in choice["logprobs"]["content"]) == "Answer: 7"
+
+
+# --- scoring that ends early: the client leaves, the server shuts down ----------------------------------
+
+# One position per chunk: scoring this prompt takes about a thousand chunks, seconds of work.
+LONG_SCORING = {"prompt": [5 + i % 500 for i in range(1000)], "echo": True, "logprobs": 0, "max_tokens": 0}
+
+
+@pytest.fixture()
+def slow_scoring_server(random_dir) -> Iterator[LiveServer]:
+    """A server of its own (a test may drain it) that scores one position per chunk."""
+    yield from serve_in_thread(random_dir, ServerSettings(), kv_cache_memory=2**22, max_num_batched_tokens=1)
+
+
+def scoring_under_way(server: LiveServer):
+    """The job being scored, once the engine has begun it."""
+    deadline = time.monotonic() + 20
+    while not server.engine._scoring:
+        assert time.monotonic() < deadline, "the scoring never began"
+        time.sleep(0.01)
+    return server.engine._scoring[0].job
+
+
+def scoring_stopped(server: LiveServer) -> bool:
+    deadline = time.monotonic() + 20
+    while server.engine._scoring or server.engine._scoring_open:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_client_that_leaves_while_its_prompt_is_scored_stops_the_scoring(slow_scoring_server):
+    def leave_early() -> None:
+        with slow_scoring_server.http() as http, pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/completions", json=LONG_SCORING, timeout=httpx.Timeout(30, read=1.0))
+
+    client = threading.Thread(target=leave_early)
+    client.start()
+    job = scoring_under_way(slow_scoring_server)
+    client.join()
+    assert scoring_stopped(slow_scoring_server) and not job.done  # dropped, not scored to the end
+
+
+def test_scoring_still_under_way_at_the_shutdown_deadline_is_a_503(slow_scoring_server):
+    answer: list[httpx.Response] = []
+
+    def score() -> None:
+        with slow_scoring_server.http() as http:
+            answer.append(http.post("/v1/completions", json=LONG_SCORING, timeout=60))
+
+    client = threading.Thread(target=score)
+    client.start()
+    job = scoring_under_way(slow_scoring_server)
+    slow_scoring_server.engine.begin_drain(timeout=0.3)
+    client.join(30)
+    assert answer and answer[0].status_code == 503, answer and answer[0].text
+    error = answer[0].json()["error"]
+    assert error["code"] == "engine_unavailable" and "shutdown timeout" in error["message"]
+    assert scoring_stopped(slow_scoring_server) and not job.done
