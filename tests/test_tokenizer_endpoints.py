@@ -65,6 +65,15 @@ def test_bad_tokenizer_requests_are_refused_by_field(live_server, path, body, pa
     assert response.json()["error"]["param"] == param
 
 
+@pytest.mark.parametrize("path", ["/tokenize", "/detokenize"])
+def test_a_body_that_is_not_a_json_object_is_a_clear_400(live_server, path):
+    with live_server.http() as http:
+        form = http.post(path, content=b'{"prompt": "hi"}', headers={"content-type": "application/x-www-form-urlencoded"})
+        non_finite = http.post(path, content=b'{"tokens": [NaN]}', headers={"content-type": "application/json"})
+    assert form.status_code == 400 and form.json()["error"]["code"] == "invalid_content_type"
+    assert non_finite.status_code == 400 and non_finite.json()["error"]["param"] == "tokens[0]"
+
+
 def test_an_unknown_model_is_not_found(live_server):
     response = post(live_server, "/tokenize", prompt=TEXT, model="no-such-model")
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from unmask.engine.params import ParamError, check_text
 from unmask.server import translate
 from unmask.server.errors import INVALID_REQUEST, APIError
+from unmask.server.json_body import JSONBodyRoute
 from unmask.server.routes.docs import error_responses
 from unmask.server.state import get_state
 from unmask.server.tokenization import (
@@ -19,7 +20,7 @@ from unmask.server.tokenization import (
     TokenizerInfo,
 )
 
-router = APIRouter()
+router = APIRouter(route_class=JSONBodyRoute)
 
 _SPECIAL_TOKENS = ("eos_token", "bos_token", "pad_token", "unk_token", "mask_token")
 
