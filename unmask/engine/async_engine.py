@@ -81,8 +81,8 @@ class _MemberStream(Generic[Item]):
     to the engine (`_released`), which stops their work.
     """
 
-    def __init__(self, request_ids: list[str], loop: asyncio.AbstractEventLoop):
-        self._loop = loop
+    def __init__(self, engine: "AsyncEngine", request_ids: list[str], loop: asyncio.AbstractEventLoop):
+        self._engine, self._loop = engine, loop
         self.request_ids = request_ids
         self._items: asyncio.Queue = asyncio.Queue()
         self._unfinished = set(range(len(request_ids)))
@@ -130,10 +130,6 @@ class _MemberStream(Generic[Item]):
 class GroupStream(_MemberStream[RequestOutput]):
     """The outputs of one request group; `close` aborts the unfinished members."""
 
-    def __init__(self, engine: "AsyncEngine", request_ids: list[str], loop: asyncio.AbstractEventLoop):
-        super().__init__(request_ids, loop)
-        self._engine = engine
-
     def _is_final(self, item: RequestOutput) -> bool:
         return item.finished
 
@@ -143,10 +139,6 @@ class GroupStream(_MemberStream[RequestOutput]):
 
 class ScoringStream(_MemberStream[PromptScores]):
     """The scores of one scoring group's prompts, each once; `close` stops scoring the rest."""
-
-    def __init__(self, engine: "AsyncEngine", request_ids: list[str], loop: asyncio.AbstractEventLoop):
-        super().__init__(request_ids, loop)
-        self._engine = engine
 
     def _is_final(self, item: PromptScores) -> bool:
         return True
