@@ -1,4 +1,4 @@
-"""The async engine: streaming outputs across threads, abort by leaving, clean shutdown."""
+"""The async engine: streaming outputs across threads, abort by leaving, clean shutdown, scoring groups."""
 
 from __future__ import annotations
 
@@ -193,3 +193,81 @@ def test_after_the_drain_deadline_open_requests_end_with_engine_dead_error(llada
 
     errors, freed = run(go())
     assert "shut down" in errors[0] and freed
+
+
+# --- scoring groups: prompt scores on the engine thread, between steps ------------------------------------
+
+SCORED = [5, 9, 12, 7, 30, 2, 41, 8, 17]
+LONG_SCORED = [5 + i % 500 for i in range(1000)]  # with one position per chunk: 999 chunks, seconds of work
+
+
+async def _scoring_engine(model_dir, **config) -> AsyncEngine:
+    """An engine that scores one position per chunk, so a long prompt stays under way for a while."""
+    return await _started(model_dir, max_num_batched_tokens=1, **config)
+
+
+def test_a_scoring_group_streams_each_prompts_scores_once_as_llm_score_computes_them(llada_dir):
+    prompts = [SCORED, SCORED[:4], SCORED[3:]]
+    expected = LLM(str(llada_dir)).score(prompts, top_logprobs=1)
+
+    async def go():
+        engine = await _scoring_engine(llada_dir)
+        items = [item async for item in await engine.add_scoring("group", prompts, 1)]
+        await engine.shutdown()
+        return items
+
+    items = run(go())
+    assert sorted(index for index, _ in items) == [0, 1, 2]
+    for index, scores in items:
+        assert scores.token_ids == expected[index].token_ids
+        assert [e.logprob for e in scores.logprobs[1:]] == pytest.approx(
+            [e.logprob for e in expected[index].logprobs[1:]], abs=1e-5
+        )
+
+
+def test_a_scoring_group_with_one_prompt_over_the_cap_queues_nothing(llada_dir):
+    async def go():
+        engine = await _scoring_engine(llada_dir, max_score_tokens=8)
+        with pytest.raises(ParamError) as refused:
+            await engine.add_scoring("group", [SCORED[:4], SCORED], 0)
+        await asyncio.sleep(0.2)  # anything queued would have reached the engine thread by now
+        state = refused.value.param, engine._scoring_open, list(engine._scoring)
+        await engine.shutdown()
+        return state
+
+    assert run(go()) == ("prompt", 0, [])
+
+
+def test_after_the_drain_deadline_scoring_ends_with_engine_dead_error(llada_dir):
+    async def go():
+        engine = await _scoring_engine(llada_dir)
+        stream = await engine.add_scoring("long", [LONG_SCORED], 0)
+        assert await _until(lambda: bool(engine._scoring))
+        job = engine._scoring[0].job
+        engine.begin_drain(timeout=0.3)
+        with pytest.raises(EngineDeadError) as cut:
+            async for _ in stream:
+                pass
+        state = str(cut.value), job.done, engine._scoring_open, list(engine._scoring)
+        await engine.shutdown()
+        return state
+
+    message, done, still_open, scoring = run(go())
+    assert "shutdown timeout" in message
+    assert not done and still_open == 0 and scoring == []  # cut, not run to the end
+
+
+def test_shutdown_waits_for_scoring_under_way_and_refuses_new_scoring(llada_dir):
+    async def go():
+        engine = await _scoring_engine(llada_dir)
+        stream = await engine.add_scoring("under-way", [SCORED * 8], 0)
+        shutdown = asyncio.ensure_future(engine.shutdown())
+        await asyncio.sleep(0)  # the shutdown has begun: the engine is draining
+        with pytest.raises(EngineDeadError):
+            await engine.add_scoring("late", [SCORED], 0)
+        scored = [item async for item in stream]
+        await shutdown
+        return scored
+
+    scored = run(go())
+    assert len(scored) == 1 and len(scored[0][1].logprobs) == len(SCORED) * 8

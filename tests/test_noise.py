@@ -17,7 +17,7 @@ import torch
 from kernel_fixtures import INTERPRETING, kernel_device  # noqa: F401  (pytest fixture)
 
 from unmask.engine.params import EngineDefaults, SamplingParams
-from unmask.engine.sampling import RowGroup, propose_batch, top_p_filter
+from unmask.engine.sampling import RowGroup, min_p_filter, propose_batch, top_k_filter, top_p_filter
 from unmask.kernels._triton import HAS_TRITON, tl, triton
 from unmask.kernels.confidence import fused_confidence_reference, fused_confidence_triton
 from unmask.kernels.noise import _bits, gumbel_bits, gumbel_from_bits, gumbel_keys, gumbel_noise, row_keys
@@ -104,6 +104,35 @@ def test_top_p_keeps_the_unfiltered_token_wherever_it_lies_in_the_nucleus():
     inside = (top_p_filter(masked, 0.8) > float("-inf")).gather(1, fused[:, None]).squeeze(1)
     assert inside.any() and not inside.all()
     assert torch.equal(nucleus[inside], fused[inside])
+
+
+@pytest.mark.parametrize(
+    "fields,keeps",
+    [({"top_k": 20}, lambda l: top_k_filter(l, 20)), ({"min_p": 0.05}, lambda l: min_p_filter(l, 0.05))],
+    ids=["top_k", "min_p"],
+)
+def test_top_k_and_min_p_keep_the_unfiltered_token_wherever_they_keep_it(fields, keeps):
+    logits = torch.randn(40, 300) * 3
+    positions = torch.arange(40)
+    fused, _ = propose_batch(logits.clone(), [group(sampled(), 4, positions)], MASK)
+    filtered, _ = propose_batch(logits.clone(), [group(sampled(**fields), 4, positions)], MASK)
+    masked = logits.clone()
+    masked[:, MASK] = float("-inf")
+    kept = keeps(masked) > float("-inf")
+    inside = kept.gather(1, fused[:, None]).squeeze(1)
+    assert inside.any() and not inside.all()
+    assert torch.equal(filtered[inside], fused[inside])
+    assert kept.gather(1, filtered[:, None]).all()
+
+
+def test_asking_for_logprobs_samples_the_fused_paths_tokens():
+    logits = torch.randn(12, 300) * 2
+    positions = torch.arange(20, 32)
+    fused, _ = propose_batch(logits.clone(), [group(sampled(), 9, positions)], MASK)
+    recorded = group(sampled(logprobs=3), 9, positions)
+    general, _ = propose_batch(logits.clone(), [recorded], MASK)
+    assert torch.equal(general, fused)
+    assert recorded.logprobs is not None and recorded.logprobs.top_ids.shape == (12, 3)
 
 
 def test_a_request_samples_the_same_tokens_alone_or_batched_with_others():

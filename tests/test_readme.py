@@ -39,7 +39,7 @@ def test_the_offline_api_example_prints_the_answer_its_comment_promises(monkeypa
     printed = io.StringIO()
     with redirect_stdout(printed):
         exec(compile(code, "README.md (Offline API)", "exec"), {})
-    promised = _promised(code, "print(out.text")
+    promised = _promised(code, "print(out.text") + " " + _promised(code, "print(scored")
     assert printed.getvalue().split() == promised.split()
 
 

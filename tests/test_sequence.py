@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from unmask.engine.outputs import FinishReason
+from unmask.engine.outputs import FinishReason, TokenLogprob
 from unmask.engine.params import EngineDefaults, SamplingParams
 from unmask.engine.sequence import Sequence, SequenceStatus
 
@@ -31,6 +31,14 @@ def test_commit_writes_the_tokens_and_advances_the_clocks():
     assert (seq.block, seq.step, seq.steps_taken) == (0, 1, 1)
     assert seq.last_committed.tolist() == [4, 6]
     assert seq.masked_in_block().tolist() == [3, 5]
+
+
+def test_commit_keeps_the_logprobs_of_the_committed_tokens_by_position():
+    seq = make_sequence()
+    first, second = TokenLogprob(10, -0.5, [(10, -0.5)]), TokenLogprob(11, -1.5, [(12, -1.0)])
+    seq.commit(torch.tensor([4, 6]), torch.tensor([10, 11]), [first, second])
+    seq.commit(torch.tensor([3]), torch.tensor([12]))  # a step that recorded none
+    assert seq.token_logprobs == {4: first, 6: second}
 
 
 def test_the_commit_that_unmasks_a_block_moves_to_the_next_block():

@@ -135,7 +135,7 @@ def _engine_accepts(name: str, value) -> bool:
 
 @pytest.mark.parametrize("name", sorted(BOUNDS))
 def test_schema_ranges_are_the_engine_ranges(name):
-    integer = name == "seed" or isinstance(getattr(EngineDefaults(), name, 0.0), int) or name == "steps"
+    integer = name in ("seed", "steps", "top_k") or isinstance(getattr(EngineDefaults(), name, 0.0), int)
     nudge = 1 if integer else 1e-6
     for kind, bound in BOUNDS[name].items():
         bound = int(bound) if integer else float(bound)

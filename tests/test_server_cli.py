@@ -93,6 +93,7 @@ def test_help_lists_the_serving_options(capsys):
         "--dtype",
         "--device",
         "--load-format",
+        "--max-score-tokens",
         "--cache",
         "--unmask",
         "--block-length",
@@ -127,6 +128,12 @@ def test_invalid_default_is_refused_before_loading(model_dir, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["serve", str(model_dir), "--block-length", "8", "--steps", "9"])
     assert exit_.value.code == 2 and "--steps" in capsys.readouterr().err
+
+
+def test_a_scoring_cap_below_one_is_refused_before_loading(llada_dir, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", str(llada_dir), "--max-score-tokens", "0"])
+    assert exit_.value.code == 2 and "max_score_tokens must be >= 1" in capsys.readouterr().err
 
 
 def test_unknown_policy_is_refused_by_the_parser(model_dir, capsys):

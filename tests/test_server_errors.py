@@ -116,16 +116,15 @@ def test_a_prompt_of_most_of_the_body_limit_is_400_for_the_context(live_server, 
 @pytest.mark.parametrize(
     "path, fields, param",
     [
-        ("/v1/completions", {"logprobs": 1}, "logprobs"),
+        ("/v1/completions", {"logprobs": 1, "stream": True}, "logprobs"),
         ("/v1/completions", {"suffix": "x"}, "suffix"),
         ("/v1/completions", {"presence_penalty": 0.5}, "presence_penalty"),
-        ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
+        ("/v1/chat/completions", {"logprobs": True, "stream": True}, "logprobs"),
         ("/v1/completions", {"best_of": 2}, "best_of"),
         ("/v1/completions", {"logit_bias": {"42": 1.0}}, "logit_bias"),
         ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
         ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
-        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
     ],
 )
 def test_unsupported_openai_feature_is_a_clear_400(live_server, path, fields, param):

@@ -28,7 +28,7 @@ from unmask.engine.parallel.layers import VocabShard
 from unmask.engine.parallel.loading import CheckpointShards
 from unmask.engine.parallel.state import ParallelState
 from unmask.engine.parallel.vocab import blank_columns, combine_stats, shard_stats
-from unmask.engine.params import SamplingParams
+from unmask.engine.params import ParamError, SamplingParams
 from unmask.engine.runner_interface import Runner
 from unmask.kernels.confidence import fused_confidence_reference
 
@@ -226,6 +226,33 @@ def test_tp2_sampling_is_seeded_and_the_same_alone_or_batched(llada_dir):
         alone = generate(engine, [sampled])[0]
         batched = generate(engine, [REQUESTS[0], sampled, REQUESTS[1]])[1]
     assert alone == batched
+
+
+def test_tp2_logprobs_and_top_k_match_one_process(llada_dir):
+    """Requests with logprobs or top-k take the gathered-logits path on the ranks; the numbers agree with one process."""
+    requests = [
+        ("Hello world", SamplingParams(max_tokens=16, block_length=8, logprobs=2, ignore_eos=True)),
+        ("The quick brown fox", SamplingParams(max_tokens=16, temperature=2.0, seed=4, top_k=3, min_p=0.01, ignore_eos=True)),
+    ]
+
+    def run(engine):
+        seqs = [engine.add_request(f"r{i}", prompt, params) for i, (prompt, params) in enumerate(requests)]
+        outputs = {}
+        while engine.has_unfinished:
+            outputs.update({o.request_id: o for o in engine.step() if o.finished})
+        return [outputs[s.request_id] for s in seqs]
+
+    want = run(single_engine(llada_dir))
+    with tp_engine(llada_dir) as engine:
+        got = run(engine)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [e.logprob for e in got[0].logprobs] == pytest.approx([e.logprob for e in want[0].logprobs], abs=1e-4)
+
+
+def test_tp2_refuses_prompt_scoring(llada_dir):
+    with tp_engine(llada_dir) as engine, pytest.raises(ParamError) as refused:
+        engine.make_scoring_job("s", [5, 9, 12], 0)
+    assert refused.value.param == "logprobs"
 
 
 def test_tp2_load_format_dummy_draws_each_ranks_shard_of_a_config_only_directory(tmp_path):

@@ -6,6 +6,11 @@ cross into the thread through a command queue. Outputs cross back through one
 `GroupStream` per request group (vLLM's output-collector pattern): after each
 step the thread hands every group its outputs in one `call_soon_threadsafe`,
 and the reader awaits a single queue, so there is no task per request.
+
+Prompt scoring (`engine.scoring`) runs on the same thread, one chunk of the
+oldest scoring job after each step, so it never stalls generation for long;
+its results come back through a `ScoringStream` per scoring group, which is
+closed to stop the work, as a `GroupStream` is closed to abort.
 """
 
 from __future__ import annotations
@@ -16,20 +21,24 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable, Generic, TypeVar
 
 from unmask.engine.client import EngineClient, GroupMember
 from unmask.engine.config import EngineConfig
 from unmask.engine.engine import LLMEngine, StepListener
 from unmask.engine.errors import EngineDeadError, QueueFullError
-from unmask.engine.outputs import FinishReason, RequestOutput
+from unmask.engine.outputs import FinishReason, PromptScores, RequestOutput
 from unmask.engine.params import SamplingParams
 from unmask.engine.policies import UNMASK_POLICIES
+from unmask.engine.scoring import ScoringJob
 from unmask.engine.sequence import Sequence
 
 log = logging.getLogger("unmask.async_engine")
 
 _IDLE_WAIT_SECONDS = 0.1
 _CYCLE_TIME_SMOOTHING = 0.2  # weight of the latest loop cycle in the running mean
+
+Item = TypeVar("Item")
 
 
 @dataclass
@@ -42,12 +51,33 @@ class _Abort:
     request_ids: list[str]
 
 
-class GroupStream:
-    """The outputs of one request group, in arrival order, as (member index, output).
+@dataclass
+class _AddScoring:
+    stream: "ScoringStream"
+    jobs: list[ScoringJob]
+
+
+@dataclass
+class _DropScoring:
+    stream: "ScoringStream"
+
+
+@dataclass
+class _ScoringWork:
+    """A prompt being scored on the engine thread, and the stream its scores go to."""
+
+    stream: "ScoringStream"
+    index: int  # the prompt's place in its scoring group
+    job: ScoringJob
+
+
+class _MemberStream(Generic[Item]):
+    """What the members of one group produce, in arrival order, as (member index, item).
 
     Filled by the engine thread (`_push`, `_fail` through the event loop), read
-    by one consumer. Ends after every member's final output; raises what
-    `interrupt` or the engine put in. `close` aborts the unfinished members.
+    by one consumer. Ends after every member's final item; raises what
+    `interrupt` or the engine put in. `close` hands the unfinished members back
+    to the engine (`_released`), which stops their work.
     """
 
     def __init__(self, engine: "AsyncEngine", request_ids: list[str], loop: asyncio.AbstractEventLoop):
@@ -57,20 +87,20 @@ class GroupStream:
         self._unfinished = set(range(len(request_ids)))
         self._closed = False
 
-    def __aiter__(self) -> "GroupStream":
+    def __aiter__(self) -> "_MemberStream[Item]":
         return self
 
-    async def __anext__(self) -> tuple[int, RequestOutput]:
+    async def __anext__(self) -> tuple[int, Item]:
         if not self._unfinished or self._closed:
             raise StopAsyncIteration
-        item = await self._items.get()
-        if isinstance(item, BaseException):
+        entry = await self._items.get()
+        if isinstance(entry, BaseException):
             self.close()
-            raise item
-        index, out = item
-        if out.finished:
+            raise entry
+        index, item = entry
+        if self._is_final(item):
             self._unfinished.discard(index)
-        return index, out
+        return index, item
 
     def interrupt(self, error: BaseException) -> None:
         self._items.put_nowait(error)
@@ -79,15 +109,41 @@ class GroupStream:
         if self._closed:
             return
         self._closed = True
-        self._engine._release(self, [self.request_ids[i] for i in sorted(self._unfinished)])
+        self._released([self.request_ids[i] for i in sorted(self._unfinished)])
+
+    def _is_final(self, item: Item) -> bool:
+        raise NotImplementedError
+
+    def _released(self, unfinished: list[str]) -> None:
+        raise NotImplementedError
 
     # --- called on the event loop, scheduled by the engine thread ---------------------
-    def _push(self, items: list[tuple[int, RequestOutput]]) -> None:
+    def _push(self, items: list[tuple[int, Item]]) -> None:
         for item in items:
             self._items.put_nowait(item)
 
     def _fail(self, error: BaseException) -> None:
         self._items.put_nowait(error)
+
+
+class GroupStream(_MemberStream[RequestOutput]):
+    """The outputs of one request group; `close` aborts the unfinished members."""
+
+    def _is_final(self, item: RequestOutput) -> bool:
+        return item.finished
+
+    def _released(self, unfinished: list[str]) -> None:
+        self._engine._release(self, unfinished)
+
+
+class ScoringStream(_MemberStream[PromptScores]):
+    """The scores of one scoring group's prompts, each once; `close` stops scoring the rest."""
+
+    def _is_final(self, item: PromptScores) -> bool:
+        return True
+
+    def _released(self, unfinished: list[str]) -> None:
+        self._engine._release_scoring(self, unfinished)
 
 
 class RequestStream:
@@ -124,6 +180,8 @@ class AsyncEngine(EngineClient):
         self._mean_cycle_seconds: float | None = None  # one step and its delivery, for the drain deadline
         self._pending = 0  # adds sent to the thread but not yet queued in the scheduler
         self._pending_lock = threading.Lock()
+        self._scoring: list[_ScoringWork] = []  # engine thread only: prompts being scored, first come first served
+        self._scoring_open = 0  # prompts sent to the thread to score and not yet scored or dropped (under _pending_lock)
 
     # --- lifecycle --------------------------------------------------------------
     async def start(self) -> None:
@@ -134,7 +192,8 @@ class AsyncEngine(EngineClient):
         self._thread.start()
 
     def begin_drain(self, timeout: float | None) -> None:
-        """Refuse new requests from now on; after `timeout` seconds, end every open one with `EngineDeadError`.
+        """Refuse new requests from now on; after `timeout` seconds, end every open one (and every
+        scoring group still being scored) with `EngineDeadError`.
 
         While draining, a waiting request that cannot finish before the deadline (the
         fewest steps until a sequence slot frees plus its own fewest steps, at the recent
@@ -148,7 +207,9 @@ class AsyncEngine(EngineClient):
         """Stop accepting requests; with `drain`, let in-flight ones finish (or reach the drain deadline) first."""
         self._draining = True
         if drain:
-            while self.engine is not None and self.is_alive and (self.engine.has_unfinished or self._pending):
+            while self.engine is not None and self.is_alive and (
+                self.engine.has_unfinished or self._pending or self._scoring_open
+            ):
                 await asyncio.sleep(0.05)
         self._stopping.set()
         if self._thread is not None:
@@ -254,18 +315,54 @@ class AsyncEngine(EngineClient):
         if unfinished:
             self._commands.put(_Abort(unfinished))
 
+    async def add_scoring(self, request_id: str, prompts: list[str | list[int]], top_k: int) -> ScoringStream:
+        """Queue every prompt for scoring (`engine.scoring`) or none (raising ParamError / EngineDeadError);
+        stream their scores, as (prompt index, `PromptScores`), each as soon as it is complete.
+
+        The prompts are scored on the engine thread a chunk at a time between steps,
+        oldest first; closing the stream stops scoring those not yet scored.
+        Prompt `i`'s job is named `{request_id}-{i}`.
+        """
+        jobs = await asyncio.to_thread(
+            lambda: [self._engine.make_scoring_job(f"{request_id}-{i}", p, top_k) for i, p in enumerate(prompts)]
+        )
+        # Checked after the await, with no await before queueing: shutdown may have begun meanwhile.
+        if not self.accepting:
+            raise EngineDeadError("the engine is shutting down" if self._draining else "the engine is not running")
+        stream = ScoringStream(self, [job.request_id for job in jobs], asyncio.get_running_loop())
+        with self._pending_lock:
+            self._scoring_open += len(jobs)
+        self._commands.put(_AddScoring(stream, jobs))
+        return stream
+
+    async def score(self, request_id: str, prompt: str | list[int], top_k: int) -> PromptScores:
+        """One prompt's scores; cancelling the wait stops its work on the engine."""
+        stream = await self.add_scoring(request_id, [prompt], top_k)
+        try:
+            _, scores = await stream.__anext__()
+            return scores
+        finally:
+            stream.close()
+
+    def _release_scoring(self, stream: ScoringStream, unfinished: list[str]) -> None:
+        """A scoring group's stream closed: stop scoring its prompts that have no scores yet."""
+        if unfinished:
+            self._commands.put(_DropScoring(stream))
+
     # --- the engine thread ----------------------------------------------------------
     def _loop(self) -> None:
         engine = self._engine
         try:
             while not self._stopping.is_set():
-                self._drain_commands(block=not engine.has_unfinished)
+                self._drain_commands(block=not (engine.has_unfinished or self._scoring))
                 if self._drain_deadline is not None:
                     self._enforce_drain_deadline()
                 if engine.has_unfinished:
                     started = time.monotonic()
                     self._deliver(engine.step())
                     self._time_cycle(time.monotonic() - started)
+                if self._scoring:
+                    self._score_next_chunk()
         except BaseException as exc:  # the loop is dead; fail every waiting client instead of hanging them
             log.exception("engine loop died")
             self._failure = exc
@@ -285,10 +382,16 @@ class AsyncEngine(EngineClient):
             except queue.Empty:
                 return
 
-    def _apply(self, command: _AddGroup | _Abort) -> None:
+    def _apply(self, command: _AddGroup | _Abort | _AddScoring | _DropScoring) -> None:
         engine = self._engine
         if isinstance(command, _Abort):
             self._deliver([out for out in map(engine.abort, command.request_ids) if out is not None])
+            return
+        if isinstance(command, _AddScoring):
+            self._scoring.extend(_ScoringWork(command.stream, i, job) for i, job in enumerate(command.jobs))
+            return
+        if isinstance(command, _DropScoring):
+            self._take_scoring(lambda work: work.stream is command.stream)
             return
         with self._pending_lock:
             self._pending -= len(command.seqs)
@@ -300,13 +403,45 @@ class AsyncEngine(EngineClient):
             except Exception as exc:
                 self._deliver([_error_output(seq, exc)])
 
+    def _score_next_chunk(self) -> None:
+        """One chunk of the oldest scoring job. A job that fails fails its whole group (the
+        response is an error anyway) and nothing else."""
+        work = self._scoring[0]
+        try:
+            self._engine.run_scoring(work.job)
+        except Exception as exc:
+            log.exception("scoring %s failed", work.job.request_id)
+            self._fail_scoring(self._take_scoring(lambda other: other.stream is work.stream), exc)
+            return
+        if work.job.done:
+            self._take_scoring(lambda other: other is work)
+            work.stream._loop.call_soon_threadsafe(work.stream._push, [(work.index, work.job.result())])
+
+    def _take_scoring(self, chosen: Callable[[_ScoringWork], bool]) -> list[_ScoringWork]:
+        """Remove the scoring work `chosen(work)` picks; it is no longer open."""
+        taken = [work for work in self._scoring if chosen(work)]
+        self._scoring = [work for work in self._scoring if not chosen(work)]
+        with self._pending_lock:
+            self._scoring_open -= len(taken)
+        return taken
+
+    @staticmethod
+    def _fail_scoring(works: list[_ScoringWork], error: BaseException) -> None:
+        """End the streams of these works' groups with `error` (once per group)."""
+        for stream in {work.stream for work in works}:
+            stream._loop.call_soon_threadsafe(stream._fail, error)
+
     def _enforce_drain_deadline(self) -> None:
-        """While draining: cut everything at the deadline; before it, refuse the waiting that cannot make it."""
+        """While draining: cut everything at the deadline; before it, refuse the waiting that cannot make it.
+
+        Scoring is cut at the deadline too; before it, it runs on (a chunk costs no sequence slot).
+        """
         remaining = self._drain_deadline - time.monotonic()
         scheduler = self._engine.scheduler
         if remaining <= 0:
             doomed = list(scheduler.running) + list(scheduler.waiting)
             reason = "the server shut down before this request finished (shutdown timeout reached)"
+            self._fail_scoring(self._take_scoring(lambda work: True), EngineDeadError(reason))
         elif self._mean_cycle_seconds is not None:
             steps_left = remaining / self._mean_cycle_seconds
             slot_wait = self._steps_until_a_slot_frees()
@@ -352,6 +487,7 @@ class AsyncEngine(EngineClient):
             stream._loop.call_soon_threadsafe(stream._fail, error)
 
     def _fail_all(self, message: str) -> None:
+        self._fail_scoring(self._take_scoring(lambda work: True), EngineDeadError(message))
         for request_id in list(self._channels):
             self._deliver(
                 [RequestOutput(request_id, [], finished=True, finish_reason=FinishReason.ERROR, error=message)]

@@ -6,15 +6,17 @@ into the engine's internals and a test or another engine can stand behind it.
 
 One HTTP request is one *request group* (one engine request per choice), and
 its outputs come back through one `OutputStream`: the engine thread fills it,
-the server reads it, and closing it is the one way to abort the group.
+the server reads it, and closing it is the one way to abort the group. Prompts
+scored for prompt logprobs (`engine.scoring`) form a *scoring group* the same
+way: one stream of scores, closed to stop the work.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator, Protocol
+from typing import TYPE_CHECKING, AsyncIterator, Protocol, TypeVar
 
-from unmask.engine.outputs import RequestOutput
+from unmask.engine.outputs import PromptScores, RequestOutput
 from unmask.engine.params import SamplingParams
 
 if TYPE_CHECKING:
@@ -31,17 +33,21 @@ class GroupMember:
     params: SamplingParams
 
 
-class OutputStream(Protocol):
-    """The outputs of one request group, as (member index, output), until every member has finished.
+Item = TypeVar("Item", covariant=True)
+
+
+class OutputStream(Protocol[Item]):
+    """What one group's members produce, as (member index, item), until every member has finished:
+    a request group's `RequestOutput`s, or a scoring group's `PromptScores` (one per prompt).
 
     Iteration raises `EngineDeadError` if the engine stops serving the group
     (shutdown deadline, refused while draining); `close` aborts the members
     that have not finished and frees their pages (synchronous, idempotent).
     """
 
-    def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]: ...
+    def __aiter__(self) -> AsyncIterator[tuple[int, Item]]: ...
 
-    async def __anext__(self) -> tuple[int, RequestOutput]: ...
+    async def __anext__(self) -> tuple[int, Item]: ...
 
     def interrupt(self, error: BaseException) -> None:
         """Make the reader's pending (or next) wait raise `error` (e.g. the client went away)."""
@@ -63,8 +69,14 @@ class EngineClient(Protocol):
     async def shutdown(self, drain: bool = True) -> None:
         """Stop; with `drain`, once every open request has ended."""
 
-    async def add_group(self, members: list[GroupMember]) -> OutputStream:
+    async def add_group(self, members: list[GroupMember]) -> OutputStream[RequestOutput]:
         """Queue every member or none (raising `ParamError`, `QueueFullError` or `EngineDeadError`)."""
+
+    async def add_scoring(
+        self, request_id: str, prompts: list[str | list[int]], top_k: int
+    ) -> OutputStream[PromptScores]:
+        """Queue every prompt for scoring or none (raising `ParamError` or `EngineDeadError`);
+        each prompt's scores (with its `top_k` likeliest alternatives per token) arrive once."""
 
     def add_step_listener(self, listener: StepListener) -> None: ...
 

@@ -39,6 +39,9 @@ class EngineConfig:
     only `config.json` and the tokenizer and draws random weights (N(0, 0.02))
     on the device, on every rank its own shard: a load test of the model's
     shapes without its weights (the text it writes is meaningless).
+    `max_score_tokens` caps the prompts scored for prompt logprobs (`echo` +
+    `logprobs`): scoring a prompt of L tokens costs L - 1 passes over L positions
+    (see `engine.scoring`).
     """
 
     model_dir: str
@@ -55,10 +58,13 @@ class EngineConfig:
     guide_model: str | None = None
     tensor_parallel_size: int = 1
     load_format: str = "auto"
+    max_score_tokens: int = 1024
     defaults: EngineDefaults = field(default_factory=EngineDefaults)
 
     def __post_init__(self) -> None:
-        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting", "tensor_parallel_size"):
+        for name in (
+            "page_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting", "tensor_parallel_size", "max_score_tokens"
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.load_format not in LOAD_FORMATS:

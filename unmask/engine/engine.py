@@ -26,11 +26,12 @@ from unmask.engine.cuda_graphs import build_graph_runner
 from unmask.engine.detokenizer import TextStream
 from unmask.engine.errors import EngineDeadError
 from unmask.engine.kv_pool import KVPool
+from unmask.engine.logprobs import chosen_logprobs, output_logprobs
 from unmask.engine.models.loader import LoadedModel, load_model
 from unmask.engine.outputs import BlockView, FinishReason, RequestOutput, StepStats
 from unmask.engine.pages import PageAllocator
 from unmask.engine.parallel import ShardLoader, TensorParallelGroup
-from unmask.engine.params import ParamError, SamplingParams, check_text
+from unmask.engine.params import ParamError, SamplingParams, check_logprobs, check_text
 from unmask.engine.policies import CACHE_POLICIES, UNMASK_POLICIES
 from unmask.engine.policies.resources import PolicyResources
 from unmask.engine.policies.unmask import Drafts
@@ -38,6 +39,7 @@ from unmask.engine.runner import ModelRunner
 from unmask.engine.runner_interface import Proposals, Runner
 from unmask.engine.sampling import RowGroup
 from unmask.engine.scheduler import Scheduler, SchedulerLimits
+from unmask.engine.scoring import ScoringJob
 from unmask.engine.sequence import Commit, Sequence
 from unmask.engine.work import SequenceWork, plan_work
 from unmask.kernels.confidence import precompile_fused_confidence
@@ -142,8 +144,14 @@ class LLMEngine:
         return Sequence(request_id, prompt_ids, resolved, mask_id, eos_id, seed, unmask_state=state)
 
     def _check_support(self, params: SamplingParams) -> None:
-        """Refuse a request whose policies need what this engine was started without."""
-        for kind, policy in (("cache", CACHE_POLICIES[params.cache]), ("unmask", UNMASK_POLICIES[params.unmask])):
+        """Refuse a request whose policies need what this engine was started without, or cannot give what it asks."""
+        unmask = UNMASK_POLICIES[params.unmask]
+        if params.logprobs is not None and not unmask.keeps_proposals:  # a request error before a server one
+            raise ParamError(
+                "logprobs",
+                f"logprobs are not available with unmask={unmask.name!r}: it may commit a token other than the model's proposal",
+            )
+        for kind, policy in (("cache", CACHE_POLICIES[params.cache]), ("unmask", unmask)):
             for requirement in policy.requirements:
                 requirement.check(kind, policy.name, self.resources)
 
@@ -171,6 +179,26 @@ class LLMEngine:
         seq = self.make_sequence(request_id, prompt, params)
         self.add_sequence(seq)
         return seq
+
+    # --- prompt scoring (engine.scoring) ------------------------------------------
+    def make_scoring_job(self, request_id: str, prompt: str | list[int], top_k: int) -> ScoringJob:
+        """Tokenize and check a prompt to score (safe from any thread); `run_scoring` computes it."""
+        if self.parallel is not None:
+            raise ParamError("logprobs", "prompt logprobs (echo with logprobs) are not supported with tensor parallelism")
+        check_logprobs(top_k)
+        ids = self._prompt_ids(prompt)
+        limit = min(self.config.max_score_tokens, self.model_config.max_position)
+        if len(ids) > limit:
+            raise ParamError(
+                "prompt",
+                f"the prompt has {len(ids)} tokens; prompt logprobs (echo with logprobs) are computed for prompts of at "
+                f"most {limit} tokens (scoring costs one forward pass per prompt token)",
+            )
+        return ScoringJob(request_id, ids, top_k)
+
+    def run_scoring(self, job: ScoringJob) -> None:
+        """Score the job's next chunk of positions (one step's token budget)."""
+        job.run_chunk(self.loaded.model, self.model_config, self.loaded.device, self.config.max_num_batched_tokens)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request now and free its pages; returns its final output, or None if unknown."""
@@ -226,7 +254,11 @@ class LLMEngine:
         return Executed(ok, tokens, confidence, failures)
 
     def _propose(self, work: list[SequenceWork]) -> Proposals:
-        return self.runner.propose(work, [self._row_group(w) for w in work])
+        groups = [self._row_group(w) for w in work]
+        proposals = self.runner.propose(work, groups)
+        for w, group in zip(work, groups):  # filled only for requests that ask for logprobs
+            w.row_logprobs = group.logprobs
+        return proposals
 
     @staticmethod
     def _row_group(w: SequenceWork) -> RowGroup:
@@ -251,7 +283,8 @@ class LLMEngine:
     def _commit_sequence(self, w: SequenceWork, tokens: torch.Tensor, confidence: torch.Tensor) -> Commit:
         """Commit the proposals (one per `w.targets`) that the sequence's unmask policy chooses."""
         chosen = UNMASK_POLICIES[w.seq.params.unmask].choose(w.seq, confidence)
-        return w.seq.commit(w.targets[chosen], tokens[chosen])
+        committed = tokens[chosen]
+        return w.seq.commit(w.targets[chosen], committed, chosen_logprobs(w.row_logprobs, chosen, committed))
 
     def _prepare(self, executed: Executed) -> None:
         """Each preparing unmask policy's one batched look at its sequences' proposals (`UnmaskPolicy.prepare`)."""
@@ -310,17 +343,19 @@ class LLMEngine:
         return self._make_output(seq, delta, stream.released)
 
     def _make_output(self, seq: Sequence, delta: str, text: str, reason: FinishReason | None = None) -> RequestOutput:
+        token_ids = seq.committed_prefix()
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_ids,
             text=text,
-            token_ids=seq.committed_prefix(),
+            token_ids=token_ids,
             delta_text=delta,
             block=self._block_view(seq) if seq.params.stream_blocks else None,
             finished=reason is not None,
             finish_reason=reason,
             error=seq.error,
             stats=seq.stats,
+            logprobs=output_logprobs(seq, len(token_ids)) if reason in (FinishReason.STOP, FinishReason.LENGTH) else None,
         )
 
     def _block_view(self, seq: Sequence) -> BlockView:

@@ -8,7 +8,7 @@ from dataclasses import fields
 
 from unmask.engine.config import EngineConfig
 from unmask.engine.engine import LLMEngine
-from unmask.engine.outputs import RequestOutput
+from unmask.engine.outputs import PromptScores, RequestOutput
 from unmask.engine.params import SamplingParams
 
 
@@ -33,7 +33,7 @@ class LLM:
         params: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in prompt order."""
-        batch = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
+        batch = _prompt_list(prompts)
         per_prompt = params if isinstance(params, list) else [params or SamplingParams()] * len(batch)
         if len(per_prompt) != len(batch):
             raise ValueError(f"{len(per_prompt)} params for {len(batch)} prompts")
@@ -57,6 +57,15 @@ class LLM:
         while pending and len(self.engine.scheduler.waiting) < self.engine.config.max_waiting:
             self.engine.add_request(*pending.popleft())
 
+    def score(self, prompts: str | list[int] | list[str] | list[list[int]], top_logprobs: int = 0) -> list[PromptScores]:
+        """Each prompt token's log p(x_i | x_<i, later positions masked) (see `engine.scoring`); the first is None."""
+        batch = _prompt_list(prompts)
+        jobs = [self.engine.make_scoring_job(f"score-{uuid.uuid4().hex}", p, top_logprobs) for p in batch]
+        for job in jobs:
+            while not job.done:
+                self.engine.run_scoring(job)
+        return [job.result() for job in jobs]
+
     def close(self) -> None:
         """Stop the tensor-parallel worker processes (nothing to do on one device)."""
         self.engine.close()
@@ -66,3 +75,8 @@ class LLM:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         return self.generate(ids, params)[0]
+
+
+def _prompt_list(prompts: str | list[int] | list[str] | list[list[int]]) -> list[str | list[int]]:
+    """One prompt (text or token ids) or a list of them, as a list."""
+    return [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)

@@ -37,6 +37,27 @@ class BlockView:
 
 
 @dataclass
+class TokenLogprob:
+    """One token's log-probability and the likeliest alternatives at the same position.
+
+    For a generated token: the model's distribution at the step that committed it;
+    for a scored prompt token: the distribution given the tokens before it (see `engine.scoring`).
+    """
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-probability), likeliest first
+
+
+@dataclass
+class PromptScores:
+    """A scored prompt: its tokens and each one's score given the tokens before it (the first has none)."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+@dataclass
 class RequestStats:
     """Per-request counters; `forward_passes` counts denoising steps this request took part in."""
 
@@ -68,6 +89,9 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     error: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)
+    # With `SamplingParams.logprobs`, on the final output: one entry per token of `token_ids`,
+    # then one for the end-of-text token that ended the request, if one did.
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass

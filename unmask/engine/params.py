@@ -20,14 +20,18 @@ CACHE_POLICIES = ("none", "prefix", "dual", "dkv", "dkv-greedy", "dllm-cache", "
 UNMASK_POLICIES = ("low_confidence", "random", "threshold", "factor", "guided")
 CONFIDENCE_KINDS = ("prob", "margin", "entropy")
 
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (vLLM's default limit)
+
 __all__ = [
     "CACHE_POLICIES",
     "CONFIDENCE_KINDS",
+    "MAX_LOGPROBS",
     "METHOD_FIELDS",
     "UNMASK_POLICIES",
     "EngineDefaults",
     "ParamError",
     "SamplingParams",
+    "check_logprobs",
     "check_text",
 ]
 
@@ -58,6 +62,8 @@ class SamplingParams:
     max_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0  # sample among the k likeliest tokens; 0 (or -1, vLLM's spelling) keeps them all
+    min_p: float = 0.0  # drop tokens with probability below min_p x the top token's
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     block_length: int | None = None
@@ -67,6 +73,9 @@ class SamplingParams:
     confidence: str | None = None
     stream_blocks: bool = False
     ignore_eos: bool = False  # run to max_tokens: end-of-text neither ends the request nor cuts its tokens
+    # Commit-time log-probabilities: None records none; k records each committed token's
+    # log-probability at the step that committed it, with that step's k likeliest alternatives.
+    logprobs: int | None = None
 
     def resolve(self, defaults: EngineDefaults) -> "SamplingParams":
         """Return a copy with every unset denoising field taken from `defaults`, validated."""
@@ -107,6 +116,10 @@ class SamplingParams:
         check_int("max_tokens", self.max_tokens, low=1)
         check_float("temperature", self.temperature, low=0.0, high=100.0)
         check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        check_int("top_k", self.top_k, low=-1)
+        check_float("min_p", self.min_p, low=0.0, high=1.0)
+        if self.logprobs is not None:
+            check_logprobs(self.logprobs)
         if self.seed is not None:
             check_int("seed", self.seed, low=0, high=2**63 - 1)
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
@@ -142,6 +155,11 @@ def _check_method_fields(request: SamplingParams, resolved: SamplingParams) -> N
         chosen = getattr(resolved, kind)
         if getattr(request, name) is not None and chosen != method:
             raise ParamError(name, f"{name} applies to {kind}={method!r}; this request uses {kind}={chosen!r}")
+
+
+def check_logprobs(value) -> None:
+    """A number of likeliest alternatives to report per token."""
+    check_int("logprobs", value, low=0, high=MAX_LOGPROBS)
 
 
 def check_text(name: str, text: str) -> None:

@@ -12,7 +12,7 @@ and each token id, on every path (the fused kernel, its reference, the
 general path below, the tensor-parallel reduction). So a request samples the
 same tokens alone or in a batch, on CPU or GPU, with any confidence kind, and
 with or without tensor parallelism (up to fp32 rounding of near-tied keys).
-The common case (`prob` confidence, no top-p) goes through one fused kernel
+The common case (`prob` confidence, no top-k/top-p/min-p filter, no logprobs) goes through one fused kernel
 for the whole step; the step then makes one host transfer of the results.
 """
 
@@ -37,10 +37,24 @@ class RowGroup:
     generator: torch.Generator  # the request's CPU generator
     positions: torch.Tensor  # the sequence position of each row (CPU, int64)
     random_confidence: bool = False
+    logprobs: RowLogprobs | None = None  # filled by the proposal when the request asks for logprobs
 
     @property
     def rows(self) -> int:
         return self.positions.numel()
+
+
+@dataclass
+class RowLogprobs:
+    """The model's log-probabilities at one sequence's logit rows of a step (CPU tensors).
+
+    Read from the un-noised, unfiltered softmax (temperature 1, no top-k/top-p/min-p),
+    the mask token excluded: the distribution the model itself assigns.
+    """
+
+    proposed: torch.Tensor  # float32 [rows]: log p of the token proposed at each row
+    top_ids: torch.Tensor  # int64 [rows, k]: the k likeliest tokens, best first
+    top_logprobs: torch.Tensor  # float32 [rows, k]
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -54,12 +68,44 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Logits with everything below the k-th largest set to -inf (ties at the k-th are kept)."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Logits of tokens less likely than min_p x the likeliest token set to -inf."""
+    if min_p <= 0.0:
+        return logits
+    floor = logits.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(min_p, dtype=logits.dtype))
+    return logits.masked_fill(logits < floor, float("-inf"))
+
+
+def sampling_filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The logits a sample is drawn from: top-k and min-p first, then top-p over what they keep (as vLLM)."""
+    return top_p_filter(min_p_filter(top_k_filter(logits, params.top_k), params.min_p), params.top_p)
+
+
+def row_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> RowLogprobs:
+    """The log-probability of each row's token and the row's k likeliest tokens, on the CPU."""
+    logp = logits.float().log_softmax(-1)
+    top = logp.topk(k, dim=-1)
+    return RowLogprobs(
+        proposed=logp.gather(-1, tokens[:, None]).squeeze(-1).cpu(),
+        top_ids=top.indices.cpu(),
+        top_logprobs=top.values.cpu(),
+    )
+
+
 @dataclass
 class RowInputs:
     """The per-row sampling inputs of one step's logit rows (one seed drawn per request)."""
 
     seeds: list[int]  # one per group
-    fused: torch.Tensor  # bool [N]: rows of the fused path (`prob` confidence, no top-p)
+    fused: torch.Tensor  # bool [N]: rows of the fused path (`uses_fused_path`)
     temperature: torch.Tensor  # float32 [N]
     row_seeds: torch.Tensor  # int64 [N] each row's noise key (`noise.row_keys` of its step seed and position)
 
@@ -70,7 +116,9 @@ class RowInputs:
 
 
 def uses_fused_path(params: SamplingParams) -> bool:
-    return params.confidence == "prob" and params.top_p >= 1.0
+    """The fused kernel samples from the whole distribution and keeps no logprobs."""
+    filtered = params.top_p < 1.0 or params.top_k > 0 or params.min_p > 0.0
+    return params.confidence == "prob" and not filtered and params.logprobs is None
 
 
 def row_inputs(groups: list[RowGroup]) -> RowInputs:
@@ -131,8 +179,11 @@ def _propose_general_groups(
     for group, seed in zip(groups, seeds):
         if uses_fused_path(group.params):
             continue
+        rows = logits[start : start + group.rows]
         keys = row_keys(torch.full((group.rows,), seed, dtype=torch.long), group.positions).to(logits.device)
-        t, c = _propose_general(logits[start : start + group.rows], group.params, keys)
+        t, c = _propose_general(rows, group.params, keys)
+        if group.params.logprobs is not None:
+            group.logprobs = row_logprobs(rows, t, group.params.logprobs)
         start += group.rows
         tokens.append(t)
         confidence.append(c.float())
@@ -150,10 +201,10 @@ def _randomize_confidence(confidence: torch.Tensor, groups: list[RowGroup], seed
 
 
 def _propose_general(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Any confidence kind and top-p, in plain PyTorch (the rows' noise `keys`, as the fused kernel's)."""
+    """Any confidence kind, top-k, top-p and min-p, in plain PyTorch (the rows' noise `keys`, as the fused kernel's)."""
     probs = logits.float().softmax(-1)
     if params.temperature > 0:
-        filtered = top_p_filter(logits.float(), params.top_p)
+        filtered = sampling_filter(logits.float(), params)
         temperature = torch.full((filtered.shape[0],), params.temperature, device=logits.device)
         tokens = gumbel_keys(filtered, temperature, keys).argmax(-1)
     else:

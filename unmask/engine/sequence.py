@@ -14,7 +14,7 @@ from enum import Enum
 
 import torch
 
-from unmask.engine.outputs import FinishReason, RequestStats
+from unmask.engine.outputs import FinishReason, RequestStats, TokenLogprob
 from unmask.engine.params import SamplingParams
 
 
@@ -65,6 +65,7 @@ class Sequence:
     error: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     stats: RequestStats = field(default_factory=RequestStats)
+    token_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # by position, with params.logprobs
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -94,12 +95,15 @@ class Sequence:
         """Count the positions a scheduled step recomputes for this sequence."""
         self.stats.active_positions += recomputed
 
-    def commit(self, targets: torch.Tensor, tokens: torch.Tensor) -> Commit:
+    def commit(self, targets: torch.Tensor, tokens: torch.Tensor, logprobs: list[TokenLogprob] | None = None) -> Commit:
         """Write `tokens` at the masked positions `targets` of the current block, and advance the clock.
 
+        `logprobs` (one per target, when the request asks for them) are kept by position.
         The block ends when nothing in it is left masked; the next step starts the next one.
         """
         self.tokens[targets] = tokens
+        if logprobs is not None:
+            self.token_logprobs.update(zip(targets.tolist(), logprobs))
         self.last_committed = targets
         self.last_block = self.block
         self.step += 1

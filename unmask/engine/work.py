@@ -13,6 +13,7 @@ import torch
 
 from unmask.engine.feature_cache import FeatureUse
 from unmask.engine.policies import CACHE_POLICIES
+from unmask.engine.sampling import RowLogprobs
 from unmask.engine.sequence import Sequence
 
 
@@ -26,6 +27,7 @@ class SequenceWork:
     key_length: int | None = None  # keys attended are positions [0, key_length); None: the whole sequence
     features: FeatureUse | None = None  # per-layer feature reuse (dLLM-Cache); None: recompute all `positions`
     targets: torch.Tensor | None = None  # the block's masked positions the logits propose for; None: logit_positions
+    row_logprobs: RowLogprobs | None = None  # set by the proposal when the request asks for logprobs
 
     def __post_init__(self) -> None:
         if self.targets is None:

@@ -11,13 +11,13 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from unmask.engine.client import EngineClient
-from unmask.server.auth import PROTECTED_PREFIX, AuthMiddleware
+from unmask.server.auth import AuthMiddleware, is_protected
 from unmask.server.body_limit import BodyLimitMiddleware
 from unmask.server.errors import install_error_handlers
 from unmask.server.http_metrics import HTTPMetricsMiddleware
 from unmask.server.metrics import Metrics
 from unmask.server.protocol import ChatCompletionChunk, CompletionChunk
-from unmask.server.routes import chat, completions, playground, swagger, system
+from unmask.server.routes import chat, completions, playground, swagger, system, tokenizer
 from unmask.server.settings import ServerSettings
 from unmask.server.state import ServerState
 
@@ -47,7 +47,7 @@ def create_app(engine: EngineClient, settings: ServerSettings | None = None) -> 
     )
     state.metrics.bind_engine(engine)
     app.state.unmask = state
-    routers = [completions.router, chat.router, system.router, playground.router, swagger.router]
+    routers = [completions.router, chat.router, tokenizer.router, system.router, playground.router, swagger.router]
     for router in routers:
         app.include_router(router)
     install_error_handlers(app)
@@ -113,7 +113,7 @@ def _openapi(app: FastAPI, secured: bool) -> dict:
     if secured:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         for path, operations in schema["paths"].items():
-            if path.startswith(PROTECTED_PREFIX):
+            if is_protected(path):
                 for operation in operations.values():
                     operation["security"] = [{"bearer": []}]
     app.openapi_schema = schema

@@ -1,4 +1,4 @@
-"""Bearer-token auth for `/v1/*` (`--api-key` / `UNMASK_API_KEY`).
+"""Bearer-token auth for `/v1/*` and the tokenizer endpoints (`--api-key` / `UNMASK_API_KEY`).
 
 It runs as ASGI middleware, before the body is read, so an unauthenticated
 client learns nothing about the request (not even that its JSON is bad).
@@ -14,6 +14,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from unmask.server.errors import AUTHENTICATION, APIError
 
 PROTECTED_PREFIX = "/v1/"
+PROTECTED_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
+
+
+def is_protected(path: str) -> bool:
+    """Whether a path needs the key: the API and the tokenizer (which costs work and shows the chat template)."""
+    return path.startswith(PROTECTED_PREFIX) or path in PROTECTED_PATHS
 
 
 def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -36,7 +42,7 @@ class AuthMiddleware:
         self.api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIX):
+        if scope["type"] == "http" and is_protected(scope["path"]):
             if not is_authorized(bearer_token(scope["headers"]), self.api_key):
                 error = APIError(
                     401,

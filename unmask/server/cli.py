@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     eng.add_argument("--max-num-batched-tokens", type=int, default=16384, help="most positions recomputed in one step")
     eng.add_argument(
+        "--max-score-tokens",
+        type=int,
+        default=1024,
+        help="longest prompt scored for echo + logprobs (scoring costs one forward pass per prompt token)",
+    )
+    eng.add_argument(
         "--tensor-parallel-size",
         type=int,
         default=1,
@@ -192,6 +198,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             kv_cache_memory=args.kv_cache_memory,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            max_score_tokens=args.max_score_tokens,
             max_waiting=args.max_waiting,
             feature_cache=args.feature_cache,
             guide_model=args.guide_model,

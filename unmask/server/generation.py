@@ -39,11 +39,12 @@ class ChoiceRequest:
 
 
 class DisconnectWatcher:
-    """Interrupts a generation's stream when the client closes its connection (ASGI `http.disconnect`).
+    """Interrupts an engine output stream (a generation's, or a scoring group's) when the client
+    closes its connection (ASGI `http.disconnect`).
 
     The request body must already have been read: from then on `receive`
     returns only when the client goes away (or the response is complete).
-    `stop` cancels the watching task; it is the only task a request starts.
+    `stop` cancels the watching task; it is the only task a request runs beside its own.
     """
 
     def __init__(self, request: Request, stream: OutputStream):
@@ -61,7 +62,7 @@ class DisconnectWatcher:
 
 @dataclass
 class Generation:
-    stream: OutputStream
+    stream: OutputStream[RequestOutput]
     choices: list[ChoiceRequest]
     metrics: Metrics
     arrival: float  # time.perf_counter() when the HTTP request arrived

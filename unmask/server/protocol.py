@@ -25,7 +25,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from unmask.engine.method_params import METHOD_PARAMS
-from unmask.engine.params import CACHE_POLICIES, CONFIDENCE_KINDS, UNMASK_POLICIES
+from unmask.engine.params import CACHE_POLICIES, CONFIDENCE_KINDS, MAX_LOGPROBS, UNMASK_POLICIES
 
 # JSON types, not Python's coercions: `true` is not the integer 1, nor "5" the number 5.
 Int = Annotated[int, Strict()]
@@ -45,6 +45,8 @@ ConfidenceName = Literal[tuple(CONFIDENCE_KINDS)]  # type: ignore[valid-type]
 BOUNDS: dict[str, dict[str, float]] = {
     "temperature": {"ge": 0, "le": 100},
     "top_p": {"gt": 0, "le": 1},
+    "top_k": {"ge": -1},
+    "min_p": {"ge": 0, "le": 1},
     "seed": {"ge": 0, "le": 2**63 - 1},
     "block_length": {"ge": 1},
     "steps": {"ge": 1},
@@ -86,8 +88,6 @@ def _wrap_union(value: Any, handler, message: str):
 
 UNSUPPORTED = "unsupported"  # pydantic error type of a feature this server does not implement
 _WHY_NOT = {
-    "logprobs": "diffusion decoding has no left-to-right token probabilities",
-    "top_logprobs": "diffusion decoding has no left-to-right token probabilities",
     "best_of": "use n",
     "suffix": "insertion is not implemented",
     "tools": "tool calling is not implemented",
@@ -176,6 +176,13 @@ class _SamplingFields(DiffusionFields):
         None, description="0 (the default) is greedy, as diffusion LMs are usually run.", **BOUNDS["temperature"]
     )
     top_p: Float | None = Field(None, description="Nucleus sampling mass.", **BOUNDS["top_p"])
+    top_k: Int | None = Field(
+        None, description="Sample among the k likeliest tokens; 0 or -1 (the default) keeps all.", **BOUNDS["top_k"]
+    )
+    min_p: Float | None = Field(
+        None, description="Drop tokens less likely than min_p times the likeliest (0, the default, keeps all).",
+        **BOUNDS["min_p"],
+    )
     n: Int = Field(1, ge=1, le=MAX_CHOICES, description="Choices per prompt; choice i uses seed + i.")
     seed: Int | None = Field(None, description="Makes sampling reproducible.", **BOUNDS["seed"])
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
@@ -212,13 +219,21 @@ class CompletionRequest(_SamplingFields):
         | Annotated[list[TokenId], Field(min_length=1)]
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
     ) = Field(description="A string, a list of strings, a list of token ids, or a list of token-id lists (none empty).")
-    max_tokens: Int | None = Field(None, ge=1, description="Canvas length in tokens (default 16, as OpenAI).")
+    max_tokens: Int | None = Field(
+        None, ge=0, description="Canvas length in tokens (default 16, as OpenAI); 0 only with echo (score the prompt)."
+    )
     echo: Bool = Field(False, description="Prepend the prompt to the completion text.")
-    logprobs: None = Field(None, description="Not supported: must be null.")
+    logprobs: Int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Return each generated token's log-probability at the step that committed it, with this many "
+        "likeliest alternatives; with echo, also each prompt token's log p(x_i | x_<i, later positions masked).",
+    )
     best_of: Int | None = Field(None, ge=1, le=1, description="Not supported (use n): only 1 (or null).")
     suffix: None = Field(None, description="Not supported: must be null.")
 
-    @field_validator("logprobs", "best_of", "suffix", mode="wrap")
+    @field_validator("best_of", "suffix", mode="wrap")
     @classmethod
     def _not_supported(cls, value, handler, info):
         return _unsupported(value, handler, info.field_name, _WHY_NOT[info.field_name])
@@ -262,8 +277,12 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Int | None = Field(
         None, ge=1, description="Canvas length in tokens; default: the server's default, cut to the context left."
     )
-    logprobs: Literal[False] | None = Field(None, description="Not supported: must be false or null.")
-    top_logprobs: None = Field(None, description="Not supported: must be null.")
+    logprobs: Bool | None = Field(
+        None, description="Return each generated token's log-probability at the step that committed it."
+    )
+    top_logprobs: Int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="With logprobs: this many likeliest alternatives per token."
+    )
     tools: list[dict[str, Any]] | None = Field(None, max_length=0, description="Not supported: must be [] or null.")
     tool_choice: Literal["none"] | None = Field(None, description="Only 'none' (or null) is supported.")
     response_format: TextResponseFormat | None = Field(None, description="Only {'type': 'text'} is supported.")
@@ -286,8 +305,6 @@ class ChatCompletionRequest(_SamplingFields):
     web_search_options: None = Field(None, description="Not supported: must be null.")
 
     @field_validator(
-        "logprobs",
-        "top_logprobs",
         "tools",
         "tool_choice",
         "response_format",
@@ -326,10 +343,19 @@ class BlockState(BaseModel):
     placeholder: str = Field(description="The character standing for one masked token in `text`.")
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs object: one entry per token (prompt tokens first with echo)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None] = Field(description="None for the first prompt token (it has no prefix).")
+    top_logprobs: list[dict[str, float] | None] = Field(description="The likeliest alternatives and the token itself.")
+    text_offset: list[int] = Field(description="Where each token starts in the choice's text.")
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReasonName | None
 
 
@@ -369,10 +395,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReasonName | None
 
 

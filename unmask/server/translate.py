@@ -42,6 +42,9 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
         max_tokens=max_tokens,
         temperature=_DEFAULTS.temperature if body.temperature is None else body.temperature,
         top_p=_DEFAULTS.top_p if body.top_p is None else body.top_p,
+        top_k=_DEFAULTS.top_k if body.top_k is None else body.top_k,
+        min_p=_DEFAULTS.min_p if body.min_p is None else body.min_p,
+        logprobs=requested_logprobs(body),
         seed=None if body.seed is None else body.seed + choice,
         stop=stop_strings(body.stop),
         ignore_eos=body.ignore_eos,
@@ -53,6 +56,24 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
         stream_blocks=body.stream and body.stream_blocks,  # per-step outputs are useless without a stream
         **{name: getattr(body, name) for name in METHOD_FIELD_NAMES},
     )
+
+
+def requested_logprobs(body: CompletionRequest | ChatCompletionRequest) -> int | None:
+    """Alternatives per generated token the request asks for; None when it asks for no logprobs.
+
+    Streamed responses carry no logprobs (deltas are text, finalized in bursts), so that pair is refused.
+    """
+    if isinstance(body, ChatCompletionRequest):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs: true.", INVALID_REQUEST, "top_logprobs", "invalid_value")
+        wanted = (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        wanted = body.logprobs
+    if wanted is not None and body.stream:
+        raise APIError(
+            400, "logprobs are not supported with stream: true.", INVALID_REQUEST, "logprobs", "unsupported_parameter"
+        )
+    return wanted
 
 
 def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -81,8 +102,17 @@ def check_choice_count(num_prompts: int, n: int, max_waiting: int) -> None:
         )
 
 
-def chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
-    """Render the conversation with the checkpoint's chat template, ready for the assistant's turn."""
+def chat_prompt_ids(
+    tokenizer,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    add_special_tokens: bool = False,
+) -> list[int]:
+    """Render the conversation with the checkpoint's chat template, by default ready for the assistant's turn.
+
+    The template writes the special tokens a chat needs; `add_special_tokens` adds the tokenizer's own on top.
+    """
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(
             400,
@@ -98,10 +128,15 @@ def chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
         except ParamError as exc:
             raise APIError(400, exc.message, INVALID_REQUEST, exc.param, "invalid_value") from None
     try:
-        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            conversation,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tokenize=False,
+        )
     except Exception as exc:  # templates raise on conversations they do not accept (e.g. role order)
         raise APIError(400, f"The chat template rejected the messages: {exc}", INVALID_REQUEST, "messages") from exc
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 def _template_role(role: str) -> str:

@@ -22,6 +22,7 @@ class Guided(UnmaskPolicy):
     name = "guided"
     requirements = (GUIDE_MODEL,)
     prepares = True
+    keeps_proposals = False  # the guide's token replaces a rejected draft
 
     def new_state(self) -> GuideState:
         return GuideState()

@@ -7,7 +7,9 @@ always commits at least one token, so a block always finishes.
 A policy may also keep per-request state (`new_state`, stored on the
 sequence as `unmask_state`), look at every one of its sequences' proposals in
 one batched call before the step commits (`prepare`), and list the engine
-resources it cannot run without (`requirements`, `policies.resources`).
+resources it cannot run without (`requirements`, `policies.resources`). One
+whose `prepare` may replace proposed tokens says so (`keeps_proposals`), and
+its requests cannot have commit-time logprobs.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class UnmaskPolicy:
     random_confidence = False  # rank by uniform noise instead of model confidence
     requirements: tuple[Requirement, ...] = ()
     prepares = False  # True: `prepare` runs at every step this policy's sequences take part in
+    # False: `prepare` may replace a proposed token, so the proposal's logprobs would not describe
+    # the committed token; requests for logprobs are refused.
+    keeps_proposals = True
 
     def new_state(self) -> UnmaskState | None:
         """A new request's own state (None: the policy keeps none)."""

@@ -12,6 +12,7 @@ from unmask.engine.outputs import RequestOutput
 from unmask.server import translate
 from unmask.server.generation import Generation
 from unmask.server.json_body import JSONBodyRoute
+from unmask.server.logprobs import chat_logprobs, generated_logprobs
 from unmask.server.protocol import (
     AssistantMessage,
     BlockState,
@@ -50,15 +51,24 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     request_id = new_request_id("chatcmpl")
     choices = translate.choice_requests(request_id, [prompt_ids], body, max_tokens, state.settings.defaults)
     gen = await Generation.start(engine, choices, state.metrics, arrival, state.settings.retry_after_seconds)
-    return await respond(request, gen, _ChatReply(request_id, int(time.time()), model, body.n), body)
+    return await respond(request, gen, _ChatReply(request_id, int(time.time()), model, body.n, engine.tokenizer), body)
 
 
 class _ChatReply(Reply):
     response_type = ChatCompletionResponse
     chunk_type = ChatCompletionChunk
 
+    def __init__(self, request_id: str, created: int, model: str, n: int, tokenizer):
+        super().__init__(request_id, created, model, n)
+        self.tokenizer = tokenizer
+
     def choice(self, index: int, out: RequestOutput, finish_reason: str | None) -> ChatChoice:
-        return ChatChoice(index=index, message=AssistantMessage(content=out.text), finish_reason=finish_reason)
+        logprobs = None
+        if out.logprobs is not None:
+            logprobs = chat_logprobs(self.tokenizer, generated_logprobs(out, self.tokenizer, include_end=False))
+        return ChatChoice(
+            index=index, message=AssistantMessage(content=out.text), logprobs=logprobs, finish_reason=finish_reason
+        )
 
     def opening(self) -> list[ChatChunkChoice]:
         # The role comes first, before any content, as OpenAI sends it (one prompt: n choices).
