@@ -1,4 +1,4 @@
-"""The prompt-scoring estimator computed directly, one dense forward per position (no engine code)."""
+"""References computed directly from dense forwards (no engine code): each position's logits, and the prompt-scoring estimator."""
 
 from __future__ import annotations
 
@@ -7,6 +7,16 @@ from pathlib import Path
 import torch
 
 from unmask.engine.models import load_model
+
+
+def dense_logits(model, cfg, x: torch.Tensor) -> torch.Tensor:
+    """Each position's logits from one dense forward of `x` [L] (a shifted model, Dream, reads position i
+    from the output at i - 1), the mask token never proposed."""
+    logits = model.forward_dense(x[None])[0]
+    if cfg.logits_shift:
+        logits = torch.cat([logits[:1], logits[:-1]])
+    logits[:, cfg.mask_token_id] = float("-inf")
+    return logits
 
 
 @torch.no_grad()

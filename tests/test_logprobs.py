@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from dense_reference import dense_logits
 from unmask.engine.llm import LLM
 from unmask.engine.models import load_model
 from unmask.engine.params import ParamError, SamplingParams
@@ -20,10 +21,7 @@ def commit_time_reference(model, cfg, prompt: list[int], gen_length: int, top: i
     x = torch.tensor(prompt + [cfg.mask_token_id] * gen_length)
     records = {}
     for _ in range(gen_length):
-        logits = model.forward_dense(x[None])[0]
-        if cfg.logits_shift:
-            logits = torch.cat([logits[:1], logits[:-1]])
-        logits[:, cfg.mask_token_id] = float("-inf")
+        logits = dense_logits(model, cfg, x)
         logp = logits.log_softmax(-1)
         best = logp.max(-1)
         masked = x == cfg.mask_token_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dense_reference import dense_logits
 from unmask.engine.llm import LLM
 from unmask.engine.models import load_model
 from unmask.engine.params import SamplingParams
@@ -24,10 +25,7 @@ def llada_reference(model, cfg, prompt: list[int], gen_length: int, block_length
         steps = max(1, -(-(end - start) * steps_per_block // block_length))
         base, extra = divmod(end - start, steps)
         for i in range(steps):
-            logits = model.forward_dense(x[None])[0]
-            if cfg.logits_shift:
-                logits = torch.cat([logits[:1], logits[:-1]])
-            logits[:, cfg.mask_token_id] = float("-inf")
+            logits = dense_logits(model, cfg, x)
             x0 = logits.argmax(-1)
             confidence = logits.softmax(-1).gather(-1, x0[:, None]).squeeze(-1)
             outside = torch.ones_like(x, dtype=torch.bool)
