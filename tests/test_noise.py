@@ -20,7 +20,7 @@ from unmask.engine.params import EngineDefaults, SamplingParams
 from unmask.engine.sampling import RowGroup, min_p_filter, propose_batch, top_k_filter, top_p_filter
 from unmask.kernels._triton import HAS_TRITON, tl, triton
 from unmask.kernels.confidence import fused_confidence_reference, fused_confidence_triton
-from unmask.kernels.noise import _bits, gumbel_bits, gumbel_from_bits, gumbel_keys, gumbel_noise, row_keys
+from unmask.kernels.noise import SEED_BITS, _bits, gumbel_bits, gumbel_from_bits, gumbel_keys, gumbel_noise, row_keys
 
 MASK = 0
 KEY_TOLERANCE = 1e-5  # relative: a few fp32 roundings of a key l / T + g
@@ -196,16 +196,17 @@ def test_the_confidence_kernel_samples_the_references_tokens(kernel_device, num_
 def test_a_step_proposes_the_same_tokens_on_the_gpu_as_on_the_cpu():
     if not torch.cuda.is_available() or not HAS_TRITON:
         pytest.skip("compares the CUDA kernels with the CPU paths")
-    logits = torch.randn(48, 4096) * 3
+    logits = torch.randn(64, 4096) * 3
     groups = lambda: [  # noqa: E731 - fresh generators for each run
         group(sampled(), 1, torch.arange(16)),
         group(sampled(confidence="margin"), 2, torch.arange(100, 116)),
         group(SamplingParams(max_tokens=16, temperature=0.6, top_p=0.9), 3, torch.arange(8, 24)),
+        group(sampled(top_k=50, min_p=0.01, logprobs=2), 4, torch.arange(200, 216)),
     ]
     cpu, _ = propose_batch(logits.clone(), groups(), MASK)
     gpu, _ = propose_batch(logits.cuda(), groups(), MASK)
     masked = logits.clone()
     masked[:, MASK] = float("-inf")
-    step_seeds = [int(torch.randint(2**62, (1,), generator=g.generator)) for g in groups()]
+    step_seeds = [int(torch.randint(2**SEED_BITS, (1,), generator=g.generator)) for g in groups()]
     keys = torch.cat([row_keys(torch.full((g.rows,), s), g.positions) for g, s in zip(groups(), step_seeds)])
-    assert_same_tokens_up_to_rounding(gpu, cpu, gumbel_keys(masked, torch.ones(48), keys))
+    assert_same_tokens_up_to_rounding(gpu, cpu, gumbel_keys(masked, torch.ones(64), keys))
