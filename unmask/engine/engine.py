@@ -28,6 +28,7 @@ from unmask.engine.policies import CACHE_POLICIES, UNMASK_POLICIES
 from unmask.engine.runner import ModelRunner, SequenceWork
 from unmask.engine.sampling import RowGroup
 from unmask.engine.scheduler import Scheduler, SchedulerLimits
+from unmask.engine.attention_pattern import block_layout, check_attention_fit, model_defaults
 from unmask.engine.sequence import Sequence
 from unmask.kernels.confidence import precompile_fused_confidence
 
@@ -96,21 +97,25 @@ class LLMEngine:
 
     def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
         """Tokenize and validate a request without touching engine state (safe from any thread)."""
-        resolved = params.resolve(self.config.defaults)
+        resolved = params.resolve(model_defaults(self.config.defaults, self.model_config))
         prompt_ids = self._prompt_ids(prompt)
-        total = len(prompt_ids) + resolved.max_tokens
-        if total > self.max_model_len:
-            raise ParamError(
-                "max_tokens",
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({resolved.max_tokens}) = {total} exceeds "
-                f"the model's context of {self.max_model_len} tokens",
-            )
         self._check_support(resolved)
         seed = resolved.seed if resolved.seed is not None else secrets.randbits(63)
-        return Sequence(request_id, prompt_ids, resolved, self.model_config.mask_token_id, self.model_config.eos_token_id, seed)
+        cfg = self.model_config
+        seq = Sequence(request_id, prompt_ids, resolved, cfg.mask_token_id, cfg.eos_token_id, seed, layout=block_layout(cfg))
+        if seq.length > self.max_model_len:
+            total = len(prompt_ids) + resolved.max_tokens
+            aligned = f" (with the last block completed: {seq.length})" if seq.length > total else ""
+            raise ParamError(
+                "max_tokens",
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({resolved.max_tokens}) = {total}{aligned} exceeds "
+                f"the model's context of {self.max_model_len} tokens",
+            )
+        return seq
 
     def _check_support(self, params: SamplingParams) -> None:
-        """Refuse the methods this engine was started without."""
+        """Refuse the methods this engine was started without, or that do not fit the model's attention."""
+        check_attention_fit(params, self.model_config)
         if CACHE_POLICIES[params.cache].needs_features and not self.pool.has_features:
             raise ParamError(
                 "cache",
@@ -284,7 +289,7 @@ class LLMEngine:
         seq.stats.forward_passes += 1
         seq.stats.tokens_committed += chosen.numel()
         finished_blocks = []
-        if chosen.numel() == targets.numel():  # nothing left masked in the block
+        if not seq.block_has_masks():
             seq.stats.steps_per_block.append(seq.step)
             finished_blocks.append(seq.step)
             seq.block, seq.step = seq.block + 1, 0

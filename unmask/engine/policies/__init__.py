@@ -1,5 +1,6 @@
 """Cache policies (active positions) and unmask policies (what a step commits), by request name."""
 
+from unmask.engine.policies.block import BlockCache, BlockDualCache
 from unmask.engine.policies.cache import CachePolicy, DualCache, PrefixCache
 from unmask.engine.policies.dkv import DKVDecode, DKVGreedy
 from unmask.engine.policies.dllm_cache import DLLMCache
@@ -8,7 +9,11 @@ from unmask.engine.policies.guided import Guided
 from unmask.engine.policies.unmask import Factor, LowConfidence, RandomOrder, Threshold, UnmaskPolicy
 
 CACHE_POLICIES: dict[str, CachePolicy] = {
-    p.name: p for p in (CachePolicy(), PrefixCache(), DualCache(), DKVDecode(), DKVGreedy(), DLLMCache(), FreeCache())
+    p.name: p
+    for p in (
+        CachePolicy(), PrefixCache(), DualCache(), DKVDecode(), DKVGreedy(), DLLMCache(), FreeCache(),
+        BlockCache(), BlockDualCache(),
+    )
 }
 UNMASK_POLICIES: dict[str, UnmaskPolicy] = {
     p.name: p for p in (LowConfidence(), RandomOrder(), Threshold(), Factor(), Guided())

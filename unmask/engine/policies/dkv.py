@@ -28,6 +28,7 @@ class DKVDecode(CachePolicy):
     """
 
     name = "dkv"
+    full_attention_only = True
 
     def is_refresh(self, seq: Sequence) -> bool:
         assert seq.params.dkv_refresh is not None
@@ -50,6 +51,7 @@ class DKVGreedy(CachePolicy):
     """
 
     name = "dkv-greedy"
+    full_attention_only = True
 
     def is_refresh(self, seq: Sequence) -> bool:
         return _steps_taken(seq) == 0

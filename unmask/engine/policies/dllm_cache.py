@@ -28,6 +28,7 @@ from unmask.engine.sequence import Sequence
 class DLLMCache(CachePolicy):
     name = "dllm-cache"
     needs_features = True
+    full_attention_only = True
 
     @staticmethod
     def _refreshes(seq: Sequence) -> tuple[bool, bool]:
