@@ -92,6 +92,8 @@ def empty_model(
         if sharding is not None:
             sharding.split(model)
     model = model.to(dtype).to_empty(device=device)
+    if cfg.tie_word_embeddings and model.lm_head.weight.shape == model.embed.weight.shape:
+        model.lm_head.weight = model.embed.weight  # `to_empty` gives each module its own copy: tie them again
     model.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position).to(device)  # a computed buffer, not a weight
     model.fuse_projections()
     return model
