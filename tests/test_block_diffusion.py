@@ -18,6 +18,7 @@ from block_reference import QwenReference
 from unmask.engine.config import EngineConfig
 from unmask.engine.engine import LLMEngine
 from unmask.engine.llm import LLM
+from unmask.engine.models.make_random import main as make_random
 from unmask.engine.models.make_random import make_random_checkpoint
 from unmask.engine.params import ParamError, SamplingParams
 from unmask.engine.runner import SequenceWork
@@ -173,3 +174,24 @@ def test_stop_string_and_end_of_text_end_a_block_causal_request(block_dir):
     if eos in full.token_ids:
         ended = llm.generate(_prompt(6), SamplingParams(max_tokens=24))[0]
         assert ended.token_ids == full.token_ids[: full.token_ids.index(eos)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["block", "block-dual"])
+def test_cuda_block_causal_decoding_matches_the_cpu_engine(block_dir, cache):
+    """The Triton block-causal attention path and CUDA graphs (fp32) against the CPU engine's PyTorch references."""
+    params = SamplingParams(max_tokens=21, cache=cache, unmask="threshold", threshold=0.3, ignore_eos=True)
+    prompts = [_prompt(6), _prompt(16), _prompt(9, first=11)]
+    cpu = LLM(str(block_dir)).generate(prompts, [params] * 3)
+    cuda = LLM(str(block_dir), device="cuda", dtype="float32", kv_cache_memory=64 * 2**20).generate(prompts, [params] * 3)
+    assert [o.token_ids for o in cuda] == [o.token_ids for o in cpu]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["sdar-8b", "fastdllm-v2-7b"])
+def test_dummy_block_diffusion_models_of_the_real_shapes_generate_on_the_gpu(tmp_path, preset):
+    make_random([str(tmp_path), "--preset", preset, "--config-only"])
+    llm = LLM(str(tmp_path), device="cuda", load_format="dummy", kv_cache_memory=2 * 2**30)
+    outs = llm.generate(["Hello"] * 4, SamplingParams(max_tokens=64, unmask="threshold", ignore_eos=True))
+    assert all(len(o.token_ids) == 64 for o in outs)
+    assert llm.engine.pool.num_free == llm.engine.pool.num_pages
