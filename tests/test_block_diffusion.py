@@ -195,3 +195,22 @@ def test_dummy_block_diffusion_models_of_the_real_shapes_generate_on_the_gpu(tmp
     outs = llm.generate(["Hello"] * 4, SamplingParams(max_tokens=64, unmask="threshold", ignore_eos=True))
     assert all(len(o.token_ids) == 64 for o in outs)
     assert llm.engine.pool.num_free == llm.engine.pool.num_pages
+
+
+@pytest.mark.parametrize(
+    "unmask",
+    [
+        {"unmask": "low_confidence", "steps": 2},
+        {"unmask": "random", "temperature": 0.7, "seed": 5},
+        {"unmask": "factor", "factor": 2.0, "confidence": "margin"},
+        {"unmask": "threshold", "threshold": 0.5, "confidence": "entropy"},
+    ],
+    ids=["low_confidence-steps", "random-sampled", "factor-margin", "threshold-entropy"],
+)
+def test_the_block_cache_writes_what_full_recomputation_writes_under_every_unmask_policy(block_dir, unmask):
+    llm = LLM(str(block_dir))
+    prompts = [_prompt(6), _prompt(16), _prompt(9, first=11)]
+    runs = {cache: llm.generate(prompts, [SamplingParams(max_tokens=20, cache=cache, ignore_eos=True, **unmask)] * 3)
+            for cache in ("none", "block")}
+    assert [o.token_ids for o in runs["block"]] == [o.token_ids for o in runs["none"]]
+    assert sum(o.stats.active_positions for o in runs["block"]) < sum(o.stats.active_positions for o in runs["none"]) / 2
