@@ -35,16 +35,21 @@ def model_defaults(defaults: EngineDefaults, cfg: ModelConfig) -> EngineDefaults
     return replace(defaults, block_length=cfg.attention_block_size, cache=BLOCK_CAUSAL_DEFAULT_CACHE)
 
 
+def cache_fits(cache: str, cfg: ModelConfig) -> bool:
+    """Whether the cache policy named `cache` is right for the model's attention pattern."""
+    policy = CACHE_POLICIES[cache]
+    return not (policy.full_attention_only if cfg.block_causal else policy.block_causal_only)
+
+
 def check_attention_fit(params: SamplingParams, cfg: ModelConfig) -> None:
     """Refuse (naming the field) a cache or block length the model's attention pattern cannot serve."""
-    policy = CACHE_POLICIES[params.cache]
     if cfg.attention_block_size is None:
-        if policy.block_causal_only:
+        if not cache_fits(params.cache, cfg):
             raise ParamError(
                 "cache", f"cache={params.cache!r} is for block-causal models (SDAR, Fast-dLLM v2); this model attends bidirectionally"
             )
         return
-    if policy.full_attention_only:
+    if not cache_fits(params.cache, cfg):
         raise ParamError(
             "cache",
             f"cache={params.cache!r} approximates full attention, and this model's attention is block-causal: "
