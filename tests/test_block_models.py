@@ -6,7 +6,7 @@ import json
 from dataclasses import replace
 
 import pytest
-from safetensors import safe_open
+from test_models import _tensor_names
 
 from unmask.engine.llm import LLM
 
@@ -31,14 +31,6 @@ FASTDLLM_V2_7B_CONFIG = {
     "vocab_size": 152064, "rope_theta": 1000000.0, "rope_scaling": None, "rms_norm_eps": 1e-6, "bd_size": 32,
     "tie_word_embeddings": False, "max_position_embeddings": 32768, "eos_token_id": 151645, "hidden_act": "silu",
 }
-
-
-def _tensor_names(model_dir) -> set[str]:
-    names = set()
-    for f in model_dir.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as st:
-            names |= set(st.keys())
-    return names
 
 
 def _config_dir(tmp_path, hf: dict):
