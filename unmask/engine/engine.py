@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from unmask.engine.attention_pattern import block_layout, check_attention_fit, model_defaults
 from unmask.engine.config import EngineConfig
 from unmask.engine.cuda_graphs import build_graph_runner
 from unmask.engine.detokenizer import TextStream
@@ -28,7 +29,6 @@ from unmask.engine.policies import CACHE_POLICIES, UNMASK_POLICIES
 from unmask.engine.runner import ModelRunner, SequenceWork
 from unmask.engine.sampling import RowGroup
 from unmask.engine.scheduler import Scheduler, SchedulerLimits
-from unmask.engine.attention_pattern import block_layout, check_attention_fit, model_defaults
 from unmask.engine.sequence import Sequence
 from unmask.kernels.confidence import precompile_fused_confidence
 

@@ -131,6 +131,7 @@ class Sequence:
         return masked
 
     def block_has_masks(self) -> bool:
+        """Some position of the current block is still masked (its sub-blocks and first token included)."""
         start, end = self.block_bounds()
         return bool((self.tokens[start:end] == self.mask_id).any())
 
