@@ -16,16 +16,29 @@ generation loops define it:
 - per step, among the masked positions of the current (sub-)block:
   `threshold` commits those above tau and at least the most confident one;
   `one_per_step` commits the most confident one;
-- the mask token is never proposed.
+- the mask token is never proposed;
+- with `block_cache` (Fast-dLLM v2's `use_block_cache`), a step whose
+  sub-block's first token is already committed recomputes only the sub-block:
+  the rest of the block keeps the keys and values of the block's last whole
+  forward (`StaleKV`).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+
+@dataclass
+class StaleKV:
+    """Per-layer (k, v) of a whole earlier forward, and the positions that read them instead of fresh ones."""
+
+    positions: torch.Tensor
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class QwenReference:
@@ -60,8 +73,13 @@ class QwenReference:
         half = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1)
         return x * cos + half * sin
 
-    def logits(self, ids: list[int]) -> torch.Tensor:
-        """[L, V] fp32 logits of one sequence, unshifted, block-causal attention."""
+    def logits(self, ids: list[int], stale: StaleKV | None = None, record: list | None = None) -> torch.Tensor:
+        """[L, V] fp32 logits of one sequence, unshifted, block-causal attention.
+
+        `stale`: at its positions, every layer's keys and values are the given
+        ones instead of this forward's (a cache holding older K/V). `record`:
+        every layer's (k, v) [L, kv_heads, D] is appended to it.
+        """
         n = len(ids)
         block_of = torch.arange(n) // self.block
         visible = block_of[None, :] <= block_of[:, None]
@@ -75,6 +93,11 @@ class QwenReference:
             if f"{p}.self_attn.q_norm.weight" in self.w:
                 q, k = self._norm(q, f"{p}.self_attn.q_norm.weight"), self._norm(k, f"{p}.self_attn.k_norm.weight")
             q, k = self._rope(q), self._rope(k)
+            if stale is not None:
+                k, v = k.clone(), v.clone()
+                k[stale.positions], v[stale.positions] = stale.kv[i][0][stale.positions], stale.kv[i][1][stale.positions]
+            if record is not None:
+                record.append((k, v))
             group = self.heads // self.kv_heads
             k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
             scores = torch.einsum("qhd,khd->hqk", q, k) / self.head_dim**0.5
@@ -88,9 +111,11 @@ class QwenReference:
         head = self.w.get("lm_head.weight", self.w["model.embed_tokens.weight"])
         return x @ head.T
 
-    def _proposals(self, x: list[int], end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _proposals(
+        self, x: list[int], end: int, stale: StaleKV | None = None, record: list | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(token, probability) proposed for every position < end, keys ending at `end`."""
-        logits = self.logits(x[:end])
+        logits = self.logits(x[:end], stale, record)
         if self.shifted:
             logits = torch.cat([logits[:1], logits[:-1]])
         logits[:, self.mask_id] = float("-inf")
@@ -98,7 +123,12 @@ class QwenReference:
         confidence, tokens = probs.max(-1)
         return tokens, confidence
 
-    def reference_decode(self, prompt: list[int], max_tokens: int, rule: str, threshold: float = 0.9) -> list[int]:
+    def reference_decode(
+        self, prompt: list[int], max_tokens: int, rule: str, threshold: float = 0.9, block_cache: bool = False
+    ) -> list[int]:
+        """The decoding loop; `block_cache` is Fast-dLLM v2's `use_block_cache`: a step whose sub-block's
+        first token is committed recomputes only that sub-block, the rest of the block keeping the K/V of
+        the block's last whole forward."""
         p, b = len(prompt), self.block
         total = -(-(p + max_tokens) // b) * b
         x = prompt + [self.mask_id] * (total - p)
@@ -107,12 +137,18 @@ class QwenReference:
             if self.shifted and x[block_start] == self.mask_id:
                 x[block_start] = self._first_token(x, block_start)
             sub = self.sub_block or b
+            whole: list | None = None  # the K/V of the block's last whole forward
             for sub_start in range(block_start, block_end, sub):
                 while True:
                     masked = [i for i in range(sub_start, sub_start + sub) if x[i] == self.mask_id]
                     if not masked:
                         break
-                    tokens, confidence = self._proposals(x, block_end)
+                    if block_cache and whole is not None and x[sub_start] != self.mask_id:
+                        outside = [i for i in range(block_start, block_end) if not sub_start <= i < sub_start + sub]
+                        tokens, confidence = self._proposals(x, block_end, StaleKV(torch.tensor(outside), whole))
+                    else:
+                        whole = []
+                        tokens, confidence = self._proposals(x, block_end, record=whole)
                     conf = confidence[masked]
                     chosen = {masked[int(conf.argmax())]}
                     if rule == "threshold":

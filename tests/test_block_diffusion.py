@@ -214,3 +214,27 @@ def test_the_block_cache_writes_what_full_recomputation_writes_under_every_unmas
             for cache in ("none", "block")}
     assert [o.token_ids for o in runs["block"]] == [o.token_ids for o in runs["none"]]
     assert sum(o.stats.active_positions for o in runs["block"]) < sum(o.stats.active_positions for o in runs["none"]) / 2
+
+
+@pytest.mark.parametrize("prompt_len", [6, 8, 12])  # inside a sub-block, on a block edge, on a sub-block edge
+@pytest.mark.parametrize("rule", ["one_per_step", "threshold"])
+def test_fastdllm_v2_block_dual_decodes_like_its_reference_block_cache(tmp_path, prompt_len, rule):
+    """Fast-dLLM v2's own decoding: blocks of 8 in sub-blocks of 4, each block's first token alone,
+    and inside the block the sub-block recomputed over the rest of the block's K/V from its last whole step."""
+    model_dir = make_random_checkpoint(tmp_path, arch="fastdllm-v2", layers=2, hidden=64, heads=4, kv_heads=2, layer_std=0.2)
+    reference = QwenReference(model_dir)
+    prompt = _prompt(prompt_len)
+    expected = reference.reference_decode(prompt, 21, rule, threshold=0.3, block_cache=True)
+    unmask = {"one_per_step": {"unmask": "low_confidence"}, "threshold": {"unmask": "threshold", "threshold": 0.3}}[rule]
+    out = LLM(str(model_dir)).generate(prompt, SamplingParams(max_tokens=21, cache="block-dual", ignore_eos=True, **unmask))[0]
+    assert out.token_ids == expected
+
+
+def test_block_dual_is_an_approximation_whose_stale_keys_change_some_tokens(tmp_path):
+    """So the test above, which matches it to its reference, checks the stale K/V and not the exact cache."""
+    model_dir = make_random_checkpoint(tmp_path, arch="fastdllm-v2", layers=2, hidden=64, heads=4, kv_heads=2, layer_std=0.2)
+    llm = LLM(str(model_dir))
+    prompts = [_prompt(n, first) for n in (6, 8, 12) for first in (10, 11)]
+    runs = {cache: [o.token_ids for o in llm.generate(prompts, [SamplingParams(max_tokens=21, cache=cache, ignore_eos=True)] * 6)]
+            for cache in ("block", "block-dual")}
+    assert runs["block"] != runs["block-dual"]
