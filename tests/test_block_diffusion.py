@@ -9,6 +9,7 @@ test checks it), and matching the reference token for token means something.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -163,17 +164,24 @@ def test_block_causal_models_default_to_the_exact_block_cache_and_their_block_si
     assert seq.params.cache == "block" and seq.params.block_length == reference.block
 
 
-def test_stop_string_and_end_of_text_end_a_block_causal_request(block_dir):
+def test_a_stop_string_ends_a_block_causal_request(block_dir):
     llm = LLM(str(block_dir))
     full = llm.generate(_prompt(6), SamplingParams(max_tokens=24, ignore_eos=True))[0]
     assert len(full.text) >= 4, full.text
     stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 2]
     cut = llm.generate(_prompt(6), SamplingParams(max_tokens=24, ignore_eos=True, stop=[stop]))[0]
     assert cut.text == full.text[: full.text.find(stop)] and cut.finish_reason.value == "stop"
-    eos = llm.engine.model_config.eos_token_id
-    if eos in full.token_ids:
-        ended = llm.generate(_prompt(6), SamplingParams(max_tokens=24))[0]
-        assert ended.token_ids == full.token_ids[: full.token_ids.index(eos)]
+
+
+def test_end_of_text_ends_a_block_causal_request_mid_canvas(block_dir):
+    """A token the model writes at position 7 stands in for end-of-text: the request stops there, in its block."""
+    llm = LLM(str(block_dir))
+    full = llm.generate(_prompt(6), SamplingParams(max_tokens=24, ignore_eos=True))[0]
+    eos = full.token_ids[7]
+    llm.engine.model_config = replace(llm.engine.model_config, eos_token_id=eos)
+    ended = llm.generate(_prompt(6), SamplingParams(max_tokens=24))[0]
+    assert ended.token_ids == full.token_ids[: full.token_ids.index(eos)]
+    assert ended.finish_reason.value == "stop" and ended.stats.forward_passes < full.stats.forward_passes
 
 
 @pytest.mark.gpu
