@@ -11,7 +11,7 @@ from unmask.engine.params import SamplingParams
 
 
 def llada_reference(model, cfg, prompt: list[int], gen_length: int, block_length: int, steps_per_block: int) -> list[int]:
-    """LLaDA's blockwise low-confidence remasking on full sequences, as in ALGORITHMS.md (no pages, no cache).
+    """LLaDA's blockwise low-confidence remasking on full sequences, as LLaDA defines it (no pages, no cache).
 
     Shifted models (Dream) read position i from the output at i - 1. The mask token is
     never proposed (a trained model never predicts it; random weights might).
