@@ -151,6 +151,13 @@ def test_a_block_length_other_than_the_trained_one_is_refused(block_dir):
     assert refused.value.param == "block_length"
 
 
+def test_a_max_tokens_past_the_context_is_refused_before_its_canvas_is_made(block_dir):
+    engine = _engine(block_dir)
+    with pytest.raises(ParamError, match="exceeds the model's context") as refused:
+        engine.make_sequence("r", _prompt(5), SamplingParams(max_tokens=10**12))
+    assert refused.value.param == "max_tokens"
+
+
 @pytest.mark.parametrize("cache", ["block", "block-dual"])
 def test_block_caches_are_refused_for_full_attention_models(llada_dir, cache):
     engine = _engine(llada_dir)

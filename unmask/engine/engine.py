@@ -39,7 +39,7 @@ from unmask.engine.runner import ModelRunner
 from unmask.engine.runner_interface import Proposals, Runner
 from unmask.engine.sampling import RowGroup
 from unmask.engine.scheduler import Scheduler, SchedulerLimits
-from unmask.engine.sequence import Commit, Sequence
+from unmask.engine.sequence import BlockLayout, Commit, Sequence, sequence_length
 from unmask.engine.work import SequenceWork, plan_work
 from unmask.kernels.confidence import precompile_fused_confidence
 
@@ -129,23 +129,30 @@ class LLMEngine:
         """Tokenize and validate a request without touching engine state (safe from any thread)."""
         resolved = params.resolve(model_defaults(self.config.defaults, self.model_config))
         prompt_ids = self._prompt_ids(prompt)
+        cfg, layout = self.model_config, block_layout(self.model_config)
+        self._check_context(len(prompt_ids), resolved.max_tokens, layout)
         self._check_support(resolved)
         seed = resolved.seed if resolved.seed is not None else secrets.randbits(63)
-        cfg = self.model_config
         state = UNMASK_POLICIES[resolved.unmask].new_state()
-        seq = Sequence(
+        return Sequence(
             request_id, prompt_ids, resolved, cfg.mask_token_id, cfg.eos_token_id, seed,
-            unmask_state=state, layout=block_layout(cfg),
+            unmask_state=state, layout=layout,
         )
-        if seq.length > self.max_model_len:
-            total = len(prompt_ids) + resolved.max_tokens
-            aligned = f" (with the last block completed: {seq.length})" if seq.length > total else ""
+
+    def _check_context(self, prompt_len: int, max_tokens: int, layout: BlockLayout | None) -> None:
+        """Refuse a request whose canvas (with a block-causal model's last block completed) overflows the context.
+
+        Checked before the canvas exists, so an absurd `max_tokens` allocates nothing.
+        """
+        total = prompt_len + max_tokens
+        length = sequence_length(prompt_len, max_tokens, layout)
+        if length > self.max_model_len:
+            aligned = f" (with the last block completed: {length})" if length > total else ""
             raise ParamError(
                 "max_tokens",
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({resolved.max_tokens}) = {total}{aligned} exceeds "
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total}{aligned} exceeds "
                 f"the model's context of {self.max_model_len} tokens",
             )
-        return seq
 
     def _check_support(self, params: SamplingParams) -> None:
         """Refuse the methods this engine was started without, or that do not fit the model's attention."""

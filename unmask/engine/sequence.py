@@ -40,6 +40,12 @@ class BlockLayout:
         return position // self.block_size * self.block_size
 
 
+def sequence_length(prompt_len: int, max_tokens: int, layout: BlockLayout | None) -> int:
+    """Prompt plus canvas: `max_tokens`, run on to the end of the last block with a `layout`."""
+    end = prompt_len + max_tokens
+    return end if layout is None else layout.align_up(end)
+
+
 class SequenceStatus(Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -96,9 +102,7 @@ class Sequence:
     layout: BlockLayout | None = None  # block-causal models only
 
     def __post_init__(self) -> None:
-        end = self.prompt_len + self.params.max_tokens
-        if self.layout is not None:
-            end = self.layout.align_up(end)
+        end = sequence_length(self.prompt_len, self.params.max_tokens, self.layout)
         canvas = [self.mask_id] * (end - self.prompt_len)
         self.tokens = torch.tensor(self.prompt_ids + canvas, dtype=torch.long)
         self.generator = torch.Generator().manual_seed(self.seed)
