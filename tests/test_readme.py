@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from server_fixtures import live_server  # noqa: F401  (pytest fixture)
 
+from unmask.engine.models.loader import read_dummy_config
+from unmask.engine.models.make_random import main as make_random
+
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
 
@@ -120,3 +123,13 @@ def _normalized(line: str) -> str:
     line = re.sub(r"^(\.\.\.|\S+ \S+) (INFO|WARNING) ", "", line)
     line = re.sub(r"loaded in [\d.]+ s", "loaded in N s", line)
     return re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", line)
+
+
+def test_the_block_diffusion_presets_example_writes_block_causal_configs(tmp_path):
+    block = _block_after("### Block-diffusion models", "bash")
+    commands = [line.split() for line in block.splitlines() if "make_random" in line]
+    assert len(commands) == 4
+    for argv in commands:
+        out = tmp_path / Path(argv[3]).name  # the example writes to /tmp/<name>
+        make_random([str(out), *argv[4:]])
+        assert read_dummy_config(out).block_causal

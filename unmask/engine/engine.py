@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from unmask.engine.attention_pattern import block_layout, check_attention_fit, model_defaults
 from unmask.engine.config import EngineConfig
 from unmask.engine.cuda_graphs import build_graph_runner
 from unmask.engine.detokenizer import TextStream
@@ -38,7 +39,7 @@ from unmask.engine.runner import ModelRunner
 from unmask.engine.runner_interface import Proposals, Runner
 from unmask.engine.sampling import RowGroup
 from unmask.engine.scheduler import Scheduler, SchedulerLimits
-from unmask.engine.sequence import Commit, Sequence
+from unmask.engine.sequence import BlockLayout, Commit, Sequence, sequence_length
 from unmask.engine.work import SequenceWork, plan_work
 from unmask.kernels.confidence import precompile_fused_confidence
 
@@ -126,23 +127,36 @@ class LLMEngine:
 
     def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
         """Tokenize and validate a request without touching engine state (safe from any thread)."""
-        resolved = params.resolve(self.config.defaults)
+        resolved = params.resolve(model_defaults(self.config.defaults, self.model_config))
         prompt_ids = self._prompt_ids(prompt)
-        total = len(prompt_ids) + resolved.max_tokens
-        if total > self.max_model_len:
-            raise ParamError(
-                "max_tokens",
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({resolved.max_tokens}) = {total} exceeds "
-                f"the model's context of {self.max_model_len} tokens",
-            )
+        cfg, layout = self.model_config, block_layout(self.model_config)
+        self._check_context(len(prompt_ids), resolved.max_tokens, layout)
         self._check_support(resolved)
         seed = resolved.seed if resolved.seed is not None else secrets.randbits(63)
-        mask_id, eos_id = self.model_config.mask_token_id, self.model_config.eos_token_id
         state = UNMASK_POLICIES[resolved.unmask].new_state()
-        return Sequence(request_id, prompt_ids, resolved, mask_id, eos_id, seed, unmask_state=state)
+        return Sequence(
+            request_id, prompt_ids, resolved, cfg.mask_token_id, cfg.eos_token_id, seed,
+            unmask_state=state, layout=layout,
+        )
+
+    def _check_context(self, prompt_len: int, max_tokens: int, layout: BlockLayout | None) -> None:
+        """Refuse a request whose canvas (with a block-causal model's last block completed) overflows the context.
+
+        Checked before the canvas exists, so an absurd `max_tokens` allocates nothing.
+        """
+        total = prompt_len + max_tokens
+        length = sequence_length(prompt_len, max_tokens, layout)
+        if length > self.max_model_len:
+            aligned = f" (with the last block completed: {length})" if length > total else ""
+            raise ParamError(
+                "max_tokens",
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total}{aligned} exceeds "
+                f"the model's context of {self.max_model_len} tokens",
+            )
 
     def _check_support(self, params: SamplingParams) -> None:
-        """Refuse a request whose policies need what this engine was started without."""
+        """Refuse the methods this engine was started without, or that do not fit the model's attention."""
+        check_attention_fit(params, self.model_config)
         for kind, policy in (("cache", CACHE_POLICIES[params.cache]), ("unmask", UNMASK_POLICIES[params.unmask])):
             for requirement in policy.requirements:
                 requirement.check(kind, policy.name, self.resources)

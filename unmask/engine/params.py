@@ -16,7 +16,7 @@ from unmask.engine.method_params import METHOD_FIELDS, METHOD_PARAMS, add_method
 # The policy names a request may choose, spelled out rather than read from the registries
 # in `engine.policies` (which need torch), so that the CLI parser and the protocol load
 # without it; tests/test_methods.py checks that the registries implement exactly these.
-CACHE_POLICIES = ("none", "prefix", "dual", "dkv", "dkv-greedy", "dllm-cache", "freecache")
+CACHE_POLICIES = ("none", "prefix", "dual", "dkv", "dkv-greedy", "dllm-cache", "freecache", "block", "block-dual")
 UNMASK_POLICIES = ("low_confidence", "random", "threshold", "factor", "guided")
 CONFIDENCE_KINDS = ("prob", "margin", "entropy")
 

@@ -18,6 +18,34 @@ from unmask.engine.outputs import FinishReason, RequestStats
 from unmask.engine.params import SamplingParams
 
 
+@dataclass(frozen=True)
+class BlockLayout:
+    """How a block-causal model cuts a sequence: blocks of `block_size` from position 0.
+
+    `sub_block_size`: the block is committed sub-block by sub-block (Fast-dLLM
+    v2), else None. `first_token_alone`: a block's first token is predicted
+    from the previous block's last output before the rest is denoised (models
+    with shifted logits).
+    """
+
+    block_size: int
+    sub_block_size: int | None = None
+    first_token_alone: bool = False
+
+    def align_up(self, position: int) -> int:
+        return -(-position // self.block_size) * self.block_size
+
+    def block_start(self, position: int) -> int:
+        """The first position of the block that holds `position`."""
+        return position // self.block_size * self.block_size
+
+
+def sequence_length(prompt_len: int, max_tokens: int, layout: BlockLayout | None) -> int:
+    """Prompt plus canvas: `max_tokens`, run on to the end of the last block with a `layout`."""
+    end = prompt_len + max_tokens
+    return end if layout is None else layout.align_up(end)
+
+
 class SequenceStatus(Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -43,6 +71,11 @@ class Sequence:
     Blocks cover the canvas in order; the last one may be shorter when
     `max_tokens` is not a multiple of the block length. `block` is the block
     being denoised and `step` the steps already taken inside it.
+
+    A block-causal model's sequence has a `layout` (`BlockLayout`): its blocks
+    are the model's, counted from position 0, so the first one holds the
+    prompt's tail and is shorter; the canvas runs on to the end of the last
+    block, as the model was trained, and only its first `max_tokens` count.
     """
 
     request_id: str
@@ -66,9 +99,11 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     stats: RequestStats = field(default_factory=RequestStats)
     generator: torch.Generator = field(init=False)
+    layout: BlockLayout | None = None  # block-causal models only
 
     def __post_init__(self) -> None:
-        canvas = [self.mask_id] * self.params.max_tokens
+        end = sequence_length(self.prompt_len, self.params.max_tokens, self.layout)
+        canvas = [self.mask_id] * (end - self.prompt_len)
         self.tokens = torch.tensor(self.prompt_ids + canvas, dtype=torch.long)
         self.generator = torch.Generator().manual_seed(self.seed)
 
@@ -106,7 +141,7 @@ class Sequence:
         self.steps_taken += 1
         self.stats.forward_passes += 1
         self.stats.tokens_committed += targets.numel()
-        if self.masked_in_block().numel():
+        if self.block_has_masks():
             return Commit(targets.numel(), None)
         self.stats.steps_per_block.append(self.step)
         finished = self.step
@@ -124,22 +159,55 @@ class Sequence:
 
     @property
     def block_size(self) -> int:
-        return self.params.block_size
+        return self.params.block_size if self.layout is None else self.layout.block_size
 
     @property
     def num_blocks(self) -> int:
+        if self.layout is not None:
+            return self.length // self.block_size - self.prompt_len // self.block_size
         return -(-self.params.max_tokens // self.block_size)
 
     def block_bounds(self, block: int | None = None) -> tuple[int, int]:
-        """Absolute [start, end) positions of a block (the current one by default)."""
+        """Absolute [start, end) canvas positions of a block (the current one by default)."""
         b = self.block if block is None else block
+        if self.layout is not None:
+            first = self.prompt_len // self.block_size + b  # the block's index counted from position 0
+            return max(self.prompt_len, first * self.block_size), (first + 1) * self.block_size
         start = self.prompt_len + b * self.block_size
         return start, min(start + self.block_size, self.length)
 
     def masked_in_block(self) -> torch.Tensor:
-        """Absolute positions still masked in the current block, ascending."""
+        """Absolute positions still masked in the current block, ascending: the ones this step proposes for.
+
+        With a `layout`, fewer: the block's first token alone when the model
+        predicts it from the previous block (`entering_block`), else the
+        masked positions of the first sub-block that has any.
+        """
         start, end = self.block_bounds()
-        return start + torch.nonzero(self.tokens[start:end] == self.mask_id).flatten()
+        if self.entering_block():
+            return torch.tensor([start])
+        masked = start + torch.nonzero(self.tokens[start:end] == self.mask_id).flatten()
+        if self.layout is not None and self.layout.sub_block_size is not None and masked.numel():
+            sub = self.layout.sub_block_size
+            masked = masked[masked < int(masked[0]) // sub * sub + sub]
+        return masked
+
+    def block_has_masks(self) -> bool:
+        """Some position of the current block is still masked (its sub-blocks and first token included)."""
+        start, end = self.block_bounds()
+        return bool((self.tokens[start:end] == self.mask_id).any())
+
+    def entering_block(self) -> bool:
+        """This step predicts the block's first token alone, from the previous block's last output.
+
+        So a model with shifted logits is decoded as it was trained (Fast-dLLM
+        v2): the first token of every block is written autoregressively, then
+        the rest of the block is denoised with it in place.
+        """
+        if self.layout is None or not self.layout.first_token_alone:
+            return False
+        start, _ = self.block_bounds()
+        return start % self.block_size == 0 and int(self.tokens[start]) == self.mask_id
 
     def steps_in_block(self) -> int:
         """Denoising steps the fixed-step policies spend on the current block (`SamplingParams.steps_for_block`)."""
@@ -148,8 +216,8 @@ class Sequence:
 
     # --- finalized output ---------------------------------------------------
     def _committed_run(self) -> torch.Tensor:
-        """Canvas tokens committed contiguously from its start (up to the first mask)."""
-        canvas = self.tokens[self.prompt_len :]
+        """Canvas tokens committed contiguously from its start (up to the first mask), at most `max_tokens`."""
+        canvas = self.tokens[self.prompt_len : self.prompt_len + self.params.max_tokens]
         masked = torch.nonzero(canvas == self.mask_id).flatten()
         return canvas[: int(masked[0])] if masked.numel() else canvas
 

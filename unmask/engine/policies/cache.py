@@ -23,6 +23,10 @@ class CachePolicy:
 
     name = "none"
     requirements: tuple[Requirement, ...] = ()
+    # Which attention patterns the policy is right for: approximations of full attention have
+    # nothing to approximate in a block-causal model, and the block caches assume one.
+    full_attention_only = False
+    block_causal_only = False
 
     def active_positions(self, seq: Sequence) -> torch.Tensor:
         """Sorted absolute positions whose K/V (and hidden states) are recomputed this step."""
@@ -45,6 +49,7 @@ class PrefixCache(CachePolicy):
     """Fast-dLLM prefix cache: full refresh at each block start, then [block start, end)."""
 
     name = "prefix"
+    full_attention_only = True
 
     def is_refresh(self, seq: Sequence) -> bool:
         return seq.step == 0

@@ -26,6 +26,7 @@ from unmask.engine.sequence import Sequence
 
 class FreeCache(CachePolicy):
     name = "freecache"
+    full_attention_only = True
 
     def is_refresh(self, seq: Sequence) -> bool:
         return seq.steps_taken == 0
