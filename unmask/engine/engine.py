@@ -10,14 +10,17 @@ import itertools
 import logging
 import secrets
 import time
+from dataclasses import replace
 from typing import Callable
 
 import torch
 
+from unmask.engine.checkpoint_defaults import checkpoint_defaults, read_generation_config, resolve_block_start
 from unmask.engine.config import EngineConfig
 from unmask.engine.cuda_graphs import build_graph_runner
 from unmask.engine.detokenizer import TextStream
 from unmask.engine.errors import EngineDeadError
+from unmask.engine.infill import Infill, lay_out, refuse_unsupported
 from unmask.engine.guide import GuideRunner, guide_state, load_guide
 from unmask.engine.kv_pool import KVPool
 from unmask.engine.models.loader import LoadedModel, load_model
@@ -25,6 +28,7 @@ from unmask.engine.outputs import BlockView, FinishReason, RequestOutput, StepSt
 from unmask.engine.parallel import ShardLoader, TensorParallelGroup, TensorParallelRunner
 from unmask.engine.params import ParamError, SamplingParams, check_text
 from unmask.engine.policies import CACHE_POLICIES, UNMASK_POLICIES
+from unmask.engine.policies.block_start import block_start_commit
 from unmask.engine.runner import ModelRunner, SequenceWork
 from unmask.engine.sampling import RowGroup
 from unmask.engine.scheduler import Scheduler, SchedulerLimits
@@ -71,6 +75,9 @@ class LLMEngine:
             loaded = self.parallel.loaded
         self.loaded = loaded or load_model(config.model_dir, config.dtype, config.device, config.load_format)
         self.model_config = self.loaded.config
+        self.defaults = checkpoint_defaults(
+            config.defaults, self.model_config.arch, read_generation_config(config.model_dir)
+        )
         self.tokenizer = self.loaded.tokenizer
         # Before the pool, which takes what memory is left.
         self.guide: GuideRunner | None = load_guide(config.guide_model, self.loaded)
@@ -94,20 +101,38 @@ class LLMEngine:
     def max_model_len(self) -> int:
         return min(self.model_config.max_position, self.pool.num_pages * self.pool.page_size)
 
-    def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
-        """Tokenize and validate a request without touching engine state (safe from any thread)."""
-        resolved = params.resolve(self.config.defaults)
-        prompt_ids = self._prompt_ids(prompt)
-        total = len(prompt_ids) + resolved.max_tokens
+    def make_sequence(self, request_id: str, prompt: str | list[int] | Infill, params: SamplingParams) -> Sequence:
+        """Tokenize and validate a request without touching engine state (safe from any thread).
+
+        An `Infill` prompt sets the canvas (its spans and the pieces between them) and
+        the fixed suffix; its `max_tokens` is the canvas length.
+        """
+        layout = None
+        if isinstance(prompt, Infill):
+            layout = lay_out(prompt, self._encode, self.model_config.mask_token_id)
+            params = replace(params, max_tokens=len(layout.canvas))
+        resolved = resolve_block_start(params.resolve(self.defaults), self.model_config.arch)
+        prompt_ids = self._prompt_ids(layout.prompt if layout else prompt)
+        suffix = layout.suffix if layout else []
+        total = len(prompt_ids) + resolved.max_tokens + len(suffix)
         if total > self.max_model_len:
+            with_suffix = f" + suffix ({len(suffix)})" if suffix else ""
             raise ParamError(
                 "max_tokens",
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({resolved.max_tokens}) = {total} exceeds "
-                f"the model's context of {self.max_model_len} tokens",
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({resolved.max_tokens}){with_suffix} = {total} "
+                f"exceeds the model's context of {self.max_model_len} tokens",
             )
         self._check_support(resolved)
+        if layout is not None and layout.has_fixed_text:
+            refuse_unsupported(resolved.cache, resolved.unmask)
         seed = resolved.seed if resolved.seed is not None else secrets.randbits(63)
-        return Sequence(request_id, prompt_ids, resolved, self.model_config.mask_token_id, self.model_config.eos_token_id, seed)
+        return Sequence(
+            request_id, prompt_ids, resolved, self.model_config.mask_token_id, self.model_config.eos_token_id, seed,
+            canvas_ids=layout.canvas if layout else None, suffix_ids=suffix,
+        )
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _check_support(self, params: SamplingParams) -> None:
         """Refuse the methods this engine was started without."""
@@ -117,6 +142,8 @@ class LLMEngine:
                 f"cache={params.cache!r} needs the pool's feature pages: start the engine with feature_cache=True "
                 "(`unmask serve --feature-cache`)",
             )
+        if params.block_start == "first" and params.unmask == "guided":
+            raise ParamError("block_start", "block_start='first' cannot be combined with unmask='guided'")
         if params.unmask == "guided" and self.guide is None:
             raise ParamError(
                 "unmask", "unmask='guided' needs a guide model: start the engine with guide_model=DIR (`unmask serve --guide-model DIR`)"
@@ -125,7 +152,7 @@ class LLMEngine:
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             check_text("prompt", prompt)
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            ids = self._encode(prompt)
         else:
             ids = list(prompt)
             vocab = self.model_config.vocab_size
@@ -142,7 +169,7 @@ class LLMEngine:
         self.scheduler.add(seq)
         self.streams[seq.request_id] = TextStream(self.tokenizer, list(seq.params.stop))
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
+    def add_request(self, request_id: str, prompt: str | list[int] | Infill, params: SamplingParams) -> Sequence:
         seq = self.make_sequence(request_id, prompt, params)
         self.add_sequence(seq)
         return seq
@@ -276,7 +303,9 @@ class LLMEngine:
     def _commit(self, seq: Sequence, tokens: torch.Tensor, confidence: torch.Tensor) -> tuple[int, list[int]]:
         """Apply the unmask policy to one sequence's proposals; returns (tokens committed, steps of blocks finished)."""
         targets = seq.masked_in_block()
-        chosen = UNMASK_POLICIES[seq.params.unmask].choose(seq, confidence)
+        chosen = block_start_commit(seq, targets)
+        if chosen is None:
+            chosen = UNMASK_POLICIES[seq.params.unmask].choose(seq, confidence)
         seq.tokens[targets[chosen]] = tokens[chosen]
         seq.last_committed = targets[chosen]
         seq.step += 1
@@ -287,7 +316,7 @@ class LLMEngine:
         if chosen.numel() == targets.numel():  # nothing left masked in the block
             seq.stats.steps_per_block.append(seq.step)
             finished_blocks.append(seq.step)
-            seq.block, seq.step = seq.block + 1, 0
+            seq.advance_block()
         return chosen.numel(), finished_blocks
 
     # --- outputs ----------------------------------------------------------------

@@ -15,6 +15,11 @@ from dataclasses import dataclass, field, replace
 CACHE_POLICIES = ("none", "prefix", "dual", "dkv", "dkv-greedy", "dllm-cache", "freecache")
 UNMASK_POLICIES = ("low_confidence", "random", "threshold", "factor", "guided")
 CONFIDENCE_KINDS = ("prob", "margin", "entropy")
+# How many tokens each step of a block commits under the fixed-step policies; "auto" is the
+# checkpoint family's own rule (`engine.checkpoint_defaults`).
+SCHEDULES = ("auto", "llada", "dream")
+# Which rule commits a block's first position; "auto": Fast-dLLM's for Dream under its caches.
+BLOCK_START_RULES = ("auto", "confidence", "first")
 # The parameters that belong to one cache or unmask method: field -> (kind, method).
 METHOD_FIELDS = {
     "dkv_refresh": ("cache", "dkv"),
@@ -24,6 +29,8 @@ METHOD_FIELDS = {
     "dllm_rho": ("cache", "dllm-cache"),
     "freecache_window": ("cache", "freecache"),
     "guide_relative": ("unmask", "guided"),
+    "alg_temp": ("unmask", "low_confidence"),
+    "schedule_eps": ("schedule", "dream"),
 }
 
 
@@ -54,6 +61,10 @@ class EngineDefaults:
     dllm_rho: float = 0.25
     freecache_window: int = 1
     guide_relative: float = 0.5
+    schedule: str = "auto"
+    alg_temp: float = 0.0
+    schedule_eps: float = 1e-3
+    block_start: str = "auto"
 
 
 @dataclass
@@ -84,6 +95,10 @@ class SamplingParams:
     dllm_rho: float | None = None  # dllm-cache: fraction of response tokens V-verify recomputes per layer
     freecache_window: int | None = None  # freecache: masked blocks after the current one kept in attention
     guide_relative: float | None = None  # guided: accept a draft with p_guide >= this * p_guide(top-1)
+    schedule: str | None = None  # tokens per step of low_confidence/random: llada (even) or dream (timesteps)
+    alg_temp: float | None = None  # low_confidence: > 0 samples the committed positions from softmax(confidence / alg_temp)
+    schedule_eps: float | None = None  # schedule=dream: the last timestep of linspace(1, eps, steps + 1)
+    block_start: str | None = None  # first: a block's first position is committed alone at the block's first step
     stream_blocks: bool = False
     ignore_eos: bool = False  # run to max_tokens: end-of-text neither ends the request nor cuts its tokens
 
@@ -99,6 +114,8 @@ class SamplingParams:
             threshold=_pick(self.threshold, defaults.threshold),
             factor=_pick(self.factor, defaults.factor),
             confidence=_pick(self.confidence, defaults.confidence),
+            schedule=defaults.schedule if self.schedule in (None, "auto") else self.schedule,
+            block_start=_pick(self.block_start, defaults.block_start),
             **{name: _pick(getattr(self, name), getattr(defaults, name)) for name in METHOD_FIELDS},
         )
         filled.validate()
@@ -129,6 +146,10 @@ class SamplingParams:
         _check_choice("cache", self.cache, CACHE_POLICIES)
         _check_choice("unmask", self.unmask, UNMASK_POLICIES)
         _check_choice("confidence", self.confidence, CONFIDENCE_KINDS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("block_start", self.block_start, BLOCK_START_RULES)
+        _check_float("alg_temp", self.alg_temp, low=0.0, high=100.0)
+        _check_float("schedule_eps", self.schedule_eps, low=0.0, high=1.0, low_open=True)
         _check_float("threshold", self.threshold, low=0.0, high=1.0, low_open=True)
         _check_float("factor", self.factor, low=0.0, high=1e6, low_open=True)
         for name in ("dkv_refresh", "dllm_prompt_refresh", "dllm_response_refresh"):

@@ -19,8 +19,10 @@ from dataclasses import fields
 import unmask.engine.params as engine_params
 from unmask.engine.config import DUMMY_NEEDS, LOAD_FORMATS
 from unmask.engine.params import (
+    BLOCK_START_RULES,
     CACHE_POLICIES,
     CONFIDENCE_KINDS,
+    SCHEDULES,
     UNMASK_POLICIES,
     EngineDefaults,
     ParamError,
@@ -124,7 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_CHOICES = {"cache": CACHE_POLICIES, "unmask": UNMASK_POLICIES, "confidence": CONFIDENCE_KINDS}
+_CHOICES = {
+    "cache": CACHE_POLICIES,
+    "unmask": UNMASK_POLICIES,
+    "confidence": CONFIDENCE_KINDS,
+    "schedule": SCHEDULES,
+    "block_start": BLOCK_START_RULES,
+}
 _HELP = {
     "cache": "cache policy: which positions each step recomputes",
     "unmask": "unmask policy: how many tokens each step commits",
@@ -133,6 +141,13 @@ _HELP = {
     "steps": "steps per block for the fixed-step unmask policies (default: one token per step)",
     "threshold": "confidence threshold of unmask=threshold",
     "factor": "factor of unmask=factor",
+    "schedule": "tokens per step of the fixed-step policies: llada (even), dream (Dream's timesteps); "
+    "auto: the checkpoint's family",
+    "alg_temp": "Dream's alg_temp for unmask=low_confidence: > 0 samples the committed positions "
+    "from softmax(confidence / alg_temp)",
+    "schedule_eps": "schedule=dream: the last of the timesteps linspace(1, eps, steps + 1)",
+    "block_start": "first: commit a block's first position alone at its first step (Fast-dLLM's Dream rule); "
+    "confidence: the unmask policy chooses; auto: first for Dream with cache prefix/dual and unmask=threshold",
 }
 
 

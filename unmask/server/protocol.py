@@ -62,6 +62,8 @@ BOUNDS: dict[str, dict[str, float]] = {
     "dllm_rho": {"ge": 0, "le": 1},
     "freecache_window": {"ge": 0},
     "guide_relative": {"gt": 0, "le": 1},
+    "alg_temp": {"ge": 0, "le": 100},
+    "schedule_eps": {"gt": 0, "le": 1},
 }
 
 
@@ -102,7 +104,6 @@ _WHY_NOT = {
     "logprobs": "diffusion decoding has no left-to-right token probabilities",
     "top_logprobs": "diffusion decoding has no left-to-right token probabilities",
     "best_of": "use n",
-    "suffix": "insertion is not implemented",
     "tools": "tool calling is not implemented",
     "tool_choice": "tool calling is not implemented",
     "response_format": "only plain text output is implemented",
@@ -240,9 +241,13 @@ class CompletionRequest(_SamplingFields):
     echo: Bool = Field(False, description="Prepend the prompt to the completion text.")
     logprobs: None = Field(None, description="Not supported: must be null.")
     best_of: None = Field(None, description="Not supported (use n): must be null.")
-    suffix: None = Field(None, description="Not supported: must be null.")
+    suffix: str | None = Field(
+        None,
+        description="Insert mode: text that follows the completion. The max_tokens canvas is written between "
+        "prompt and suffix (the suffix is fixed and attended both ways); the completion is the canvas's text.",
+    )
 
-    @field_validator("logprobs", "best_of", "suffix", mode="wrap")
+    @field_validator("logprobs", "best_of", mode="wrap")
     @classmethod
     def _not_supported(cls, value, handler, info):
         return _unsupported(value, handler, info.field_name, _WHY_NOT[info.field_name])
