@@ -122,9 +122,9 @@ class LLMEngine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({resolved.max_tokens}){with_suffix} = {total} "
                 f"exceeds the model's context of {self.max_model_len} tokens",
             )
-        self._check_support(resolved)
         if layout is not None and layout.has_fixed_text:
             refuse_unsupported(resolved.cache, resolved.unmask)
+        self._check_support(resolved)
         seed = resolved.seed if resolved.seed is not None else secrets.randbits(63)
         return Sequence(
             request_id, prompt_ids, resolved, self.model_config.mask_token_id, self.model_config.eos_token_id, seed,
