@@ -49,3 +49,23 @@ def test_the_curl_chat_example_gets_the_answer_the_readme_shows(live_server):
         response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == shown
+
+
+def test_the_curl_infill_example_gets_the_text_the_readme_shows(live_server):
+    block = _block_after("### Infilling", "bash")
+    body = json.loads(re.search(r"-d '(\{.*\})'", block, re.DOTALL).group(1))
+    shown = re.search(r'"text": "([^"]*)" \.\.\.', block).group(1)
+    body["model"] = live_server.model
+    with live_server.http() as client:
+        response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == shown
+
+
+def test_the_offline_infill_example_prints_the_spans_its_comment_promises(monkeypatch):
+    monkeypatch.chdir(REPO)
+    code = _block_after("### Infilling", "python")
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        exec(compile(code, "README.md (Infilling)", "exec"), {})
+    assert printed.getvalue().strip() == _promised(code, "print(result.texts")
