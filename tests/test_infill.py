@@ -144,3 +144,13 @@ def test_completions_with_suffix_refuse_freecache_with_a_400(live_server):
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == "cache" and "suffix" in error["message"]
+
+
+def test_an_end_of_text_in_one_span_does_not_end_a_request_with_more_spans(llm):
+    eos = llm.engine.model_config.eos_token_id
+    seq = llm.engine.make_sequence("r", Infill((PROMPT, " The answer is", ""), (4, 4)), SamplingParams())
+    seq.tokens[seq.prompt_len] = eos  # as if the first span's first token had been committed as end-of-text
+    assert not seq.hit_eos()
+    plain = llm.engine.make_sequence("p", PROMPT, SamplingParams(max_tokens=4))
+    plain.tokens[plain.prompt_len] = eos
+    assert plain.hit_eos()

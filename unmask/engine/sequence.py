@@ -140,8 +140,19 @@ class Sequence:
         return prefix[: prefix.index(self.eos_id)]
 
     def hit_eos(self) -> bool:
-        """End-of-text lies in the committed run, so nothing after it can matter (never, with `ignore_eos`)."""
-        return not self.params.ignore_eos and bool((self._committed_run() == self.eos_id).any())
+        """End-of-text lies in the committed run, so nothing after it can matter.
+
+        Never with `ignore_eos`, nor when the canvas holds fixed text between spans: the
+        spans after an end-of-text still have to be written.
+        """
+        if self.params.ignore_eos or self.has_inner_text:
+            return False
+        return bool((self._committed_run() == self.eos_id).any())
+
+    @property
+    def has_inner_text(self) -> bool:
+        """The canvas holds fixed tokens (an infill request with several spans)."""
+        return not bool(self.initially_masked[self.prompt_len : self.canvas_end].all())
 
     @property
     def canvas_done(self) -> bool:
