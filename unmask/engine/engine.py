@@ -109,7 +109,7 @@ class LLMEngine:
         """
         layout = None
         if isinstance(prompt, Infill):
-            layout = lay_out(prompt, self._encode, self.model_config.mask_token_id)
+            layout = lay_out(prompt, self.encode, self.model_config.mask_token_id)
             params = replace(params, max_tokens=len(layout.canvas))
         resolved = resolve_block_start(params.resolve(self.defaults), self.model_config.arch)
         prompt_ids = self._prompt_ids(layout.prompt if layout else prompt)
@@ -131,7 +131,8 @@ class LLMEngine:
             canvas_ids=layout.canvas if layout else None, suffix_ids=suffix,
         )
 
-    def _encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
+        """Text to token ids, as prompts are tokenized (no special tokens added)."""
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _check_support(self, params: SamplingParams) -> None:
@@ -152,7 +153,7 @@ class LLMEngine:
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             check_text("prompt", prompt)
-            ids = self._encode(prompt)
+            ids = self.encode(prompt)
         else:
             ids = list(prompt)
             vocab = self.model_config.vocab_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections import deque
 from dataclasses import fields, replace
+from functools import partial
 
 from unmask.engine.config import EngineConfig
 from unmask.engine.engine import LLMEngine
@@ -69,9 +70,9 @@ class LLM:
         infill = Infill(tuple(pieces), tuple(span_lengths))
         out = self.generate(infill, replace(params, ignore_eos=True))[0]
         mask_id = self.engine.model_config.mask_token_id
-        layout = lay_out(infill, self.engine._encode, mask_id)
+        layout = lay_out(infill, self.engine.encode, mask_id)
         eos_id = self.engine.model_config.eos_token_id
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        decode = partial(self.tokenizer.decode, skip_special_tokens=True)
         return InfillOutput(span_texts(layout, out.token_ids, eos_id, decode), out)
 
     def _admit(self, pending: deque[tuple[str, str | list[int] | Infill, SamplingParams]]) -> None:
