@@ -56,6 +56,7 @@ class Decoded:
     canvas: list[int]  # the finished canvas, fixed tokens included
     passes: int  # forward passes (steps) taken
     commits: list[int]  # tokens committed at each step
+    order: list[list[int]]  # the positions committed at each step, ascending
 
 
 def confidences(logits: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +97,7 @@ def dense_decode(
     cfg, model = loaded.config, loaded.model
     x = torch.tensor(list(prompt) + list(canvas) + list(suffix))
     p, n = len(prompt), len(canvas)
-    passes, commits = 0, []
+    passes, commits, order = 0, [], []
     for start in range(p, p + n, block_length):
         end = min(start + block_length, p + n)
         block_masks = int((x[start:end] == cfg.mask_token_id).sum())
@@ -128,8 +129,9 @@ def dense_decode(
             x[chosen] = x0[chosen]
             passes += 1
             commits.append(chosen.numel())
+            order.append(sorted(chosen.tolist()))
             i += 1
-    return Decoded(x[p : p + n].tolist(), passes, commits)
+    return Decoded(x[p : p + n].tolist(), passes, commits, order)
 
 
 def distinct_predictions(loaded, prompt: list[int], length: int) -> int:
@@ -139,3 +141,13 @@ def distinct_predictions(loaded, prompt: list[int], length: int) -> int:
     logits = loaded.model.forward_dense(x[None])[0]
     start = len(prompt) - cfg.logits_shift
     return len(set(logits[start : start + length].argmax(-1).tolist()))
+
+
+def commit_order(llm, prompt, params) -> list[list[int]]:
+    """The positions the engine (`llm.engine`) commits at each step of one request, ascending."""
+    seq = llm.engine.add_request("order", prompt, params)
+    order = []
+    while llm.engine.has_unfinished:
+        llm.engine.step()
+        order.append(sorted(seq.last_committed.tolist()))
+    return order

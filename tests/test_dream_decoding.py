@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from dense_reference import contextual_checkpoint, dense_decode, distinct_predictions
+from dense_reference import commit_order, contextual_checkpoint, dense_decode, distinct_predictions
 from unmask.engine.llm import LLM
 from unmask.engine.params import EngineDefaults, SamplingParams
 from unmask.engine.policies.dream_schedule import dream_transfer_count
@@ -175,3 +175,14 @@ def test_an_explicit_server_default_wins_over_generation_config(tmp_path):
     (path / "generation_config.json").write_text(json.dumps({"alg": "entropy"}))
     llm = LLM(str(path), defaults=EngineDefaults(confidence="margin"))
     assert llm.engine.defaults.confidence == "margin"
+
+
+@pytest.mark.parametrize("arch,schedule", [("dream", "dream"), ("dream", "llada"), ("llada", "llada")])
+def test_commit_order_equals_the_references_step_by_step(dream_llm, llada_llm, arch, schedule):
+    llm = dream_llm if arch == "dream" else llada_llm
+    prompt = prompt_ids(llm)
+    expected = dense_decode(
+        llm.engine.loaded, prompt, mask_canvas(llm, 32), block_length=16, steps=16, schedule=schedule
+    )
+    params = SamplingParams(max_tokens=32, block_length=16, steps=16, schedule=schedule, ignore_eos=True)
+    assert commit_order(llm, prompt, params) == expected.order
