@@ -42,7 +42,7 @@ CONTEXT_SCALE = 25.0  # block weights x25: per-position predictions differ (chec
 def contextual_checkpoint(out_dir: Path, arch: str, seed: int = 0) -> Path:
     kv_heads = 2 if arch == "dream" else None
     path = make_random_checkpoint(out_dir, arch=arch, seed=seed, layers=2, hidden=64, heads=4, kv_heads=kv_heads)
-    model = load_model(path, dtype="float32").model
+    model = load_model(path, dtype="float32", device="cpu").model
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "layers" in name and not name.endswith("norm.weight"):

@@ -13,6 +13,7 @@ import torch
 
 from dense_reference import commit_order, contextual_checkpoint, dense_decode, distinct_predictions
 from unmask.engine.llm import LLM
+from unmask.engine.models import load_model
 from unmask.engine.params import EngineDefaults, SamplingParams
 from unmask.engine.policies.dream_schedule import dream_transfer_count
 from unmask.engine.policies.unmask import Threshold
@@ -186,3 +187,14 @@ def test_commit_order_equals_the_references_step_by_step(dream_llm, llada_llm, a
     )
     params = SamplingParams(max_tokens=32, block_length=16, steps=16, schedule=schedule, ignore_eos=True)
     assert commit_order(llm, prompt, params) == expected.order
+
+
+@pytest.mark.gpu
+def test_cuda_dream_decoding_equals_dreams_schedule(tmp_path):
+    path = contextual_checkpoint(tmp_path / "dream", "dream")
+    llm = LLM(str(path), device="cuda", dtype="float32", kv_cache_memory=64 * 2**20)
+    reference = load_model(path, dtype="float32", device="cpu")
+    prompt = prompt_ids(llm)
+    expected = dense_decode(reference, prompt, mask_canvas(llm, 32), block_length=16, steps=8, schedule="dream")
+    out = llm.generate(prompt, SamplingParams(max_tokens=32, block_length=16, steps=8, ignore_eos=True))[0]
+    assert out.token_ids == expected.canvas

@@ -13,6 +13,7 @@ from dense_reference import contextual_checkpoint, dense_decode
 from server_fixtures import live_server  # noqa: F401  (pytest fixture)
 from unmask.engine.infill import Infill
 from unmask.engine.llm import LLM
+from unmask.engine.models import load_model
 from unmask.engine.params import ParamError, SamplingParams
 
 PROMPT = "What is 12 plus 30?"
@@ -154,3 +155,16 @@ def test_an_end_of_text_in_one_span_does_not_end_a_request_with_more_spans(llm):
     plain = llm.engine.make_sequence("p", PROMPT, SamplingParams(max_tokens=4))
     plain.tokens[plain.prompt_len] = eos
     assert plain.hit_eos()
+
+
+@pytest.mark.gpu
+def test_cuda_infill_equals_the_dense_reference(tmp_path):
+    path = contextual_checkpoint(tmp_path / "dream", "dream")
+    llm = LLM(str(path), device="cuda", dtype="float32", kv_cache_memory=64 * 2**20)
+    reference = load_model(path, dtype="float32", device="cpu")
+    mask = reference.config.mask_token_id
+    expected = dense_decode(
+        reference, encode(llm, PROMPT), [mask] * 24, encode(llm, SUFFIX), block_length=8, steps=8, schedule="dream"
+    )
+    out = llm.generate(Infill((PROMPT, SUFFIX), (24,)), SamplingParams(block_length=8, steps=8, ignore_eos=True))[0]
+    assert out.token_ids == expected.canvas
