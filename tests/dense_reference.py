@@ -116,8 +116,8 @@ def dense_decode(
             if first_rule and i == 0 and int(masked[0]) == start:
                 chosen = masked[:1]
             elif threshold is not None:
-                order = masked[torch.argsort(conf[masked], descending=True, stable=True)]
-                chosen = torch.cat([order[:1], order[1:][conf[order[1:]] >= threshold]])
+                ranked = masked[torch.argsort(conf[masked], descending=True, stable=True)]
+                chosen = torch.cat([ranked[:1], ranked[1:][conf[ranked[1:]] >= threshold]])
             else:
                 if i >= block_steps - 1:
                     k = masked.numel()
