@@ -183,7 +183,7 @@ def test_each_method_keeps_the_accuracy_its_benchmark_row_recorded(bundled_llm, 
         assert right >= round(row["accuracy"][family] * n) - 1, (family, right, row["accuracy"][family])
 
 
-# --- issue 3's quality bar, asserted in CI ------------------------------------------------------------
+# --- the bundled model's quality bar, asserted in CI ------------------------------------------------------------
 
 BAR_PROBLEMS = 10  # per family: one wrong answer in ten is still 90%
 

@@ -11,7 +11,7 @@ from unmask.engine.params import SamplingParams
 
 
 def llada_reference(model, cfg, prompt: list[int], gen_length: int, block_length: int, steps_per_block: int) -> list[int]:
-    """LLaDA's blockwise low-confidence remasking on full sequences, as in ALGORITHMS.md (no pages, no cache).
+    """LLaDA's blockwise low-confidence remasking on full sequences, as LLaDA defines it (no pages, no cache).
 
     Shifted models (Dream) read position i from the output at i - 1. The mask token is
     never proposed (a trained model never predicts it; random weights might).
@@ -47,5 +47,7 @@ def test_engine_matches_the_reference_loop(model_dir, gen_length, block_length, 
     if loaded.config.eos_token_id in expected:
         expected = expected[: expected.index(loaded.config.eos_token_id)]
     llm = LLM(str(model_dir))
-    out = llm.generate(prompt, SamplingParams(max_tokens=gen_length, block_length=block_length, steps=steps))[0]
+    # LLaDA's schedule, chosen explicitly: a Dream checkpoint defaults to Dream's (tests/test_dream_decoding.py).
+    params = SamplingParams(max_tokens=gen_length, block_length=block_length, steps=steps, schedule="llada")
+    out = llm.generate(prompt, params)[0]
     assert out.token_ids == expected

@@ -31,7 +31,7 @@ def test_the_ceiling_of_a_cycle_of_full_steps_is_one_block_per_full_forward():
 
 
 def test_the_batch_64_dual_cache_ceiling_on_llada_8b_is_set_by_the_refresh_step():
-    """Issue 6's batch-64 target (4000 tok/s, dual cache, 4 tokens/step) is above what the schedule allows
+    """The batch-64 target of 4000 tok/s (dual cache, 4 tokens/step) is above what the schedule allows
     on an H100: the block's refresh recomputes 64 x 384 positions, 440 ms of matrix FLOPs at the floor."""
     ceiling = _llada_8b_dual_ceiling(batch=64, tokens_per_step=4)
     assert 2500 < ceiling < 4000

@@ -16,15 +16,17 @@ import itertools
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
+from unmask.engine.checkpoint_defaults import checkpoint_defaults, read_generation_config, resolve_block_start
 from unmask.engine.config import EngineConfig
 from unmask.engine.cuda_graphs import build_graph_runner
 from unmask.engine.detokenizer import TextStream
 from unmask.engine.errors import EngineDeadError
+from unmask.engine.infill import CanvasLayout, Infill, cannot_infill, lay_out
 from unmask.engine.kv_pool import KVPool
 from unmask.engine.models.loader import LoadedModel, load_model
 from unmask.engine.outputs import BlockView, FinishReason, RequestOutput, StepStats
@@ -32,6 +34,7 @@ from unmask.engine.pages import PageAllocator
 from unmask.engine.parallel import ShardLoader, TensorParallelGroup
 from unmask.engine.params import ParamError, SamplingParams, check_text
 from unmask.engine.policies import CACHE_POLICIES, UNMASK_POLICIES
+from unmask.engine.policies.block_start import block_start_commit
 from unmask.engine.policies.resources import PolicyResources
 from unmask.engine.policies.unmask import Drafts
 from unmask.engine.runner import ModelRunner
@@ -101,6 +104,9 @@ class LLMEngine:
             loaded = self.parallel.loaded
         self.loaded = loaded or load_model(config.model_dir, config.dtype, config.device, config.load_format)
         self.model_config = self.loaded.config
+        # The server's defaults completed by the checkpoint's own (its family's schedule, its generation config).
+        generation_config = read_generation_config(config.model_dir)
+        self.defaults = checkpoint_defaults(config.defaults, self.model_config.arch, generation_config)
         self.tokenizer = self.loaded.tokenizer
         # Before the KV tensors, which take what memory is left.
         self.resources = PolicyResources.load(config, self.loaded)
@@ -124,33 +130,56 @@ class LLMEngine:
     def max_model_len(self) -> int:
         return min(self.model_config.max_position, self.pool.capacity_tokens)
 
-    def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
-        """Tokenize and validate a request without touching engine state (safe from any thread)."""
-        resolved = params.resolve(self.config.defaults)
-        prompt_ids = self._prompt_ids(prompt)
-        total = len(prompt_ids) + resolved.max_tokens
+    def make_sequence(self, request_id: str, prompt: str | list[int] | Infill, params: SamplingParams) -> Sequence:
+        """Tokenize and validate a request without touching engine state (safe from any thread).
+
+        An `Infill` prompt sets the canvas (its spans and the pieces between them) and
+        the fixed suffix; its `max_tokens` is the canvas length.
+        """
+        layout: CanvasLayout | None = None
+        if isinstance(prompt, Infill):
+            layout = lay_out(prompt, self.encode, self.model_config.mask_token_id)
+            params = replace(params, max_tokens=len(layout.canvas))
+        resolved = resolve_block_start(params.resolve(self.defaults), self.model_config.arch)
+        prompt_ids = self._prompt_ids(layout.prompt if layout else prompt)
+        suffix = layout.suffix if layout else []
+        total = len(prompt_ids) + resolved.max_tokens + len(suffix)
         if total > self.max_model_len:
+            with_suffix = f" + suffix ({len(suffix)})" if suffix else ""
             raise ParamError(
                 "max_tokens",
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({resolved.max_tokens}) = {total} exceeds "
-                f"the model's context of {self.max_model_len} tokens",
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({resolved.max_tokens}){with_suffix} = {total} "
+                f"exceeds the model's context of {self.max_model_len} tokens",
             )
-        self._check_support(resolved)
+        self._check_support(resolved, fixed_text=layout is not None and layout.has_fixed_text)
         seed = resolved.seed if resolved.seed is not None else secrets.randbits(63)
         mask_id, eos_id = self.model_config.mask_token_id, self.model_config.eos_token_id
         state = UNMASK_POLICIES[resolved.unmask].new_state()
-        return Sequence(request_id, prompt_ids, resolved, mask_id, eos_id, seed, unmask_state=state)
+        return Sequence(
+            request_id, prompt_ids, resolved, mask_id, eos_id, seed, unmask_state=state,
+            canvas_ids=layout.canvas if layout else None, suffix_ids=suffix,
+        )
 
-    def _check_support(self, params: SamplingParams) -> None:
-        """Refuse a request whose policies need what this engine was started without."""
-        for kind, policy in (("cache", CACHE_POLICIES[params.cache]), ("unmask", UNMASK_POLICIES[params.unmask])):
+    def encode(self, text: str) -> list[int]:
+        """Text to token ids, as prompts are tokenized (no special tokens added)."""
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _check_support(self, params: SamplingParams, fixed_text: bool) -> None:
+        """Refuse a request its policies cannot serve: fixed text they cannot keep (infill), a resource
+        this engine was started without, or a block-start rule its unmask policy does not allow."""
+        unmask = UNMASK_POLICIES[params.unmask]
+        for kind, policy in (("cache", CACHE_POLICIES[params.cache]), ("unmask", unmask)):
+            if fixed_text and not policy.infills:
+                raise cannot_infill(kind, policy.name)
             for requirement in policy.requirements:
                 requirement.check(kind, policy.name, self.resources)
+        if params.block_start == "first" and not unmask.allows_block_start:
+            raise ParamError("block_start", f"block_start='first' cannot be combined with unmask={unmask.name!r}")
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             check_text("prompt", prompt)
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            ids = self.encode(prompt)
         else:
             ids = list(prompt)
             vocab = self.model_config.vocab_size
@@ -167,7 +196,7 @@ class LLMEngine:
         self.scheduler.add(seq)
         self.streams[seq.request_id] = TextStream(self.tokenizer, list(seq.params.stop))
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
+    def add_request(self, request_id: str, prompt: str | list[int] | Infill, params: SamplingParams) -> Sequence:
         seq = self.make_sequence(request_id, prompt, params)
         self.add_sequence(seq)
         return seq
@@ -249,8 +278,10 @@ class LLMEngine:
         return commits
 
     def _commit_sequence(self, w: SequenceWork, tokens: torch.Tensor, confidence: torch.Tensor) -> Commit:
-        """Commit the proposals (one per `w.targets`) that the sequence's unmask policy chooses."""
-        chosen = UNMASK_POLICIES[w.seq.params.unmask].choose(w.seq, confidence)
+        """Commit the proposals (one per `w.targets`) that the block-start rule, else the unmask policy, chooses."""
+        chosen = block_start_commit(w.seq, w.targets)
+        if chosen is None:
+            chosen = UNMASK_POLICIES[w.seq.params.unmask].choose(w.seq, confidence)
         return w.seq.commit(w.targets[chosen], tokens[chosen])
 
     def _prepare(self, executed: Executed) -> None:

@@ -38,11 +38,15 @@ class Commit:
 
 @dataclass
 class Sequence:
-    """`tokens` holds prompt + canvas; canvas positions start as `mask_id`.
+    """`tokens` holds prompt + canvas + suffix; canvas positions start as `mask_id`.
 
+    The canvas has `max_tokens` positions. An infill request gives it as
+    `canvas_ids` (masks at its spans, fixed tokens between them) and fixed
+    `suffix_ids` after it; otherwise it is all masks and the suffix empty.
     Blocks cover the canvas in order; the last one may be shorter when
-    `max_tokens` is not a multiple of the block length. `block` is the block
-    being denoised and `step` the steps already taken inside it.
+    `max_tokens` is not a multiple of the block length, and a block with
+    nothing masked is skipped. `block` is the block being denoised and `step`
+    the steps already taken inside it.
     """
 
     request_id: str
@@ -66,11 +70,18 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     stats: RequestStats = field(default_factory=RequestStats)
     generator: torch.Generator = field(init=False)
+    canvas_ids: list[int] | None = None  # infill: the canvas with its fixed tokens; None: all masks
+    suffix_ids: list[int] = field(default_factory=list)  # infill: fixed tokens after the canvas
+    initially_masked: torch.Tensor = field(init=False)  # bool per position: the model writes it
 
     def __post_init__(self) -> None:
-        canvas = [self.mask_id] * self.params.max_tokens
-        self.tokens = torch.tensor(self.prompt_ids + canvas, dtype=torch.long)
+        canvas = [self.mask_id] * self.params.max_tokens if self.canvas_ids is None else self.canvas_ids
+        if len(canvas) != self.params.max_tokens:
+            raise ValueError(f"the canvas has {len(canvas)} tokens, max_tokens is {self.params.max_tokens}")
+        self.tokens = torch.tensor(self.prompt_ids + canvas + self.suffix_ids, dtype=torch.long)
+        self.initially_masked = self.tokens == self.mask_id
         self.generator = torch.Generator().manual_seed(self.seed)
+        self._skip_written_blocks()
 
     # --- lifecycle ------------------------------------------------------------
     def admit(self, pages: list[int]) -> None:
@@ -97,7 +108,8 @@ class Sequence:
     def commit(self, targets: torch.Tensor, tokens: torch.Tensor) -> Commit:
         """Write `tokens` at the masked positions `targets` of the current block, and advance the clock.
 
-        The block ends when nothing in it is left masked; the next step starts the next one.
+        The block ends when nothing in it is left masked; the next step starts the next block
+        with something to write. `targets` may be empty (a schedule step that commits nothing).
         """
         self.tokens[targets] = tokens
         self.last_committed = targets
@@ -110,7 +122,7 @@ class Sequence:
             return Commit(targets.numel(), None)
         self.stats.steps_per_block.append(self.step)
         finished = self.step
-        self.block, self.step = self.block + 1, 0
+        self._next_block()
         return Commit(targets.numel(), finished)
 
     # --- geometry -----------------------------------------------------------
@@ -121,6 +133,11 @@ class Sequence:
     @property
     def length(self) -> int:
         return self.tokens.numel()
+
+    @property
+    def canvas_end(self) -> int:
+        """Absolute end of the canvas (the suffix, if any, starts here)."""
+        return self.prompt_len + self.params.max_tokens
 
     @property
     def block_size(self) -> int:
@@ -134,12 +151,28 @@ class Sequence:
         """Absolute [start, end) positions of a block (the current one by default)."""
         b = self.block if block is None else block
         start = self.prompt_len + b * self.block_size
-        return start, min(start + self.block_size, self.length)
+        return start, min(start + self.block_size, self.canvas_end)
 
     def masked_in_block(self) -> torch.Tensor:
         """Absolute positions still masked in the current block, ascending."""
         start, end = self.block_bounds()
         return start + torch.nonzero(self.tokens[start:end] == self.mask_id).flatten()
+
+    def block_masks(self) -> int:
+        """Positions of the current block the model has to write (all of them, unless infill fixed some)."""
+        start, end = self.block_bounds()
+        return int(self.initially_masked[start:end].sum())
+
+    def _next_block(self) -> None:
+        """Move to the next block that has something to write."""
+        self.block, self.step = self.block + 1, 0
+        self._skip_written_blocks()
+
+    def _skip_written_blocks(self) -> None:
+        """Pass over blocks with nothing masked (infill text), recording that they took no steps."""
+        while not self.canvas_done and self.block_masks() == 0:
+            self.stats.steps_per_block.append(0)
+            self.block += 1
 
     def steps_in_block(self) -> int:
         """Denoising steps the fixed-step policies spend on the current block.
@@ -152,7 +185,7 @@ class Sequence:
     # --- finalized output ---------------------------------------------------
     def _committed_run(self) -> torch.Tensor:
         """Canvas tokens committed contiguously from its start (up to the first mask)."""
-        canvas = self.tokens[self.prompt_len :]
+        canvas = self.tokens[self.prompt_len : self.canvas_end]
         masked = torch.nonzero(canvas == self.mask_id).flatten()
         return canvas[: int(masked[0])] if masked.numel() else canvas
 
@@ -167,8 +200,19 @@ class Sequence:
         return prefix[: prefix.index(self.eos_id)]
 
     def hit_eos(self) -> bool:
-        """End-of-text lies in the committed run, so nothing after it can matter (never, with `ignore_eos`)."""
-        return not self.params.ignore_eos and bool((self._committed_run() == self.eos_id).any())
+        """End-of-text lies in the committed run, so nothing after it can matter.
+
+        Never with `ignore_eos`, nor when the canvas holds fixed text between spans: the
+        spans after an end-of-text still have to be written.
+        """
+        if self.params.ignore_eos or self.has_inner_text:
+            return False
+        return bool((self._committed_run() == self.eos_id).any())
+
+    @property
+    def has_inner_text(self) -> bool:
+        """The canvas holds fixed tokens (an infill request with several spans)."""
+        return not bool(self.initially_masked[self.prompt_len : self.canvas_end].all())
 
     @property
     def canvas_done(self) -> bool:

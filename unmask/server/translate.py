@@ -50,6 +50,8 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
         cache=body.cache,
         unmask=body.unmask,
         confidence=body.confidence,
+        schedule=body.schedule,
+        block_start=body.block_start,
         stream_blocks=body.stream and body.stream_blocks,  # per-step outputs are useless without a stream
         **{name: getattr(body, name) for name in METHOD_FIELD_NAMES},
     )
