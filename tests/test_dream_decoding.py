@@ -14,7 +14,7 @@ import torch
 from decoding_reference import commit_order, contextual_checkpoint, dense_decode, distinct_predictions
 from unmask.engine.llm import LLM
 from unmask.engine.models import load_model
-from unmask.engine.params import EngineDefaults, SamplingParams
+from unmask.engine.params import EngineDefaults, ParamError, SamplingParams
 from unmask.engine.policies.dream_schedule import dream_transfer_count
 from unmask.engine.policies.unmask import Threshold
 from unmask.engine.sequence import Sequence
@@ -118,6 +118,13 @@ def test_threshold_with_the_block_start_rule_equals_fast_dllm(dream_llm):
 def test_dream_under_fast_dllm_caches_with_threshold_defaults_to_the_block_start_rule(dream_llm, cache, rule):
     seq = dream_llm.engine.make_sequence("r", prompt_ids(dream_llm), SamplingParams(cache=cache, unmask="threshold"))
     assert seq.params.block_start == rule
+
+
+def test_the_block_start_rule_is_refused_with_an_unmask_policy_that_chooses_every_commit(dream_llm):
+    params = SamplingParams(unmask="guided", block_start="first")
+    with pytest.raises(ParamError) as refused:
+        dream_llm.engine.make_sequence("r", prompt_ids(dream_llm), params)
+    assert refused.value.param == "block_start" and "guided" in refused.value.message
 
 
 def test_llada_never_defaults_to_the_block_start_rule(llada_llm):

@@ -165,16 +165,16 @@ class LLMEngine:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _check_support(self, params: SamplingParams, fixed_text: bool) -> None:
-        """Refuse a request its policies cannot serve: fixed text they cannot keep (infill), a resource
-        this engine was started without, or a block-start rule its unmask policy does not allow."""
+        """Refuse a request its policies cannot serve: a block-start rule its unmask policy does not allow,
+        fixed text they cannot keep (infill), or a resource this engine was started without."""
         unmask = UNMASK_POLICIES[params.unmask]
+        if params.block_start == "first" and not unmask.allows_block_start:
+            raise ParamError("block_start", f"block_start='first' cannot be combined with unmask={unmask.name!r}")
         for kind, policy in (("cache", CACHE_POLICIES[params.cache]), ("unmask", unmask)):
             if fixed_text and not policy.infills:
                 raise cannot_infill(kind, policy.name)
             for requirement in policy.requirements:
                 requirement.check(kind, policy.name, self.resources)
-        if params.block_start == "first" and not unmask.allows_block_start:
-            raise ParamError("block_start", f"block_start='first' cannot be combined with unmask={unmask.name!r}")
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
