@@ -18,10 +18,11 @@ from block_reference import QwenReference
 
 from unmask.engine.config import EngineConfig
 from unmask.engine.engine import LLMEngine
+from unmask.engine.infill import Infill
 from unmask.engine.llm import LLM
 from unmask.engine.models.make_random import main as make_random
 from unmask.engine.models.make_random import make_random_checkpoint
-from unmask.engine.params import ParamError, SamplingParams
+from unmask.engine.params import EngineDefaults, ParamError, SamplingParams
 from unmask.engine.runner import SequenceWork
 
 FORWARD_TOLERANCE = 1e-4  # fp32 logits of two layers: the native forward and the reference differ by rounding only
@@ -169,6 +170,44 @@ def test_block_caches_are_refused_for_full_attention_models(llada_dir, cache):
 def test_block_causal_models_default_to_the_exact_block_cache_and_their_block_size(block_dir, reference):
     seq = _engine(block_dir).make_sequence("r", _prompt(5), SamplingParams(max_tokens=8))
     assert seq.params.cache == "block" and seq.params.block_length == reference.block
+
+
+@pytest.mark.parametrize("schedule", [None, "auto"])
+def test_block_causal_models_keep_the_even_schedule_and_let_the_policy_start_blocks(block_dir, schedule):
+    """Their references spread a block's tokens evenly (SDAR) or write the first token by their own rule
+    (Fast-dLLM v2), even on a server whose default is Dream's schedule and block start."""
+    engine = LLMEngine(EngineConfig(
+        model_dir=str(block_dir), kv_cache_memory=8 * 2**20,
+        defaults=EngineDefaults(schedule="dream", block_start="first"),
+    ))
+    seq = engine.make_sequence("r", _prompt(5), SamplingParams(max_tokens=8, schedule=schedule, unmask="threshold"))
+    assert (seq.params.schedule, seq.params.block_start) == ("llada", "confidence")
+
+
+@pytest.mark.parametrize("field,value", [("schedule", "dream"), ("block_start", "first")])
+def test_dreams_commit_rules_are_refused_for_block_causal_models_naming_the_field(block_dir, field, value):
+    engine = _engine(block_dir)
+    with pytest.raises(ParamError, match="block-causal") as refused:
+        engine.make_sequence("r", _prompt(5), SamplingParams(max_tokens=8, **{field: value}))
+    assert refused.value.param == field
+
+
+@pytest.mark.parametrize(
+    "infill", [Infill((_prompt(5), [50, 51]), (8,)), Infill((_prompt(5), [50, 51], []), (4, 4))], ids=["suffix", "gaps"]
+)
+def test_infill_with_fixed_text_is_refused_for_block_causal_models_naming_suffix(block_dir, infill):
+    engine = _engine(block_dir)
+    with pytest.raises(ParamError, match="block-causal") as refused:
+        engine.make_sequence("r", infill, SamplingParams())
+    assert refused.value.param == "suffix"
+
+
+def test_an_infill_without_fixed_text_is_plain_generation_in_the_models_blocks(block_dir, reference):
+    llm = LLM(str(block_dir))
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    infilled = llm.generate(Infill((_prompt(6), []), (10,)), params)[0]
+    assert infilled.token_ids == reference.reference_decode(_prompt(6), 10, "one_per_step")
+    assert infilled.token_ids == llm.generate(_prompt(6), params)[0].token_ids
 
 
 def test_a_stop_string_ends_a_block_causal_request(block_dir):

@@ -54,3 +54,11 @@ def test_a_full_attention_cache_is_a_400_naming_the_field(sdar_url):
     assert reply.status_code == 400
     error = reply.json()["error"]
     assert error["param"] == "cache" and "block-causal" in error["message"]
+
+
+def test_a_suffix_is_a_400_naming_the_field(sdar_url):
+    body = {"prompt": "Hi", "suffix": " there.", "max_tokens": 4}
+    reply = httpx.post(f"{sdar_url}/v1/completions", json=body, timeout=60)
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert error["param"] == "suffix" and "block-causal" in error["message"]

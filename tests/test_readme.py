@@ -46,15 +46,37 @@ def test_the_offline_api_example_prints_the_answer_its_comment_promises(monkeypa
     assert printed.getvalue().split() == promised.split()
 
 
-def test_the_curl_chat_example_gets_the_answer_the_readme_shows(live_server):
-    block = _block_after("so ask it one of those", "bash")
+def _run_curl_example(live_server, heading: str, path: str, shown_pattern: str) -> tuple[dict, str]:
+    """POST the body of the first curl block after `heading`; return the JSON reply and the value the README shows."""
+    block = _block_after(heading, "bash")
     body = json.loads(re.search(r"-d '(\{.*\})'", block, re.DOTALL).group(1))
-    shown = re.search(r'"content": "([^"]*)"\} \.\.\.', block).group(1)
+    shown = re.search(shown_pattern, block).group(1)
     body["model"] = live_server.model
     with live_server.http() as client:
-        response = client.post("/v1/chat/completions", json=body)
+        response = client.post(path, json=body)
     assert response.status_code == 200, response.text
-    assert response.json()["choices"][0]["message"]["content"] == shown
+    return response.json(), shown
+
+
+def test_the_curl_chat_example_gets_the_answer_the_readme_shows(live_server):
+    reply, shown = _run_curl_example(
+        live_server, "so ask it one of those", "/v1/chat/completions", r'"content": "([^"]*)"\} \.\.\.'
+    )
+    assert reply["choices"][0]["message"]["content"] == shown
+
+
+def test_the_curl_infill_example_gets_the_text_the_readme_shows(live_server):
+    reply, shown = _run_curl_example(live_server, "### Infilling", "/v1/completions", r'"text": "([^"]*)" \.\.\.')
+    assert reply["choices"][0]["text"] == shown
+
+
+def test_the_offline_infill_example_prints_the_spans_its_comment_promises(monkeypatch):
+    monkeypatch.chdir(REPO)
+    code = _block_after("### Infilling", "python")
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        exec(compile(code, "README.md (Infilling)", "exec"), {})
+    assert printed.getvalue().strip() == _promised(code, "print(result.texts")
 
 
 def _console_after(heading: str) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from unmask.engine.outputs import FinishReason
@@ -112,3 +113,19 @@ def test_only_max_tokens_of_a_padded_canvas_count_as_output():
     seq = make_block_causal_sequence(BlockLayout(4), max_tokens=2, prompt_len=4)  # canvas [4, 8), output [4, 6)
     seq.commit(torch.tensor([4, 5, 6, 7]), torch.tensor([10, 11, 12, 13]))
     assert seq.committed_prefix() == [10, 11]
+
+
+def test_an_infill_canvas_lies_between_prompt_and_suffix_and_its_written_blocks_are_skipped():
+    params = SamplingParams(max_tokens=12, block_length=4).resolve(EngineDefaults())
+    canvas = [MASK] * 4 + [7, 8, 9, 10] + [MASK] * 4  # the second block holds only fixed text
+    seq = Sequence("r", [1, 2, 3], params, MASK, EOS, seed=0, canvas_ids=canvas, suffix_ids=[5, 6])
+    assert seq.tokens.tolist() == [1, 2, 3] + canvas + [5, 6] and seq.canvas_end == 15
+    seq.commit(torch.tensor([3, 4, 5, 6]), torch.tensor([20, 21, 22, 23]))
+    assert seq.block == 2 and seq.block_bounds() == (11, 15)
+    assert seq.stats.steps_per_block == [1, 0]
+
+
+def test_a_block_causal_sequence_takes_no_infill_canvas_or_suffix():
+    params = SamplingParams(max_tokens=4, block_length=4).resolve(EngineDefaults())
+    with pytest.raises(ValueError, match="block-causal"):
+        Sequence("r", [1, 2, 3], params, MASK, EOS, seed=0, layout=BlockLayout(4), suffix_ids=[5, 6])

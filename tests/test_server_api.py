@@ -163,6 +163,18 @@ def test_method_parameters_reach_the_engine(live_server):
     assert refused.value.body["param"] == "dkv_refresh"
 
 
+def test_schedule_and_block_start_reach_the_engine(live_server):
+    client = live_server.openai()
+    result = complete(client, live_server, extra_body={**SMALL, "schedule": "dream", "schedule_eps": 0.5})
+    assert result.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as refused:  # schedule_eps belongs to schedule=dream
+        complete(client, live_server, extra_body={**SMALL, "schedule": "llada", "schedule_eps": 0.5})
+    assert refused.value.body["param"] == "schedule_eps"
+    with pytest.raises(openai.BadRequestError) as refused:  # the guided policy chooses every commit itself
+        complete(client, live_server, extra_body={**SMALL, "unmask": "guided", "block_start": "first"})
+    assert refused.value.body["param"] == "block_start"
+
+
 # --- chat ----------------------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from unmask.engine.client import EngineClient, GroupMember
 from unmask.engine.config import EngineConfig
 from unmask.engine.engine import LLMEngine, StepListener
 from unmask.engine.errors import EngineDeadError, QueueFullError
+from unmask.engine.infill import Infill
 from unmask.engine.outputs import FinishReason, RequestOutput
 from unmask.engine.params import SamplingParams
 from unmask.engine.policies import UNMASK_POLICIES
@@ -243,7 +244,9 @@ class AsyncEngine(EngineClient):
         self._commands.put(_AddGroup(seqs))
         return stream
 
-    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestStream:
+    async def add_request(
+        self, request_id: str, prompt: str | list[int] | Infill, params: SamplingParams
+    ) -> RequestStream:
         """One request as a group of one: its outputs, and `aclose` to abort it."""
         return RequestStream(await self.add_group([GroupMember(request_id, prompt, params)]))
 

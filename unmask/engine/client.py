@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Protocol
 
+from unmask.engine.infill import Infill
 from unmask.engine.outputs import RequestOutput
 from unmask.engine.params import SamplingParams
 
@@ -27,7 +28,7 @@ class GroupMember:
     """One engine request of a group: its id (unique while it runs), prompt and parameters."""
 
     request_id: str
-    prompt: str | list[int]
+    prompt: str | list[int] | Infill
     params: SamplingParams
 
 

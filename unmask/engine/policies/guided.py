@@ -22,6 +22,8 @@ class Guided(UnmaskPolicy):
     name = "guided"
     requirements = (GUIDE_MODEL,)
     prepares = True
+    infills = False  # the guide reads the canvas left to right, without the text after it
+    allows_block_start = False  # the guide checks every commit of a block, its first included
 
     def new_state(self) -> GuideState:
         return GuideState()

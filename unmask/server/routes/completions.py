@@ -7,6 +7,7 @@ import time
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from unmask.engine.infill import Infill
 from unmask.engine.outputs import RequestOutput
 from unmask.server import translate
 from unmask.server.generation import Generation
@@ -39,6 +40,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     prompts = translate.completion_prompts(body.prompt)
     translate.check_choice_count(len(prompts), body.n, state.engine.config.max_waiting)
     max_tokens = body.max_tokens if body.max_tokens is not None else state.settings.completion_max_tokens
+    if body.suffix is not None:  # insert mode: the canvas goes between each prompt and the suffix
+        prompts = [Infill((prompt, body.suffix), (max_tokens,)) for prompt in prompts]
     request_id = new_request_id("cmpl")
     choices = translate.choice_requests(request_id, prompts, body, max_tokens, state.settings.defaults)
     gen = await Generation.start(state.engine, choices, state.metrics, arrival, state.settings.retry_after_seconds)
@@ -47,7 +50,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     return await respond(request, gen, _CompletionReply(request_id, int(time.time()), model, body.n, echoes), body)
 
 
-def _echo_text(tokenizer, prompt: str | list[int]) -> str:
+def _echo_text(tokenizer, prompt: str | list[int] | Infill) -> str:
+    if isinstance(prompt, Infill):
+        prompt = prompt.pieces[0]
     return prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=False)
 
 
