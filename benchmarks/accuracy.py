@@ -6,11 +6,14 @@
 Each configuration (a cache policy and an unmask policy, named `cache/unmask`)
 decodes the first `--n` held-out problems of each task family through the
 real engine, all of them submitted at once so the engine batches them
-continuously: greedy (temperature 0), blocks of 32, `--max-tokens` canvas.
+continuously: greedy (temperature 0), blocks of 32 (a block-causal model's
+own blocks), `--max-tokens` canvas.
 Unmask rules: `lc1`/`lc4` low-confidence at 1 or 4 tokens per step (32 or 8
-steps per block), `th0.7`/`th0.9` the confidence threshold, `factor` the
+steps per block of 32), `th0.7`/`th0.9` the confidence threshold, `factor` the
 Fast-dLLM factor rule at its default, `guided` the guide model's verdict.
-The reference decoding (`none/lc1`) always runs first; the speedup columns
+By default the configurations run are those whose cache fits the model's
+attention (`block`, `block-dual` for a block-causal model, the others for a
+full-attention one). The reference decoding (`none/lc1`) always runs first; the speedup columns
 compare wall time and forward passes per request against it. Before timing,
 each configuration runs once (`--no-warmup` skips it) so kernel compilation
 and CUDA graph capture are not charged to whichever configuration meets a
@@ -37,7 +40,9 @@ import torch
 
 from training.tasks import FAMILIES, Example, held_out_mix, is_correct
 from training.tasks.batches import chat_prompt
+from unmask.engine.attention_pattern import cache_fits
 from unmask.engine.llm import LLM
+from unmask.engine.models.config import ModelConfig
 from unmask.engine.outputs import FinishReason, RequestOutput
 from unmask.engine.params import SamplingParams
 from unmask.engine.policies import CACHE_POLICIES
@@ -47,10 +52,10 @@ from unmask.server.model_path import resolve_model_dir
 
 BLOCK_LENGTH = 32
 REFERENCE = "none/lc1"
-# unmask rule name -> (unmask policy, steps per block, threshold); None leaves the engine's default
+# unmask rule name -> (unmask policy, tokens per step, threshold); None leaves the engine's default
 UNMASK_RULES: dict[str, tuple[str, int | None, float | None]] = {
-    "lc1": ("low_confidence", BLOCK_LENGTH, None),
-    "lc4": ("low_confidence", BLOCK_LENGTH // 4, None),
+    "lc1": ("low_confidence", 1, None),
+    "lc4": ("low_confidence", 4, None),
     "th0.7": ("threshold", None, 0.7),
     "th0.9": ("threshold", None, 0.9),
     "factor": ("factor", None, None),
@@ -73,9 +78,10 @@ class Config:
     def needs_guide(self) -> bool:
         return UNMASK_RULES[self.rule][0] == "guided"
 
-    def params(self, max_tokens: int) -> SamplingParams:
-        unmask, steps, threshold = UNMASK_RULES[self.rule]
-        return SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=0, block_length=BLOCK_LENGTH,
+    def params(self, max_tokens: int, block_length: int = BLOCK_LENGTH) -> SamplingParams:
+        unmask, tokens_per_step, threshold = UNMASK_RULES[self.rule]
+        steps = max(1, block_length // tokens_per_step) if tokens_per_step else None
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=0, block_length=block_length,
                               steps=steps, cache=self.cache, unmask=unmask, threshold=threshold)
 
 
@@ -85,6 +91,9 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
     *(Config(cache, rule) for cache in ("dkv", "dkv-greedy", "dllm-cache", "freecache") for rule in ("lc1", "th0.9")),
     Config("dual", "guided"),
     Config("freecache", "guided"),
+    *(Config("block", rule) for rule in FAST_DLLM_RULES),
+    Config("block-dual", "th0.9"),
+    Config("block", "guided"),
 ]}
 
 
@@ -103,9 +112,15 @@ class Row:
     pass_speedup: float  # the reference's forward passes per request / this one's
 
 
+def model_block_length(llm: LLM) -> int:
+    """The decoding block: a block-causal model's own, else `BLOCK_LENGTH`."""
+    return llm.engine.model_config.attention_block_size or BLOCK_LENGTH
+
+
 def generate(llm: LLM, config: Config, problems: list[Example], max_tokens: int) -> list[RequestOutput]:
     """Every problem through the engine at once; an engine error aborts the benchmark."""
-    outputs = llm.generate([chat_prompt(ex.prompt) for ex in problems], config.params(max_tokens))
+    block_length = model_block_length(llm)
+    outputs = llm.generate([chat_prompt(ex.prompt) for ex in problems], config.params(max_tokens, block_length))
     failed = [o for o in outputs if o.finish_reason is FinishReason.ERROR]
     if failed:
         raise RuntimeError(f"{config.name}: {len(failed)} request(s) failed, first: {failed[0].error}")
@@ -154,15 +169,25 @@ def table_line(row: Row) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def select_configs(names: list[str], has_guide: bool) -> tuple[list[Config], list[str]]:
-    """The configurations to run, the reference first, and notes on what was left out."""
+def select_configs(names: list[str] | None, has_guide: bool, model: ModelConfig) -> tuple[list[Config], list[str]]:
+    """The configurations to run, the reference first, and notes on what was left out.
+
+    `names` None: every configuration whose cache fits the model's attention.
+    """
+    if names is None:
+        names = [n for n, c in CONFIGS.items() if cache_fits(c.cache, model)]
     chosen = [CONFIGS[REFERENCE]] + [CONFIGS[n] for n in dict.fromkeys(names) if n != REFERENCE]
-    skipped = [c.name for c in chosen if c.needs_guide and not has_guide]
-    if not skipped:
-        return chosen, []
-    note = (f"skipped {', '.join(skipped)}: no guide model (the bundled {BUNDLED_GUIDE.name} is absent or does not "
-            "share the model's tokenizer; pass --guide-model DIR)")
-    return [c for c in chosen if c.name not in skipped], [note]
+    notes = []
+    unfit = [c.name for c in chosen if not cache_fits(c.cache, model)]
+    if unfit:
+        attention = "block-causal" if model.block_causal else "full"
+        notes.append(f"skipped {', '.join(unfit)}: the cache does not fit the model's {attention} attention")
+    unguided = [c.name for c in chosen if c.needs_guide and not has_guide and c.name not in unfit]
+    if unguided:
+        notes.append(f"skipped {', '.join(unguided)}: no guide model (the bundled {BUNDLED_GUIDE.name} is absent or does "
+                     "not share the model's tokenizer; pass --guide-model DIR)")
+    skipped = set(unfit) | set(unguided)
+    return [c for c in chosen if c.name not in skipped], notes
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -173,8 +198,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=100, help="held-out problems per family")
     p.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES), metavar="FAMILY",
                    help=f"task families (default: all): {', '.join(FAMILIES)}")
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), metavar="CONFIG",
-                   help=f"configurations to run (default: all): {', '.join(CONFIGS)}")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None, metavar="CONFIG",
+                   help=f"configurations to run (default: all that fit the model): {', '.join(CONFIGS)}")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -198,18 +223,18 @@ def main(argv: list[str] | None = None) -> list[Row]:
     llm = LLM(
         str(a.model), device=a.device, dtype=a.dtype, max_num_seqs=a.max_num_seqs,
         kv_cache_memory=a.kv_cache_mb * 2**20 if a.kv_cache_mb else None,
-        feature_cache=any(FEATURE_PAGES in CACHE_POLICIES[CONFIGS[n].cache].requirements for n in a.configs),
+        feature_cache=any(FEATURE_PAGES in CACHE_POLICIES[CONFIGS[n].cache].requirements for n in a.configs or CONFIGS),
         guide_model=a.guide_model,  # None: the engine takes the bundled guide if it fits the model
     )
-    configs, notes = select_configs(a.configs, llm.engine.resources.guide is not None)
+    configs, notes = select_configs(a.configs, llm.engine.resources.guide is not None, llm.engine.model_config)
     loaded = llm.engine.loaded
     command = shlex.join(["python", "benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)])
     guide = a.guide_model or (str(BUNDLED_GUIDE) if llm.engine.resources.guide else None)
     dtype = str(loaded.dtype).removeprefix("torch.")
     header = {"command": command, "device": device_name(loaded.device), "dtype": dtype, "model": str(a.model),
-              "guide_model": guide, "n": a.n, "block_length": BLOCK_LENGTH, "max_tokens": a.max_tokens}
+              "guide_model": guide, "n": a.n, "block_length": model_block_length(llm), "max_tokens": a.max_tokens}
     print(f"`{command}` | device {header['device']}, {dtype} | model {a.model} | guide {guide} | "
-          f"{a.n} problems per family, greedy, block {BLOCK_LENGTH}, max_tokens {a.max_tokens}")
+          f"{a.n} problems per family, greedy, block {header['block_length']}, max_tokens {a.max_tokens}")
     for note in notes:
         print(f"note: {note}")
     if a.warmup:

@@ -3,6 +3,7 @@
     python benchmarks/throughput.py --arch llada-8b            # the full table on a GPU
     python benchmarks/throughput.py --arch tiny --device cpu   # a smoke run anywhere
     python benchmarks/throughput.py --arch llada-8b --tensor-parallel-size 2   # over 2 GPUs
+    python benchmarks/throughput.py --arch sdar-8b             # a block-causal model: none and block
 
 Builds a model with random weights directly on the device (no checkpoint),
 admits `batch` requests of `prompt` random tokens and a 256-token canvas, and
@@ -14,6 +15,13 @@ a cycle of steps at their floors would give (the schedule's ceiling on this
 GPU) and the model-FLOP utilisation. The reference (`none`) and the caches run in the same
 process, so the ratios compare like with like. One engine, sized for the
 largest configuration, serves them all.
+
+A block-causal preset (`sdar-*`, `fastdllm-v2-*`) decodes in its own blocks
+with the caches `none` and `block` by default. Its schedule has no refresh:
+the "refresh" columns are a block's first step (the previous block once more
+with the current one; Fast-dLLM v2: the previous block alone), the cached ones
+the current block alone, both over the keys up to the end of the second block
+(where the cycle is measured).
 
 With `--tensor-parallel-size N` the model is split over N GPUs (each rank
 draws random weights for its own shard) and the floor is that of N GPUs
@@ -98,11 +106,18 @@ def cycle_ceiling(batch: int, block: int, steps_per_block: int, floor_refresh: f
     return batch * block / block_cycle(floor_refresh, floor_cached, steps_per_block)
 
 
+def sequence_length(cfg: ModelConfig, prompt_and_gen: int) -> int:
+    """Positions a sequence takes: a block-causal canvas runs on to the end of its last block."""
+    block = cfg.attention_block_size
+    return prompt_and_gen if block is None else -(-prompt_and_gen // block) * block
+
+
 def make_engine(
     arch: str, device: torch.device, dtype: torch.dtype, batch: int, seq_len: int, tp: int = 1, cuda_graphs: bool = True
 ) -> LLMEngine:
     """An engine on a random `arch` model with room for `batch` sequences of `seq_len` (on `tp` GPUs: a 1/tp share of the KV each)."""
     cfg = model_config(arch)
+    seq_len = sequence_length(cfg, seq_len)
     kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize * batch * seq_len
     config = EngineConfig(model_dir="<random>", max_num_seqs=batch, max_num_batched_tokens=batch * seq_len,
                           kv_cache_memory=int(kv_bytes * 1.05 / tp) + 2**24, tensor_parallel_size=tp,
@@ -124,9 +139,28 @@ def admit_random_requests(engine: LLMEngine, batch: int, prompt: int, params: Sa
         engine.add_request(f"r{i}", [t if t != cfg.mask_token_id else 2 for t in ids], params)
 
 
+@dataclass(frozen=True)
+class StepShapes:
+    """Positions computed and keys attended per sequence by a cache's refresh and cached steps."""
+
+    refresh_tokens: int
+    refresh_keys: int
+    cached_tokens: int
+    cached_keys: int
+
+
+def step_shapes(cfg: ModelConfig, cache: str, prompt: int, gen: int, block: int) -> StepShapes:
+    seq_len = sequence_length(cfg, prompt + gen)
+    if cache in ("block", "block-dual"):
+        keys = prompt + 2 * block  # the measured cycle is the canvas's second block
+        first = block if cfg.logits_shift else 2 * block  # Fast-dLLM v2's block entry recomputes the previous block alone
+        return StepShapes(first, keys, block, keys)
+    cached = {"none": seq_len, "prefix": gen, "dual": block}[cache]  # the first block's cached step
+    return StepShapes(seq_len, seq_len, cached, seq_len)
+
+
 def run_config(engine: LLMEngine, batch: int, prompt: int, tps: int, cache: str, gen: int, block: int) -> Row:
     cfg, tp = engine.model_config, engine.config.tensor_parallel_size
-    seq_len = prompt + gen
     times: list[tuple[int, float]] = []  # (active tokens, seconds)
     listener = lambda s: times.append((s.active_tokens, s.step_seconds))  # noqa: E731
     engine.step_listeners.append(listener)
@@ -140,16 +174,16 @@ def run_config(engine: LLMEngine, batch: int, prompt: int, tps: int, cache: str,
     for i in range(batch):
         engine.abort(f"r{i}")
     engine.step_listeners.remove(listener)
+    shapes = step_shapes(cfg, cache, prompt, gen, block)
     measured = times[1:]
-    full = [t for a, t in measured if a == batch * seq_len]
-    partial = [t for a, t in measured if a != batch * seq_len]
+    full = [t for a, t in measured if a == batch * shapes.refresh_tokens]
+    partial = [t for a, t in measured if a != batch * shapes.refresh_tokens]
     refresh = statistics.median(full)
     cached = statistics.median(partial) if partial else refresh
     cycle = block_cycle(refresh, cached, steps_per_block)
     dtype_bytes = torch.empty((), dtype=engine.loaded.dtype).element_size()
-    floor_refresh, flops_refresh = step_floor(cfg, batch, seq_len, seq_len, dtype_bytes)
-    cached_tokens = {"none": seq_len, "prefix": gen, "dual": block}[cache]  # the first block's cached step
-    floor_cached, flops_cached = step_floor(cfg, batch, cached_tokens, seq_len, dtype_bytes)
+    floor_refresh, flops_refresh = step_floor(cfg, batch, shapes.refresh_tokens, shapes.refresh_keys, dtype_bytes)
+    floor_cached, flops_cached = step_floor(cfg, batch, shapes.cached_tokens, shapes.cached_keys, dtype_bytes)
     flops_cycle = block_cycle(flops_refresh, flops_cached, steps_per_block)
     ceiling = cycle_ceiling(batch, block, steps_per_block, floor_refresh / tp, floor_cached / tp)
     return Row(batch, prompt, tps, cache, refresh * 1e3, cached * 1e3, batch * block / cycle,
@@ -163,11 +197,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--prompt", type=int, nargs="+", default=[128, 1024])
     p.add_argument("--tokens-per-step", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--cache", nargs="+", default=["none", "prefix", "dual"])
+    p.add_argument("--cache", nargs="+", default=None,
+                   help="default: none, prefix, dual; none, block for a block-causal preset")
     p.add_argument("--gen", type=int, default=256)
-    p.add_argument("--block", type=int, default=32)
+    p.add_argument("--block", type=int, default=None, help="default 32; a block-causal preset's own block size")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="split the model over this many GPUs")
     a = p.parse_args()
+    block_causal = model_config(a.arch).attention_block_size
+    a.cache = a.cache or (["none", "block"] if block_causal else ["none", "prefix", "dual"])
+    a.block = a.block or block_causal or 32
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     engine = make_engine(a.arch, device, dtype, max(a.batch), max(a.prompt) + a.gen, a.tensor_parallel_size)
@@ -178,7 +216,8 @@ def main() -> None:
 
 
 def run_all(engine: LLMEngine, a: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
-    run_config(engine, 1, 16, 1, "dual", 64, 32)  # compile kernels and warm caches once
+    warm_cache = "block" if engine.model_config.block_causal else "dual"
+    run_config(engine, 1, 16, 1, warm_cache, 64, a.block)  # compile kernels and warm caches once
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if a.tensor_parallel_size > 1:
         where = f"{a.tensor_parallel_size} x {where} (tensor parallel)"

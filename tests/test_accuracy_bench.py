@@ -198,3 +198,16 @@ def test_the_reference_decoding_of_the_bundled_model_answers_at_least_90_percent
     for family in FAMILIES:
         right = sum(is_correct(out.text, ex.answer) for ex, out in zip(problems, outputs) if ex.family == family)
         assert right >= 0.9 * BAR_PROBLEMS, (family, right)
+
+
+def test_a_block_causal_model_runs_the_block_cache_rows_in_its_own_blocks(tmp_path, capsys):
+    model_dir = make_random_checkpoint(tmp_path / "sdar", arch="sdar", layers=1, hidden=32, heads=2, vocab=VOCAB)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(BUNDLED_TOKENIZER / name, model_dir / name)
+    path = tmp_path / "rows.json"
+    rows = main(["--model", str(model_dir), "--n", "1", "--families", "count", "--configs", "block/lc4", "block/th0.9",
+                 "dual/th0.9", "--device", "cpu", "--kv-cache-mb", "16", "--no-warmup", "--json", str(path)])
+    assert [r.config for r in rows] == [REFERENCE, "block/lc4", "block/th0.9"]
+    assert "skipped dual/th0.9: the cache does not fit the model's block-causal attention" in capsys.readouterr().out
+    assert json.loads(path.read_text())["block_length"] == 4
+    assert rows[1].forward_passes < rows[0].forward_passes  # 4 tokens per step: one step per block of 4

@@ -7,7 +7,7 @@ from dataclasses import fields
 import pytest
 
 from unmask.engine.method_params import METHOD_FIELDS, METHOD_PARAMS, MethodParam
-from unmask.engine.params import CACHE_POLICIES, UNMASK_POLICIES, EngineDefaults, ParamError, SamplingParams
+from unmask.engine.params import CACHE_POLICIES, SCHEDULES, UNMASK_POLICIES, EngineDefaults, ParamError, SamplingParams
 from unmask.server.cli import build_parser
 from unmask.server.protocol import CompletionRequest
 
@@ -34,7 +34,7 @@ def test_each_parameter_has_its_declared_engine_default(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_each_parameter_belongs_to_a_method_a_request_may_choose(name):
     kind, method = _param(name).owner
-    assert method in {"cache": CACHE_POLICIES, "unmask": UNMASK_POLICIES}[kind]
+    assert method in {"cache": CACHE_POLICIES, "unmask": UNMASK_POLICIES, "schedule": SCHEDULES}[kind]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -17,8 +17,10 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import unmask.engine.params as engine_params
+from unmask.engine.async_engine import _fewest_steps
 from unmask.engine.config import EngineConfig
 from unmask.engine.engine import LLMEngine
+from unmask.engine.infill import Infill
 from unmask.engine.policies.guide import BUNDLED_GUIDE, guide_state, leading_agreement
 from unmask.engine.llm import LLM
 from unmask.engine.outputs import FinishReason
@@ -421,6 +423,19 @@ def steps_taken(engine: LLMEngine, unmask: str) -> tuple[int, int]:
 def test_a_fixed_step_policys_fewest_steps_are_exactly_the_steps_it_takes(llada_dir, unmask):
     taken, fewest = steps_taken(make_engine(llada_dir), unmask)
     assert taken == fewest == 2 * 4 + 2
+
+
+def test_an_infill_canvas_with_a_block_of_fixed_text_may_finish_before_its_policys_fewest_steps(llada_dir):
+    """Its fixed block takes no step, so the drain deadline's lower bound for such a request is one step."""
+    engine = make_engine(llada_dir)
+    middle = [7, 11, 15, 19, 23, 27, 31, 35]  # the canvas's second block of 8: nothing to write
+    params = SamplingParams(block_length=8, steps=4, ignore_eos=True, seed=3)
+    seq = engine.add_request("r", Infill((PROMPT, middle, []), (8, 8)), params)
+    bound = _fewest_steps(seq)
+    while engine.has_unfinished:
+        engine.step()
+    assert seq.stats.forward_passes == 2 * 4 < UNMASK_POLICIES[seq.params.unmask].fewest_steps(seq.params)
+    assert bound == 1
 
 
 @pytest.mark.parametrize("unmask", ["threshold", "factor", "guided"])

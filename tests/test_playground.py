@@ -240,12 +240,13 @@ def test_page_asks_for_the_api_key_and_chats_with_it(keyed_server, page, tmp_pat
 
 def test_method_parameters_show_only_while_their_method_is_selected(open_server, page):
     open_playground(page, open_server)
+    page.select_option("#unmask", "threshold")  # low_confidence has a parameter of its own (alg_temp)
     refresh = page.locator("#mf-dkv_refresh")
     assert refresh.is_hidden() and page.is_hidden("#method-box")
     page.select_option("#cache", "dkv")
     assert refresh.is_visible() and page.get_attribute("#mf-dkv_refresh", "placeholder").startswith("default ")
     page.fill("#mf-dkv_refresh", "2")
-    set_params(page, {**PARAMS, "cache": "dkv", "max_tokens": 16})
+    set_params(page, {**PARAMS, "cache": "dkv", "unmask": "threshold", "max_tokens": 16})
     # The server refuses a method's field on a request using another method, so a done run shows only dkv's was sent.
     assert submit_and_wait(page, PROMPT) == "done", page.text_content("#error")
     page.select_option("#cache", "dual")

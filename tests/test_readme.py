@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from server_fixtures import live_server  # noqa: F401  (pytest fixture)
 
+from unmask.engine.models.loader import read_dummy_config
+from unmask.engine.models.make_random import main as make_random
+
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
 
@@ -43,15 +46,37 @@ def test_the_offline_api_example_prints_the_answer_its_comment_promises(monkeypa
     assert printed.getvalue().split() == promised.split()
 
 
-def test_the_curl_chat_example_gets_the_answer_the_readme_shows(live_server):
-    block = _block_after("so ask it one of those", "bash")
+def _run_curl_example(live_server, heading: str, path: str, shown_pattern: str) -> tuple[dict, str]:
+    """POST the body of the first curl block after `heading`; return the JSON reply and the value the README shows."""
+    block = _block_after(heading, "bash")
     body = json.loads(re.search(r"-d '(\{.*\})'", block, re.DOTALL).group(1))
-    shown = re.search(r'"content": "([^"]*)"\} \.\.\.', block).group(1)
+    shown = re.search(shown_pattern, block).group(1)
     body["model"] = live_server.model
     with live_server.http() as client:
-        response = client.post("/v1/chat/completions", json=body)
+        response = client.post(path, json=body)
     assert response.status_code == 200, response.text
-    assert response.json()["choices"][0]["message"]["content"] == shown
+    return response.json(), shown
+
+
+def test_the_curl_chat_example_gets_the_answer_the_readme_shows(live_server):
+    reply, shown = _run_curl_example(
+        live_server, "so ask it one of those", "/v1/chat/completions", r'"content": "([^"]*)"\} \.\.\.'
+    )
+    assert reply["choices"][0]["message"]["content"] == shown
+
+
+def test_the_curl_infill_example_gets_the_text_the_readme_shows(live_server):
+    reply, shown = _run_curl_example(live_server, "### Infilling", "/v1/completions", r'"text": "([^"]*)" \.\.\.')
+    assert reply["choices"][0]["text"] == shown
+
+
+def test_the_offline_infill_example_prints_the_spans_its_comment_promises(monkeypatch):
+    monkeypatch.chdir(REPO)
+    code = _block_after("### Infilling", "python")
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        exec(compile(code, "README.md (Infilling)", "exec"), {})
+    assert printed.getvalue().strip() == _promised(code, "print(result.texts")
 
 
 def _console_after(heading: str) -> list[str]:
@@ -120,3 +145,13 @@ def _normalized(line: str) -> str:
     line = re.sub(r"^(\.\.\.|\S+ \S+) (INFO|WARNING) ", "", line)
     line = re.sub(r"loaded in [\d.]+ s", "loaded in N s", line)
     return re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", line)
+
+
+def test_the_block_diffusion_presets_example_writes_block_causal_configs(tmp_path):
+    block = _block_after("### Block-diffusion models", "bash")
+    commands = [line.split() for line in block.splitlines() if "make_random" in line]
+    assert len(commands) == 4
+    for argv in commands:
+        out = tmp_path / Path(argv[3]).name  # the example writes to /tmp/<name>
+        make_random([str(out), *argv[4:]])
+        assert read_dummy_config(out).block_causal

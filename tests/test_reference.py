@@ -45,5 +45,7 @@ def test_engine_matches_the_reference_loop(model_dir, gen_length, block_length, 
     if loaded.config.eos_token_id in expected:
         expected = expected[: expected.index(loaded.config.eos_token_id)]
     llm = LLM(str(model_dir))
-    out = llm.generate(prompt, SamplingParams(max_tokens=gen_length, block_length=block_length, steps=steps))[0]
+    # LLaDA's schedule, chosen explicitly: a Dream checkpoint defaults to Dream's (tests/test_dream_decoding.py).
+    params = SamplingParams(max_tokens=gen_length, block_length=block_length, steps=steps, schedule="llada")
+    out = llm.generate(prompt, params)[0]
     assert out.token_ids == expected

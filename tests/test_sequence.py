@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from unmask.engine.outputs import FinishReason, TokenLogprob
 from unmask.engine.params import EngineDefaults, SamplingParams
-from unmask.engine.sequence import Sequence, SequenceStatus
+from unmask.engine.sequence import BlockLayout, Sequence, SequenceStatus
 
 MASK, EOS = 99, 98
 
@@ -14,6 +15,11 @@ MASK, EOS = 99, 98
 def make_sequence(max_tokens: int = 8, block_length: int = 4, prompt: tuple[int, ...] = (1, 2, 3)) -> Sequence:
     params = SamplingParams(max_tokens=max_tokens, block_length=block_length).resolve(EngineDefaults())
     return Sequence("r", list(prompt), params, MASK, EOS, seed=0)
+
+
+def make_block_causal_sequence(layout: BlockLayout, max_tokens: int, prompt_len: int) -> Sequence:
+    params = SamplingParams(max_tokens=max_tokens, block_length=layout.block_size).resolve(EngineDefaults())
+    return Sequence("r", list(range(1, prompt_len + 1)), params, MASK, EOS, seed=0, layout=layout)
 
 
 def test_a_new_sequence_is_its_prompt_then_a_masked_canvas():
@@ -86,3 +92,48 @@ def test_finish_keeps_the_first_error():
     seq.finish(FinishReason.ERROR, "ValueError: bad")
     seq.finish(FinishReason.ERROR)
     assert (seq.finish_reason, seq.error) == (FinishReason.ERROR, "ValueError: bad")
+
+
+def test_a_block_causal_canvas_runs_to_the_end_of_its_last_block_in_blocks_counted_from_position_0():
+    seq = make_block_causal_sequence(BlockLayout(4), max_tokens=6, prompt_len=3)  # prompt + 6 = 9 -> 12
+    assert seq.length == 12 and seq.num_blocks == 3
+    assert [seq.block_bounds(b) for b in range(3)] == [(3, 4), (4, 8), (8, 12)]
+    assert seq.masked_in_block().tolist() == [3]
+
+
+def test_committing_a_sub_block_leaves_the_block_open_until_its_last_mask():
+    seq = make_block_causal_sequence(BlockLayout(4, sub_block_size=2), max_tokens=4, prompt_len=4)
+    assert seq.masked_in_block().tolist() == [4, 5]
+    assert seq.commit(torch.tensor([4, 5]), torch.tensor([10, 11])).finished_block_steps is None
+    assert seq.block == 0 and seq.masked_in_block().tolist() == [6, 7]
+    assert seq.commit(torch.tensor([6, 7]), torch.tensor([12, 13])).finished_block_steps == 2
+    assert seq.canvas_done
+
+
+def test_a_blocks_first_token_is_committed_alone_when_the_layout_says_so():
+    seq = make_block_causal_sequence(BlockLayout(4, first_token_alone=True), max_tokens=4, prompt_len=4)
+    assert seq.entering_block() and seq.masked_in_block().tolist() == [4]
+    seq.commit(torch.tensor([4]), torch.tensor([10]))
+    assert not seq.entering_block() and seq.masked_in_block().tolist() == [5, 6, 7]
+
+
+def test_only_max_tokens_of_a_padded_canvas_count_as_output():
+    seq = make_block_causal_sequence(BlockLayout(4), max_tokens=2, prompt_len=4)  # canvas [4, 8), output [4, 6)
+    seq.commit(torch.tensor([4, 5, 6, 7]), torch.tensor([10, 11, 12, 13]))
+    assert seq.committed_prefix() == [10, 11]
+
+
+def test_an_infill_canvas_lies_between_prompt_and_suffix_and_its_written_blocks_are_skipped():
+    params = SamplingParams(max_tokens=12, block_length=4).resolve(EngineDefaults())
+    canvas = [MASK] * 4 + [7, 8, 9, 10] + [MASK] * 4  # the second block holds only fixed text
+    seq = Sequence("r", [1, 2, 3], params, MASK, EOS, seed=0, canvas_ids=canvas, suffix_ids=[5, 6])
+    assert seq.tokens.tolist() == [1, 2, 3] + canvas + [5, 6] and seq.canvas_end == 15
+    seq.commit(torch.tensor([3, 4, 5, 6]), torch.tensor([20, 21, 22, 23]))
+    assert seq.block == 2 and seq.block_bounds() == (11, 15)
+    assert seq.stats.steps_per_block == [1, 0]
+
+
+def test_a_block_causal_sequence_takes_no_infill_canvas_or_suffix():
+    params = SamplingParams(max_tokens=4, block_length=4).resolve(EngineDefaults())
+    with pytest.raises(ValueError, match="block-causal"):
+        Sequence("r", [1, 2, 3], params, MASK, EOS, seed=0, layout=BlockLayout(4), suffix_ids=[5, 6])

@@ -12,6 +12,7 @@ import torch
 from server_fixtures import live_server, sse_json  # noqa: F401  (pytest fixture)
 
 from unmask.engine.params import CACHE_POLICIES, METHOD_FIELDS, UNMASK_POLICIES, EngineDefaults, ParamError, SamplingParams
+from unmask.engine.policies import CACHE_POLICIES as cache_policies
 from unmask.server.protocol import BOUNDS, ChatCompletionRequest, CompletionRequest
 from unmask.server.translate import MASK_PLACEHOLDER
 
@@ -110,8 +111,12 @@ def test_every_policy_combination_is_selectable_per_request(live_server, cache, 
         result = complete(live_server.openai(), live_server, max_tokens=12, extra_body=extra)
     except openai.BadRequestError as refused:
         # Guided decoding needs a guide model sharing the checkpoint's tokenizer; a random
-        # test checkpoint has none, and the engine says so.
-        assert unmask == "guided" and refused.body["param"] == "unmask", refused.body
+        # test checkpoint has none, and the engine says so. The block caches need a
+        # block-causal model; this one attends bidirectionally.
+        if cache_policies[cache].block_causal_only:
+            assert refused.body["param"] == "cache", refused.body
+        else:
+            assert unmask == "guided" and refused.body["param"] == "unmask", refused.body
         return
     assert result.choices[0].finish_reason in ("stop", "length")
 
@@ -156,6 +161,18 @@ def test_method_parameters_reach_the_engine(live_server):
     with pytest.raises(openai.BadRequestError) as refused:  # the engine checks it belongs to the chosen method
         complete(client, live_server, extra_body={**SMALL, "cache": "none", "dkv_refresh": 2})
     assert refused.value.body["param"] == "dkv_refresh"
+
+
+def test_schedule_and_block_start_reach_the_engine(live_server):
+    client = live_server.openai()
+    result = complete(client, live_server, extra_body={**SMALL, "schedule": "dream", "schedule_eps": 0.5})
+    assert result.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as refused:  # schedule_eps belongs to schedule=dream
+        complete(client, live_server, extra_body={**SMALL, "schedule": "llada", "schedule_eps": 0.5})
+    assert refused.value.body["param"] == "schedule_eps"
+    with pytest.raises(openai.BadRequestError) as refused:  # the guided policy chooses every commit itself
+        complete(client, live_server, extra_body={**SMALL, "unmask": "guided", "block_start": "first"})
+    assert refused.value.body["param"] == "block_start"
 
 
 # --- chat ----------------------------------------------------------------------------------------

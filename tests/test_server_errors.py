@@ -117,7 +117,6 @@ def test_a_prompt_of_most_of_the_body_limit_is_400_for_the_context(live_server, 
     "path, fields, param",
     [
         ("/v1/completions", {"logprobs": 1, "stream": True}, "logprobs"),
-        ("/v1/completions", {"suffix": "x"}, "suffix"),
         ("/v1/completions", {"presence_penalty": 0.5}, "presence_penalty"),
         ("/v1/chat/completions", {"logprobs": True, "stream": True}, "logprobs"),
         ("/v1/completions", {"best_of": 2}, "best_of"),

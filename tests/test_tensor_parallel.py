@@ -408,3 +408,17 @@ def test_tp2_on_two_gpus_matches_one_gpu_on_an_llada_8b_shaped_model(llada_8b_sh
     same = sum(a == b for want, have in zip(one_gpu_tokens, got) for a, b in zip(want, have))
     total = sum(len(t) for t in one_gpu_tokens)
     assert same >= 0.98 * total, f"{total - same} of {total} tokens differ"
+
+
+@pytest.mark.parametrize("arch", ["sdar", "fastdllm-v2"])
+def test_tp2_decodes_a_block_causal_model_like_one_process(tmp_path, arch):
+    """Per-head q/k norms replicated, block-causal attention on each rank's heads, the block caches."""
+    model_dir = make_random_checkpoint(tmp_path, arch=arch, layers=2, hidden=64, heads=4, kv_heads=2, layer_std=0.2)
+    requests = [
+        ("Hello world", SamplingParams(max_tokens=20, cache="block", unmask="threshold", threshold=0.5)),
+        ("The quick brown fox", SamplingParams(max_tokens=24, cache="block-dual", ignore_eos=True)),
+        ("What is 12 plus 30?", SamplingParams(max_tokens=16, cache="none", ignore_eos=True)),
+    ]
+    want = generate(single_engine(model_dir), requests)
+    with tp_engine(model_dir) as engine:
+        assert generate(engine, requests) == want

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+import benchmarks.throughput as bench
 from benchmarks.throughput import (
     cycle_ceiling,
     make_engine,
@@ -17,6 +19,7 @@ from benchmarks.throughput import (
     run_config,
     step_floor,
 )
+from unmask.engine.models.make_random import resize
 
 
 def _llada_8b_dual_ceiling(batch: int, tokens_per_step: int, prompt: int = 128, gen: int = 256, block: int = 32) -> float:
@@ -63,3 +66,17 @@ def test_the_host_phase_timer_reports_every_phase_once_per_step_or_once_per_sequ
     calls = {label: int(rest.split(" | ")[1]) for label, rest in rows.items() if label != "phase"}
     assert calls["schedule (with the work per sequence)"] == calls["pack (host tensors)"] == 1
     assert calls["work per sequence"] == calls["commit per sequence"] == calls["output per sequence"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sdar-8b", "fastdllm-v2-7b"])
+def test_a_cpu_smoke_run_of_a_block_causal_preset_measures_the_block_cache(arch, monkeypatch):
+    """The preset's shapes narrowed to one small layer: the block cache's steps are classified and floored."""
+    small = replace(resize(bench.model_config(arch), layers=1, hidden=64, heads=4, vocab=512), mask_token_id=1)
+    monkeypatch.setattr(bench, "model_config", lambda _: small)
+    block = small.attention_block_size
+    engine = make_engine(arch, torch.device("cpu"), torch.float32, batch=2, seq_len=16 + 64)
+    rows = [run_config(engine, 2, 16, 1, cache, 64, block) for cache in ("none", "block")]
+    none, cached = rows
+    assert cached.tokens_per_s > none.tokens_per_s and cached.floor_cached_ms < none.floor_cached_ms
+    assert engine.pool.num_free == engine.pool.num_pages

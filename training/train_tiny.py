@@ -31,6 +31,13 @@ the fixed shape suits `--compile`.
 At the end the script decodes held-out problems with the reference sampler
 (no cache, low-confidence, one token per step, blocks of 32) and prints the
 exact-match accuracy per family.
+
+`--arch sdar` trains a block-diffusion model instead (SDAR's Qwen3 layout,
+block-causal attention in blocks of `--attention-block`) with SDAR's objective
+(`training/block_diffusion.py`): i.i.d. masking per example, every block
+denoised from the clean blocks before it. The in-place term, whose clean
+tokens attend token-causally, does not apply to it. Its evaluation decodes
+with the block-causal reference sampler (one token per step, no cache).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from training.block_diffusion import block_diffusion_loss, block_reference_generate
 from training.tasks import Example
 from training.tasks.batches import EOS, MASK, PackedBatch, chat_prompt, load_tokenizer
 from training.trainer import (
@@ -82,16 +90,21 @@ class TrainConfig(RunConfig):
     block_mask_prob: float = 0.3
     block_mask_lengths: str = "32"  # comma-separated block lengths of the block-structured masking
     block_length: int = 32  # decoding block of the evaluation; canvases are mostly multiples of it
+    arch: str = "llada"  # "llada" (full attention) or "sdar" (block diffusion)
+    attention_block: int = 4  # --arch sdar: the trained block size
 
 
 # --------------------------------------------------------------------------- model
 
 
 def build_config(cfg: TrainConfig, tok: Tokenizer) -> ModelConfig:
-    """A LLaDA-architecture config; the embedding is padded to a multiple of 64 rows."""
+    """A LLaDA- or SDAR-architecture config; the embedding is padded to a multiple of 64 rows."""
+    if cfg.arch not in ("llada", "sdar"):
+        raise ValueError(f"--arch must be llada or sdar, got {cfg.arch!r}")
     vocab = -(-tok.get_vocab_size() // 64) * 64
+    block_diffusion = {"qk_norm": True, "attention_block_size": cfg.attention_block} if cfg.arch == "sdar" else {}
     return ModelConfig(
-        arch="llada",
+        arch=cfg.arch,
         hidden_size=cfg.hidden,
         num_layers=cfg.layers,
         num_heads=cfg.heads,
@@ -103,6 +116,7 @@ def build_config(cfg: TrainConfig, tok: Tokenizer) -> ModelConfig:
         rope_theta=10000.0,
         rms_norm_eps=1e-5,
         max_position=2048,
+        **block_diffusion,
     )
 
 
@@ -258,7 +272,12 @@ def train(cfg: TrainConfig) -> tuple[DiffusionTransformer, dict]:
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     block_lengths = tuple(int(x) for x in cfg.block_mask_lengths.split(","))
 
+    block_size = model.cfg.attention_block_size
+
     def loss_fn(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if block_size is not None:  # later blocks are invisible: block-structured masking adds nothing
+            noised = noise_batch(batch, model.cfg.mask_token_id, cfg.eps, 0.0, block_lengths, gen)
+            return block_diffusion_loss(forward, batch, noised.input_ids, noised.masked, noised.weight, block_size)
         noised = noise_batch(batch, model.cfg.mask_token_id, cfg.eps, cfg.block_mask_prob, block_lengths, gen)
         loss, accuracy = diffusion_loss(forward, batch, noised)
         if cfg.in_place_weight > 0:
@@ -324,7 +343,10 @@ def decoder(model: DiffusionTransformer, tok: Tokenizer, gen_length: int, block_
 
     def decode(examples: list[Example]) -> list[str]:
         prompts = [tok.encode(chat_prompt(ex.prompt)).ids for ex in examples]
-        canvases = reference_generate(model, prompts, gen_length, block_length)
+        if model.cfg.block_causal:
+            canvases = block_reference_generate(model, prompts, gen_length)
+        else:
+            canvases = reference_generate(model, prompts, gen_length, block_length)
         return [canvas_text(tok, canvas, model.cfg.eos_token_id) for canvas in canvases]
 
     return decode
@@ -337,8 +359,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(TrainConfig, __doc__.splitlines()[0], argv)
     model, summary = train(cfg)
     decode = decoder(model, load_tokenizer(cfg.tokenizer), cfg.eval_gen, cfg.block_length)
+    block = model.cfg.attention_block_size or cfg.block_length
     evaluate_into(summary, cfg, decode, f"reference decoding: no cache, low_confidence, 1 token/step, "
-                                        f"block {cfg.block_length}, gen {cfg.eval_gen}")
+                                        f"block {block}, gen {cfg.eval_gen}")
     out = Path(cfg.out)
     save_checkpoint(model, out, dtype=torch.bfloat16, max_shard_bytes=MAX_FILE_BYTES)
     finish_output(out, cfg, summary)

@@ -14,6 +14,7 @@ _HOMES = {
     "LLMEngine": "unmask.engine.engine",
     "RequestOutput": "unmask.engine.outputs",
     "SamplingParams": "unmask.engine.params",
+    "Infill": "unmask.engine.infill",
 }
 
 __all__ = list(_HOMES)

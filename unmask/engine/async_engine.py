@@ -27,6 +27,7 @@ from unmask.engine.client import EngineClient, GroupMember
 from unmask.engine.config import EngineConfig
 from unmask.engine.engine import LLMEngine, StepListener
 from unmask.engine.errors import EngineDeadError, QueueFullError
+from unmask.engine.infill import Infill
 from unmask.engine.outputs import FinishReason, PromptScores, RequestOutput
 from unmask.engine.params import SamplingParams
 from unmask.engine.policies import UNMASK_POLICIES
@@ -304,7 +305,9 @@ class AsyncEngine(EngineClient):
         self._commands.put(_AddGroup(seqs))
         return stream
 
-    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestStream:
+    async def add_request(
+        self, request_id: str, prompt: str | list[int] | Infill, params: SamplingParams
+    ) -> RequestStream:
         """One request as a group of one: its outputs, and `aclose` to abort it."""
         return RequestStream(await self.add_group([GroupMember(request_id, prompt, params)]))
 
@@ -445,7 +448,7 @@ class AsyncEngine(EngineClient):
         elif self._mean_cycle_seconds is not None:
             steps_left = remaining / self._mean_cycle_seconds
             slot_wait = self._steps_until_a_slot_frees()
-            doomed = [s for s in scheduler.waiting if slot_wait + _fewest_steps(s.params) > steps_left]
+            doomed = [s for s in scheduler.waiting if slot_wait + _fewest_steps(s) > steps_left]
             reason = f"the server is shutting down and this request cannot finish in the {remaining:.1f} s left"
         else:
             return
@@ -458,7 +461,7 @@ class AsyncEngine(EngineClient):
         running = self._engine.scheduler.running
         if len(running) < self.config.max_num_seqs:
             return 0
-        return min(max(0, _fewest_steps(s.params) - s.steps_taken) for s in running)
+        return min(max(0, _fewest_steps(s) - s.steps_taken) for s in running)
 
     def _time_cycle(self, seconds: float) -> None:
         previous = self._mean_cycle_seconds
@@ -494,11 +497,13 @@ class AsyncEngine(EngineClient):
             )
 
 
-def _fewest_steps(params: SamplingParams) -> int:
+def _fewest_steps(seq: Sequence) -> int:
     """The fewest steps a request can finish in: a lower bound, so only a request that surely
-    cannot make a deadline is refused. End-of-text or a stop string may end it after one step;
-    otherwise it takes its unmask policy's fewest steps over the canvas."""
-    if not params.ignore_eos or params.stop:
+    cannot make a deadline is refused. End-of-text or a stop string may end it after one step,
+    and an infill canvas's fixed text may leave whole blocks with nothing to write; otherwise
+    it takes its unmask policy's fewest steps over the canvas."""
+    params = seq.params
+    if not params.ignore_eos or params.stop or seq.has_inner_text:
         return 1
     return UNMASK_POLICIES[params.unmask].fewest_steps(params)
 

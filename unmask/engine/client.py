@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Protocol, TypeVar
 
+from unmask.engine.infill import Infill
 from unmask.engine.outputs import PromptScores, RequestOutput
 from unmask.engine.params import SamplingParams
 
@@ -29,7 +30,7 @@ class GroupMember:
     """One engine request of a group: its id (unique while it runs), prompt and parameters."""
 
     request_id: str
-    prompt: str | list[int]
+    prompt: str | list[int] | Infill
     params: SamplingParams
 
 

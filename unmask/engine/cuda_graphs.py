@@ -116,7 +116,7 @@ class CudaGraphRunner:
 
     def _capture(self, tokens: int, seqs: int) -> _CapturedStep:
         static = self._static_batch(tokens, seqs)
-        attention = PagedAttention(self.pool, static, self.model.cfg.head_dim)
+        attention = PagedAttention(self.pool, static, self.model.cfg.head_dim, self.model.cfg.attention_block_size)
         # Warm up on a side stream first: Triton compiles and the allocator settles outside the capture.
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

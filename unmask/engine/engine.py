@@ -16,15 +16,18 @@ import itertools
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
+from unmask.engine.attention_pattern import block_layout, check_attention_fit, model_defaults
+from unmask.engine.checkpoint_defaults import checkpoint_defaults, read_generation_config, resolve_block_start
 from unmask.engine.config import EngineConfig
 from unmask.engine.cuda_graphs import build_graph_runner
 from unmask.engine.detokenizer import TextStream
 from unmask.engine.errors import EngineDeadError
+from unmask.engine.infill import CanvasLayout, Infill, cannot_infill, lay_out
 from unmask.engine.kv_pool import KVPool
 from unmask.engine.logprobs import chosen_logprobs, output_logprobs
 from unmask.engine.models.loader import LoadedModel, load_model
@@ -33,6 +36,7 @@ from unmask.engine.pages import PageAllocator
 from unmask.engine.parallel import ShardLoader, TensorParallelGroup
 from unmask.engine.params import ParamError, SamplingParams, check_logprobs, check_text
 from unmask.engine.policies import CACHE_POLICIES, UNMASK_POLICIES
+from unmask.engine.policies.block_start import block_start_commit
 from unmask.engine.policies.resources import PolicyResources
 from unmask.engine.policies.unmask import Drafts
 from unmask.engine.runner import ModelRunner
@@ -40,7 +44,7 @@ from unmask.engine.runner_interface import Proposals, Runner
 from unmask.engine.sampling import RowGroup
 from unmask.engine.scheduler import Scheduler, SchedulerLimits
 from unmask.engine.scoring import ScoringJob
-from unmask.engine.sequence import Commit, Sequence
+from unmask.engine.sequence import BlockLayout, Commit, Sequence, sequence_length
 from unmask.engine.work import SequenceWork, plan_work
 from unmask.kernels.confidence import precompile_fused_confidence
 
@@ -103,6 +107,11 @@ class LLMEngine:
             loaded = self.parallel.loaded
         self.loaded = loaded or load_model(config.model_dir, config.dtype, config.device, config.load_format)
         self.model_config = self.loaded.config
+        # The server's defaults completed by the checkpoint's own (its family's schedule, its generation
+        # config) and, for a block-causal model, its attention pattern's (its blocks, cache and rules).
+        generation_config = read_generation_config(config.model_dir)
+        checkpoint = checkpoint_defaults(config.defaults, self.model_config.arch, generation_config)
+        self.defaults = model_defaults(checkpoint, self.model_config)
         self.tokenizer = self.loaded.tokenizer
         # Before the KV tensors, which take what memory is left.
         self.resources = PolicyResources.load(config, self.loaded)
@@ -126,39 +135,78 @@ class LLMEngine:
     def max_model_len(self) -> int:
         return min(self.model_config.max_position, self.pool.capacity_tokens)
 
-    def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
-        """Tokenize and validate a request without touching engine state (safe from any thread)."""
-        resolved = params.resolve(self.config.defaults)
-        prompt_ids = self._prompt_ids(prompt)
-        total = len(prompt_ids) + resolved.max_tokens
-        if total > self.max_model_len:
+    def make_sequence(self, request_id: str, prompt: str | list[int] | Infill, params: SamplingParams) -> Sequence:
+        """Tokenize and validate a request without touching engine state (safe from any thread).
+
+        An `Infill` prompt sets the canvas (its spans and the pieces between them) and
+        the fixed suffix; its `max_tokens` is the canvas length.
+        """
+        infill: CanvasLayout | None = None
+        if isinstance(prompt, Infill):
+            infill = lay_out(prompt, self.encode, self.model_config.mask_token_id)
+            params = replace(params, max_tokens=len(infill.canvas))
+        resolved = resolve_block_start(params.resolve(self.defaults), self.model_config.arch)
+        prompt_ids = self._prompt_ids(infill.prompt if infill else prompt)
+        fixed_text = infill is not None and infill.has_fixed_text
+        self._check_support(resolved, fixed_text)
+        # Without fixed text an infill is plain generation: its canvas is all masks, its suffix empty.
+        canvas_ids, suffix_ids = (infill.canvas, infill.suffix) if fixed_text else (None, [])
+        if resolved.logprobs is not None and infill is not None and len(infill.spans) > 1:
+            # Commit-time logprobs describe generated tokens; the text between spans is given, not generated.
+            raise ParamError("logprobs", "logprobs are not available for an infill of more than one span")
+        cfg, blocks = self.model_config, block_layout(self.model_config)
+        self._check_context(len(prompt_ids), resolved.max_tokens, len(suffix_ids), blocks)
+        seed = resolved.seed if resolved.seed is not None else secrets.randbits(63)
+        state = UNMASK_POLICIES[resolved.unmask].new_state()
+        return Sequence(
+            request_id, prompt_ids, resolved, cfg.mask_token_id, cfg.eos_token_id, seed,
+            unmask_state=state, layout=blocks, canvas_ids=canvas_ids, suffix_ids=suffix_ids,
+        )
+
+    def encode(self, text: str) -> list[int]:
+        """Text to token ids, as prompts are tokenized (no special tokens added)."""
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _check_context(self, prompt_len: int, max_tokens: int, suffix_len: int, blocks: BlockLayout | None) -> None:
+        """Refuse a request whose sequence (with a block-causal model's last block completed) overflows the context.
+
+        Checked before the canvas exists, so an absurd `max_tokens` allocates nothing.
+        """
+        total = prompt_len + max_tokens + suffix_len
+        length = sequence_length(prompt_len, max_tokens, blocks) + suffix_len
+        if length > self.max_model_len:
+            with_suffix = f" + suffix ({suffix_len})" if suffix_len else ""
+            aligned = f" (with the last block completed: {length})" if length > total else ""
             raise ParamError(
                 "max_tokens",
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({resolved.max_tokens}) = {total} exceeds "
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}){with_suffix} = {total}{aligned} exceeds "
                 f"the model's context of {self.max_model_len} tokens",
             )
-        self._check_support(resolved)
-        seed = resolved.seed if resolved.seed is not None else secrets.randbits(63)
-        mask_id, eos_id = self.model_config.mask_token_id, self.model_config.eos_token_id
-        state = UNMASK_POLICIES[resolved.unmask].new_state()
-        return Sequence(request_id, prompt_ids, resolved, mask_id, eos_id, seed, unmask_state=state)
 
-    def _check_support(self, params: SamplingParams) -> None:
-        """Refuse a request whose policies need what this engine was started without, or cannot give what it asks."""
+    def _check_support(self, params: SamplingParams, fixed_text: bool) -> None:
+        """Refuse a request this engine cannot serve: logprobs from an unmask policy that may replace the
+        model's proposals, methods that do not fit the model's attention, a block-start rule its unmask
+        policy does not allow, fixed text its policies cannot keep (infill), or a resource this engine
+        was started without."""
         unmask = UNMASK_POLICIES[params.unmask]
         if params.logprobs is not None and not unmask.keeps_proposals:  # a request error before a server one
             raise ParamError(
                 "logprobs",
                 f"logprobs are not available with unmask={unmask.name!r}: it may commit a token other than the model's proposal",
             )
+        check_attention_fit(params, self.model_config, fixed_text)
+        if params.block_start == "first" and not unmask.allows_block_start:
+            raise ParamError("block_start", f"block_start='first' cannot be combined with unmask={unmask.name!r}")
         for kind, policy in (("cache", CACHE_POLICIES[params.cache]), ("unmask", unmask)):
+            if fixed_text and not policy.infills:
+                raise cannot_infill(kind, policy.name)
             for requirement in policy.requirements:
                 requirement.check(kind, policy.name, self.resources)
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             check_text("prompt", prompt)
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            ids = self.encode(prompt)
         else:
             ids = list(prompt)
             vocab = self.model_config.vocab_size
@@ -175,7 +223,7 @@ class LLMEngine:
         self.scheduler.add(seq)
         self.streams[seq.request_id] = TextStream(self.tokenizer, list(seq.params.stop))
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
+    def add_request(self, request_id: str, prompt: str | list[int] | Infill, params: SamplingParams) -> Sequence:
         seq = self.make_sequence(request_id, prompt, params)
         self.add_sequence(seq)
         return seq
@@ -281,8 +329,10 @@ class LLMEngine:
         return commits
 
     def _commit_sequence(self, w: SequenceWork, tokens: torch.Tensor, confidence: torch.Tensor) -> Commit:
-        """Commit the proposals (one per `w.targets`) that the sequence's unmask policy chooses."""
-        chosen = UNMASK_POLICIES[w.seq.params.unmask].choose(w.seq, confidence)
+        """Commit the proposals (one per `w.targets`) that the block-start rule, else the unmask policy, chooses."""
+        chosen = block_start_commit(w.seq, w.targets)
+        if chosen is None:
+            chosen = UNMASK_POLICIES[w.seq.params.unmask].choose(w.seq, confidence)
         committed = tokens[chosen]
         return w.seq.commit(w.targets[chosen], committed, chosen_logprobs(w.row_logprobs, chosen, committed))
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
-from dataclasses import fields
+from dataclasses import fields, replace
+from functools import partial
 
 from unmask.engine.config import EngineConfig
 from unmask.engine.engine import LLMEngine
+from unmask.engine.infill import Infill, InfillOutput, lay_out, span_texts
 from unmask.engine.outputs import PromptScores, RequestOutput
-from unmask.engine.params import SamplingParams
+from unmask.engine.params import ParamError, SamplingParams
 
 
 class LLM:
@@ -29,7 +31,7 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | list[int] | list[str] | list[list[int]],
+        prompts: str | list[int] | Infill | list[str | list[int] | Infill],
         params: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in prompt order."""
@@ -52,7 +54,27 @@ class LLM:
             raise
         return [final[i] for i in ids]
 
-    def _admit(self, pending: deque[tuple[str, str | list[int], SamplingParams]]) -> None:
+    def infill(
+        self, pieces: list[str | list[int]], span_lengths: list[int], params: SamplingParams | None = None
+    ) -> InfillOutput:
+        """Write `span_lengths[i]` tokens between `pieces[i]` and `pieces[i + 1]`, all gaps in one request.
+
+        Every span is written in full (end-of-text does not end the request: a span's
+        text ends at its first end-of-text); `params.max_tokens` is ignored, the canvas
+        being the spans and the pieces between them.
+        """
+        params = params or SamplingParams()
+        if params.stop:
+            raise ParamError("stop", "stop strings are not supported by infill: every span is written in full")
+        infill = Infill(tuple(pieces), tuple(span_lengths))
+        out = self.generate(infill, replace(params, ignore_eos=True))[0]
+        mask_id = self.engine.model_config.mask_token_id
+        layout = lay_out(infill, self.engine.encode, mask_id)
+        eos_id = self.engine.model_config.eos_token_id
+        decode = partial(self.tokenizer.decode, skip_special_tokens=True)
+        return InfillOutput(span_texts(layout, out.token_ids, eos_id, decode), out)
+
+    def _admit(self, pending: deque[tuple[str, str | list[int] | Infill, SamplingParams]]) -> None:
         """Hand prompts to the engine while its waiting queue has room (any number of prompts fits a call)."""
         while pending and len(self.engine.scheduler.waiting) < self.engine.config.max_waiting:
             self.engine.add_request(*pending.popleft())
@@ -77,6 +99,7 @@ class LLM:
         return self.generate(ids, params)[0]
 
 
-def _prompt_list(prompts: str | list[int] | list[str] | list[list[int]]) -> list[str | list[int]]:
-    """One prompt (text or token ids) or a list of them, as a list."""
-    return [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
+def _prompt_list(prompts: str | list[int] | Infill | list[str | list[int] | Infill]) -> list[str | list[int] | Infill]:
+    """One prompt (text, token ids or an infill) or a list of them, as a list."""
+    single = isinstance(prompts, (str, Infill)) or (prompts and isinstance(prompts[0], int))
+    return [prompts] if single else list(prompts)

@@ -22,7 +22,7 @@ class MethodParam:
     name: str
     kind: type  # int or float
     default: int | float  # the engine default (`EngineDefaults`)
-    owner: tuple[str, str]  # (policy kind, method): ("cache", "dkv")
+    owner: tuple[str, str]  # (the request field choosing the method, method): ("cache", "dkv"), ("schedule", "dream")
     help: str
     low: int | float | None = None
     high: int | float | None = None
@@ -51,7 +51,7 @@ class MethodParam:
 
 
 METHOD_PARAMS: tuple[MethodParam, ...] = (
-    MethodParam("threshold", float, 0.9, ("unmask", "threshold"), "commit every token whose confidence is above it",
+    MethodParam("threshold", float, 0.9, ("unmask", "threshold"), "commit every token whose confidence is at least it",
                 low=0.0, high=1.0, low_open=True, exclusive=False),
     MethodParam("factor", float, 1.0, ("unmask", "factor"), "factor f: commit the largest n with (n + 1)(1 - c_n) < f",
                 low=0.0, high=1e6, low_open=True, exclusive=False),
@@ -67,6 +67,11 @@ METHOD_PARAMS: tuple[MethodParam, ...] = (
     MethodParam("guide_relative", float, 0.5, ("unmask", "guided"),
                 "accept a draft the guide gives at least this share of its top token's probability",
                 low=0.0, high=1.0, low_open=True),
+    MethodParam("alg_temp", float, 0.0, ("unmask", "low_confidence"),
+                "Dream's alg_temp: > 0 draws the committed positions from softmax(confidence / alg_temp)",
+                low=0.0, high=100.0),
+    MethodParam("schedule_eps", float, 1e-3, ("schedule", "dream"),
+                "Dream's eps, the last of the timesteps linspace(1, eps, steps + 1)", low=0.0, high=1.0, low_open=True),
 )
 METHOD_PARAMS_BY_NAME = {p.name: p for p in METHOD_PARAMS}
 # The parameters refused on a request that uses another method: name -> (policy kind, method).

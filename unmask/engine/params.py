@@ -16,17 +16,24 @@ from unmask.engine.method_params import METHOD_FIELDS, METHOD_PARAMS, add_method
 # The policy names a request may choose, spelled out rather than read from the registries
 # in `engine.policies` (which need torch), so that the CLI parser and the protocol load
 # without it; tests/test_methods.py checks that the registries implement exactly these.
-CACHE_POLICIES = ("none", "prefix", "dual", "dkv", "dkv-greedy", "dllm-cache", "freecache")
+CACHE_POLICIES = ("none", "prefix", "dual", "dkv", "dkv-greedy", "dllm-cache", "freecache", "block", "block-dual")
 UNMASK_POLICIES = ("low_confidence", "random", "threshold", "factor", "guided")
 CONFIDENCE_KINDS = ("prob", "margin", "entropy")
+# How many tokens each step of a block commits under the fixed-step policies; "auto" is the
+# checkpoint family's own rule (`engine.checkpoint_defaults`).
+SCHEDULES = ("auto", "llada", "dream")
+# Which rule commits a block's first position; "auto": Fast-dLLM's for Dream under its caches.
+BLOCK_START_RULES = ("auto", "confidence", "first")
 
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (vLLM's default limit)
 
 __all__ = [
+    "BLOCK_START_RULES",
     "CACHE_POLICIES",
     "CONFIDENCE_KINDS",
     "MAX_LOGPROBS",
     "METHOD_FIELDS",
+    "SCHEDULES",
     "UNMASK_POLICIES",
     "EngineDefaults",
     "ParamError",
@@ -46,6 +53,8 @@ class EngineDefaults:
     cache: str = "none"
     unmask: str = "low_confidence"
     confidence: str = "prob"
+    schedule: str = "auto"
+    block_start: str = "auto"
 
 
 @dataclass
@@ -71,6 +80,8 @@ class SamplingParams:
     cache: str | None = None
     unmask: str | None = None
     confidence: str | None = None
+    schedule: str | None = None  # tokens per step of low_confidence/random: llada (even) or dream (timesteps)
+    block_start: str | None = None  # first: a block's first position is committed alone at the block's first step
     stream_blocks: bool = False
     ignore_eos: bool = False  # run to max_tokens: end-of-text neither ends the request nor cuts its tokens
     # Commit-time log-probabilities: None records none; k records each committed token's
@@ -87,6 +98,9 @@ class SamplingParams:
             cache=_pick(self.cache, defaults.cache),
             unmask=_pick(self.unmask, defaults.unmask),
             confidence=_pick(self.confidence, defaults.confidence),
+            # "auto" is the checkpoint family's schedule, which the engine's defaults already name.
+            schedule=defaults.schedule if self.schedule in (None, "auto") else self.schedule,
+            block_start=_pick(self.block_start, defaults.block_start),
             **{p.name: _pick(getattr(self, p.name), getattr(defaults, p.name)) for p in METHOD_PARAMS},
         )
         filled.validate()
@@ -128,6 +142,8 @@ class SamplingParams:
         check_choice("cache", self.cache, CACHE_POLICIES)
         check_choice("unmask", self.unmask, UNMASK_POLICIES)
         check_choice("confidence", self.confidence, CONFIDENCE_KINDS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("block_start", self.block_start, BLOCK_START_RULES)
         for param in METHOD_PARAMS:
             param.check(getattr(self, param.name))
         for name in ("stream_blocks", "ignore_eos"):

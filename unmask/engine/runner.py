@@ -97,7 +97,7 @@ class ModelRunner:
 
     def forward(self, batch: PackedBatch, rows: torch.Tensor, reuse: SublayerReuse | None = None) -> torch.Tensor:
         """The logits of the given rows of a packed batch (device tensors)."""
-        attention = PagedAttention(self.pool, batch, self.config.head_dim)
+        attention = PagedAttention(self.pool, batch, self.config.head_dim, self.config.attention_block_size)
         if reuse is None and self.graphs is not None and self.graphs.supports(len(batch.input_ids), len(batch.seq_lens)):
             hidden = self.graphs.run(batch)
         else:

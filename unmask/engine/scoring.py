@@ -15,8 +15,9 @@ is from every proposal.
 
 Cost: L - 1 forward passes over L positions each, i.e. (L - 1) x L token positions, quadratic
 in the prompt length (plain next-token scoring is one pass of L). They are batched a few
-rows at a time (`max_tokens` positions per chunk, bidirectional attention over the whole
-prompt in each row), and the engine runs one chunk between denoising steps, so scoring
+rows at a time (`max_tokens` positions per chunk, each row attending over the whole
+prompt with the model's attention pattern: bidirectional, or block-causal for SDAR and
+Fast-dLLM v2, whose position i then sees only its own and earlier blocks), and the engine runs one chunk between denoising steps, so scoring
 never stalls generation for long; `EngineConfig.max_score_tokens` caps L.
 """
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from unmask.engine.models.config import ModelConfig
-from unmask.engine.models.transformer import DenseAttention
+from unmask.engine.models.transformer import DenseAttention, block_causal_mask
 from unmask.engine.outputs import PromptScores, TokenLogprob
 
 
@@ -81,10 +82,16 @@ def masked_suffixes(token_ids: torch.Tensor, positions: torch.Tensor, mask_id: i
 
 
 def suffix_logprobs(model: torch.nn.Module, config: ModelConfig, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Log-softmax [R, V] (float32, mask token at -inf) at position positions[r] of row r."""
+    """Log-softmax [R, V] (float32, mask token at -inf) at position positions[r] of row r.
+
+    Rows attend with the model's own pattern: a block-causal model's positions see only
+    their own and earlier blocks (from position 0), as when it decodes.
+    """
     count, length = rows.shape
     flat_positions = torch.arange(length, device=rows.device).repeat(count)
-    hidden = model(rows.reshape(-1), flat_positions, DenseAttention(count, length))
+    block = config.attention_block_size
+    mask = None if block is None else block_causal_mask(length, block, rows.device)[None, None]
+    hidden = model(rows.reshape(-1), flat_positions, DenseAttention(count, length, mask))
     read = torch.arange(count, device=rows.device) * length + positions - config.logits_shift
     logits = model.compute_logits(hidden[read]).float()
     logits[:, config.mask_token_id] = float("-inf")

@@ -18,6 +18,34 @@ from unmask.engine.outputs import FinishReason, RequestStats, TokenLogprob
 from unmask.engine.params import SamplingParams
 
 
+@dataclass(frozen=True)
+class BlockLayout:
+    """How a block-causal model cuts a sequence: blocks of `block_size` from position 0.
+
+    `sub_block_size`: the block is committed sub-block by sub-block (Fast-dLLM
+    v2), else None. `first_token_alone`: a block's first token is predicted
+    from the previous block's last output before the rest is denoised (models
+    with shifted logits).
+    """
+
+    block_size: int
+    sub_block_size: int | None = None
+    first_token_alone: bool = False
+
+    def align_up(self, position: int) -> int:
+        return -(-position // self.block_size) * self.block_size
+
+    def block_start(self, position: int) -> int:
+        """The first position of the block that holds `position`."""
+        return position // self.block_size * self.block_size
+
+
+def sequence_length(prompt_len: int, max_tokens: int, layout: BlockLayout | None) -> int:
+    """Prompt plus canvas: `max_tokens`, run on to the end of the last block with a `layout`."""
+    end = prompt_len + max_tokens
+    return end if layout is None else layout.align_up(end)
+
+
 class SequenceStatus(Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -38,11 +66,22 @@ class Commit:
 
 @dataclass
 class Sequence:
-    """`tokens` holds prompt + canvas; canvas positions start as `mask_id`.
+    """`tokens` holds prompt + canvas + suffix; canvas positions start as `mask_id`.
 
+    The canvas has `max_tokens` positions. An infill request gives it as
+    `canvas_ids` (masks at its spans, fixed tokens between them) and fixed
+    `suffix_ids` after it; otherwise it is all masks and the suffix empty.
     Blocks cover the canvas in order; the last one may be shorter when
-    `max_tokens` is not a multiple of the block length. `block` is the block
-    being denoised and `step` the steps already taken inside it.
+    `max_tokens` is not a multiple of the block length, and a block with
+    nothing masked is skipped. `block` is the block being denoised and `step`
+    the steps already taken inside it.
+
+    A block-causal model's sequence has a `layout` (`BlockLayout`): its blocks
+    are the model's, counted from position 0, so the first one holds the
+    prompt's tail and is shorter; the canvas runs on to the end of the last
+    block, as the model was trained, and only its first `max_tokens` count.
+    Such a sequence has no infill: a fixed suffix after the padded canvas is
+    not something a block-causal model attends to the way it was trained.
     """
 
     request_id: str
@@ -67,11 +106,32 @@ class Sequence:
     stats: RequestStats = field(default_factory=RequestStats)
     token_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # by position, with params.logprobs
     generator: torch.Generator = field(init=False)
+    layout: BlockLayout | None = None  # block-causal models only
+    canvas_ids: list[int] | None = None  # infill: the canvas with its fixed tokens; None: all masks
+    suffix_ids: list[int] = field(default_factory=list)  # infill: fixed tokens after the canvas
+    initially_masked: torch.Tensor = field(init=False)  # bool per position: the model writes it
 
     def __post_init__(self) -> None:
-        canvas = [self.mask_id] * self.params.max_tokens
-        self.tokens = torch.tensor(self.prompt_ids + canvas, dtype=torch.long)
+        self.tokens = torch.tensor(self.prompt_ids + self._initial_canvas() + self.suffix_ids, dtype=torch.long)
+        self.initially_masked = self.tokens == self.mask_id
         self.generator = torch.Generator().manual_seed(self.seed)
+        self._skip_written_blocks()
+
+    def _initial_canvas(self) -> list[int]:
+        """The canvas before any step: the infill canvas as given, else masks (to the last block's end, with a layout)."""
+        if self.layout is not None and self.is_infill:
+            raise ValueError("a block-causal sequence has no infill canvas or suffix")
+        if self.canvas_ids is not None:
+            if len(self.canvas_ids) != self.params.max_tokens:
+                raise ValueError(f"the canvas has {len(self.canvas_ids)} tokens, max_tokens is {self.params.max_tokens}")
+            return self.canvas_ids
+        end = sequence_length(self.prompt_len, self.params.max_tokens, self.layout)
+        return [self.mask_id] * (end - self.prompt_len)
+
+    @property
+    def is_infill(self) -> bool:
+        """The request fixed text in the canvas or after it."""
+        return self.canvas_ids is not None or bool(self.suffix_ids)
 
     # --- lifecycle ------------------------------------------------------------
     def admit(self, pages: list[int]) -> None:
@@ -99,7 +159,8 @@ class Sequence:
         """Write `tokens` at the masked positions `targets` of the current block, and advance the clock.
 
         `logprobs` (one per target, when the request asks for them) are kept by position.
-        The block ends when nothing in it is left masked; the next step starts the next one.
+        The block ends when nothing in it is left masked; the next step starts the next block
+        with something to write. `targets` may be empty (a schedule step that commits nothing).
         """
         self.tokens[targets] = tokens
         if logprobs is not None:
@@ -110,11 +171,11 @@ class Sequence:
         self.steps_taken += 1
         self.stats.forward_passes += 1
         self.stats.tokens_committed += targets.numel()
-        if self.masked_in_block().numel():
+        if self.block_has_masks():
             return Commit(targets.numel(), None)
         self.stats.steps_per_block.append(self.step)
         finished = self.step
-        self.block, self.step = self.block + 1, 0
+        self._next_block()
         return Commit(targets.numel(), finished)
 
     # --- geometry -----------------------------------------------------------
@@ -127,23 +188,77 @@ class Sequence:
         return self.tokens.numel()
 
     @property
+    def canvas_end(self) -> int:
+        """Absolute end of the canvas (the suffix, if any, starts here; with a layout, the last block's end)."""
+        return self.length - len(self.suffix_ids)
+
+    @property
     def block_size(self) -> int:
-        return self.params.block_size
+        return self.params.block_size if self.layout is None else self.layout.block_size
 
     @property
     def num_blocks(self) -> int:
+        if self.layout is not None:
+            return self.length // self.block_size - self.prompt_len // self.block_size
         return -(-self.params.max_tokens // self.block_size)
 
     def block_bounds(self, block: int | None = None) -> tuple[int, int]:
-        """Absolute [start, end) positions of a block (the current one by default)."""
+        """Absolute [start, end) canvas positions of a block (the current one by default)."""
         b = self.block if block is None else block
+        if self.layout is not None:
+            first = self.prompt_len // self.block_size + b  # the block's index counted from position 0
+            return max(self.prompt_len, first * self.block_size), (first + 1) * self.block_size
         start = self.prompt_len + b * self.block_size
-        return start, min(start + self.block_size, self.length)
+        return start, min(start + self.block_size, self.canvas_end)
 
     def masked_in_block(self) -> torch.Tensor:
-        """Absolute positions still masked in the current block, ascending."""
+        """Absolute positions still masked in the current block, ascending: the ones this step proposes for.
+
+        With a `layout`, fewer: the block's first token alone when the model
+        predicts it from the previous block (`entering_block`), else the
+        masked positions of the first sub-block that has any.
+        """
         start, end = self.block_bounds()
-        return start + torch.nonzero(self.tokens[start:end] == self.mask_id).flatten()
+        if self.entering_block():
+            return torch.tensor([start])
+        masked = start + torch.nonzero(self.tokens[start:end] == self.mask_id).flatten()
+        if self.layout is not None and self.layout.sub_block_size is not None and masked.numel():
+            sub = self.layout.sub_block_size
+            masked = masked[masked < int(masked[0]) // sub * sub + sub]
+        return masked
+
+    def block_has_masks(self) -> bool:
+        """Some position of the current block is still masked (its sub-blocks and first token included)."""
+        start, end = self.block_bounds()
+        return bool((self.tokens[start:end] == self.mask_id).any())
+
+    def block_masks(self) -> int:
+        """Positions of the current block the model has to write (all of them, unless infill fixed some)."""
+        start, end = self.block_bounds()
+        return int(self.initially_masked[start:end].sum())
+
+    def _next_block(self) -> None:
+        """Move to the next block that has something to write."""
+        self.block, self.step = self.block + 1, 0
+        self._skip_written_blocks()
+
+    def _skip_written_blocks(self) -> None:
+        """Pass over blocks with nothing masked (infill text), recording that they took no steps."""
+        while not self.canvas_done and self.block_masks() == 0:
+            self.stats.steps_per_block.append(0)
+            self.block += 1
+
+    def entering_block(self) -> bool:
+        """This step predicts the block's first token alone, from the previous block's last output.
+
+        So a model with shifted logits is decoded as it was trained (Fast-dLLM
+        v2): the first token of every block is written autoregressively, then
+        the rest of the block is denoised with it in place.
+        """
+        if self.layout is None or not self.layout.first_token_alone:
+            return False
+        start, _ = self.block_bounds()
+        return start % self.block_size == 0 and int(self.tokens[start]) == self.mask_id
 
     def steps_in_block(self) -> int:
         """Denoising steps the fixed-step policies spend on the current block (`SamplingParams.steps_for_block`)."""
@@ -152,8 +267,8 @@ class Sequence:
 
     # --- finalized output ---------------------------------------------------
     def _committed_run(self) -> torch.Tensor:
-        """Canvas tokens committed contiguously from its start (up to the first mask)."""
-        canvas = self.tokens[self.prompt_len :]
+        """Canvas tokens committed contiguously from its start (up to the first mask), at most `max_tokens`."""
+        canvas = self.tokens[self.prompt_len : self.prompt_len + self.params.max_tokens]
         masked = torch.nonzero(canvas == self.mask_id).flatten()
         return canvas[: int(masked[0])] if masked.numel() else canvas
 
@@ -168,8 +283,19 @@ class Sequence:
         return prefix[: prefix.index(self.eos_id)]
 
     def hit_eos(self) -> bool:
-        """End-of-text lies in the committed run, so nothing after it can matter (never, with `ignore_eos`)."""
-        return not self.params.ignore_eos and bool((self._committed_run() == self.eos_id).any())
+        """End-of-text lies in the committed run, so nothing after it can matter.
+
+        Never with `ignore_eos`, nor when the canvas holds fixed text between spans: the
+        spans after an end-of-text still have to be written.
+        """
+        if self.params.ignore_eos or self.has_inner_text:
+            return False
+        return bool((self._committed_run() == self.eos_id).any())
+
+    @property
+    def has_inner_text(self) -> bool:
+        """The canvas holds fixed tokens (an infill request with several spans)."""
+        return not bool(self.initially_masked[self.prompt_len : self.canvas_end].all())
 
     @property
     def canvas_done(self) -> bool:

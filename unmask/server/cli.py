@@ -21,8 +21,10 @@ from dataclasses import fields
 from unmask.engine.config import DUMMY_NEEDS, LOAD_FORMATS
 from unmask.engine.method_params import METHOD_PARAMS_BY_NAME
 from unmask.engine.params import (
+    BLOCK_START_RULES,
     CACHE_POLICIES,
     CONFIDENCE_KINDS,
+    SCHEDULES,
     UNMASK_POLICIES,
     EngineDefaults,
     ParamError,
@@ -135,13 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_CHOICES = {"cache": CACHE_POLICIES, "unmask": UNMASK_POLICIES, "confidence": CONFIDENCE_KINDS}
+_CHOICES = {
+    "cache": CACHE_POLICIES,
+    "unmask": UNMASK_POLICIES,
+    "confidence": CONFIDENCE_KINDS,
+    "schedule": SCHEDULES,
+    "block_start": BLOCK_START_RULES,
+}
 _HELP = {
     "cache": "cache policy: which positions each step recomputes",
     "unmask": "unmask policy: how many tokens each step commits",
     "confidence": "how a masked position's confidence is measured",
     "block_length": "tokens per block",
     "steps": "steps per block for the fixed-step unmask policies (default: one token per step)",
+    "schedule": "tokens per step of the fixed-step policies: llada (even), dream (Dream's timesteps); "
+    "auto: the checkpoint's family",
+    "block_start": "first: commit a block's first position alone at its first step (Fast-dLLM's Dream rule); "
+    "confidence: the unmask policy chooses; auto: first for Dream with cache prefix/dual and unmask=threshold",
 }
 
 

@@ -17,6 +17,7 @@ from typing import AsyncIterator
 from starlette.requests import Request
 
 from unmask.engine.client import EngineClient, GroupMember, OutputStream
+from unmask.engine.infill import Infill
 from unmask.engine.outputs import FinishReason, RequestOutput
 from unmask.engine.params import SamplingParams
 from unmask.server.errors import engine_failure, from_engine_exception
@@ -32,7 +33,7 @@ class ChoiceRequest:
     """One engine request: the prompt and parameters of one choice."""
 
     request_id: str
-    prompt: str | list[int]
+    prompt: str | list[int] | Infill
     params: SamplingParams
     cache: str  # resolved policy names, for metric labels
     unmask: str

@@ -25,7 +25,14 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from unmask.engine.method_params import METHOD_PARAMS
-from unmask.engine.params import CACHE_POLICIES, CONFIDENCE_KINDS, MAX_LOGPROBS, UNMASK_POLICIES
+from unmask.engine.params import (
+    BLOCK_START_RULES,
+    CACHE_POLICIES,
+    CONFIDENCE_KINDS,
+    MAX_LOGPROBS,
+    SCHEDULES,
+    UNMASK_POLICIES,
+)
 
 # JSON types, not Python's coercions: `true` is not the integer 1, nor "5" the number 5.
 Int = Annotated[int, Strict()]
@@ -38,6 +45,8 @@ MAX_STOP_STRINGS = 16
 CachePolicyName = Literal[tuple(CACHE_POLICIES)]  # type: ignore[valid-type]
 UnmaskPolicyName = Literal[tuple(UNMASK_POLICIES)]  # type: ignore[valid-type]
 ConfidenceName = Literal[tuple(CONFIDENCE_KINDS)]  # type: ignore[valid-type]
+ScheduleName = Literal[tuple(SCHEDULES)]  # type: ignore[valid-type]
+BlockStartRule = Literal[tuple(BLOCK_START_RULES)]  # type: ignore[valid-type]
 
 # The ranges `engine.params.SamplingParams.validate` enforces, stated in the schema too so that
 # /openapi.json says what is accepted (tests/test_server_api.py checks the two agree). The
@@ -89,7 +98,6 @@ def _wrap_union(value: Any, handler, message: str):
 UNSUPPORTED = "unsupported"  # pydantic error type of a feature this server does not implement
 _WHY_NOT = {
     "best_of": "use n",
-    "suffix": "insertion is not implemented",
     "tools": "tool calling is not implemented",
     "tool_choice": "tool calling is not implemented",
     "response_format": "only plain text output is implemented",
@@ -164,6 +172,17 @@ class DiffusionFields(_MethodFields):
     cache: CachePolicyName | None = Field(None, description="Cache policy: which positions are recomputed each step.")
     unmask: UnmaskPolicyName | None = Field(None, description="Unmask policy: how many tokens a step commits.")
     confidence: ConfidenceName | None = Field(None, description="How a masked position's confidence is measured.")
+    schedule: ScheduleName | None = Field(
+        None,
+        description="Tokens per step of the fixed-step unmask policies: llada (even), dream (Dream's timesteps); "
+        "auto: the checkpoint's family.",
+    )
+    block_start: BlockStartRule | None = Field(
+        None,
+        description="first: a block's first position is committed alone at the block's first step (Fast-dLLM's "
+        "Dream rule); confidence: the unmask policy chooses; auto: first for Dream under cache prefix/dual with "
+        "unmask=threshold.",
+    )
     stream_blocks: Bool = Field(
         False,
         description="With `stream`, also send a chunk at every denoising step carrying the partially "
@@ -231,9 +250,13 @@ class CompletionRequest(_SamplingFields):
         "likeliest alternatives; with echo, also each prompt token's log p(x_i | x_<i, later positions masked).",
     )
     best_of: Int | None = Field(None, ge=1, le=1, description="Not supported (use n): only 1 (or null).")
-    suffix: None = Field(None, description="Not supported: must be null.")
+    suffix: str | None = Field(
+        None,
+        description="Insert mode: text that follows the completion. The max_tokens canvas is written between "
+        "prompt and suffix (the suffix is fixed and attended both ways); the completion is the canvas's text.",
+    )
 
-    @field_validator("best_of", "suffix", mode="wrap")
+    @field_validator("best_of", mode="wrap")
     @classmethod
     def _not_supported(cls, value, handler, info):
         return _unsupported(value, handler, info.field_name, _WHY_NOT[info.field_name])

@@ -5,6 +5,7 @@ Nothing here does I/O; routes call these functions and stream or return the resu
 
 from __future__ import annotations
 
+from unmask.engine.infill import Infill
 from unmask.engine.outputs import BlockView, FinishReason, RequestOutput
 from unmask.engine.params import EngineDefaults, ParamError, SamplingParams, check_text
 from unmask.server.errors import (
@@ -53,6 +54,8 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
         cache=body.cache,
         unmask=body.unmask,
         confidence=body.confidence,
+        schedule=body.schedule,
+        block_start=body.block_start,
         stream_blocks=body.stream and body.stream_blocks,  # per-step outputs are useless without a stream
         **{name: getattr(body, name) for name in METHOD_FIELD_NAMES},
     )
@@ -159,7 +162,7 @@ def chat_max_tokens(body: ChatCompletionRequest, prompt_len: int, max_model_len:
 
 def choice_requests(
     base_id: str,
-    prompts: list[str | list[int]],
+    prompts: list[str | list[int] | Infill],
     body: CompletionRequest | ChatCompletionRequest,
     max_tokens: int,
     defaults: EngineDefaults,

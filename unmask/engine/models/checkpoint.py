@@ -1,8 +1,8 @@
 """Reading and writing checkpoints in the Hugging Face directory layout.
 
 A directory holds `config.json` and either `model.safetensors` or shards named
-by `model.safetensors.index.json` — exactly the layout of the public LLaDA-8B
-and Dream-7B checkpoints, so they load unchanged.
+by `model.safetensors.index.json` — exactly the layout of the public LLaDA-8B,
+Dream-7B, SDAR and Fast-dLLM v2 checkpoints, so they load unchanged.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from safetensors.torch import save_file
 from unmask.engine.models.arch import Architecture, CheckpointError
 from unmask.engine.models.config import ModelConfig
 from unmask.engine.models.dream import DREAM
+from unmask.engine.models.fastdllm_v2 import FASTDLLM_V2
 from unmask.engine.models.llada import LLADA
+from unmask.engine.models.sdar import SDAR
 from unmask.engine.models.transformer import DiffusionTransformer, Rotary
 
-ARCHITECTURES: tuple[Architecture, ...] = (LLADA, DREAM)
+ARCHITECTURES: tuple[Architecture, ...] = (LLADA, DREAM, SDAR, FASTDLLM_V2)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -90,6 +92,8 @@ def empty_model(
         if sharding is not None:
             sharding.split(model)
     model = model.to(dtype).to_empty(device=device)
+    if cfg.tie_word_embeddings and model.lm_head.weight.shape == model.embed.weight.shape:
+        model.lm_head.weight = model.embed.weight  # `to_empty` gives each module its own copy: tie them again
     model.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position).to(device)  # a computed buffer, not a weight
     model.fuse_projections()
     return model

@@ -1,6 +1,6 @@
-"""Write a random model directory in the exact LLaDA or Dream layout, with a tokenizer.
+"""Write a random model directory in the exact LLaDA, Dream, SDAR or Fast-dLLM v2 layout, with a tokenizer.
 
-    python -m unmask.engine.models.make_random OUT_DIR --arch llada|dream [--layers N ...]
+    python -m unmask.engine.models.make_random OUT_DIR --arch llada|dream|sdar|fastdllm-v2 [--layers N ...]
     python -m unmask.engine.models.make_random OUT_DIR --preset llada-8b --config-only
 
 Tests use the first form to exercise the loader and the engine on both layouts
@@ -44,6 +44,29 @@ PRESETS: dict[str, ModelConfig] = {
         arch="llada", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, intermediate_size=12288,
         vocab_size=126464, mask_token_id=126336, eos_token_id=126081, rope_theta=500000.0, max_position=4096,
     ),
+    # JetLM/SDAR-8B-Chat and -1.7B-Chat (Qwen3-8B / -1.7B shapes, block size 4).
+    "sdar-8b": ModelConfig(
+        arch="sdar", hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8, intermediate_size=12288,
+        vocab_size=151936, mask_token_id=151669, eos_token_id=151643, rope_theta=1e6, rms_norm_eps=1e-6,
+        max_position=32768, explicit_head_dim=128, qk_norm=True, attention_block_size=4,
+    ),
+    "sdar-1.7b": ModelConfig(
+        arch="sdar", hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, intermediate_size=6144,
+        vocab_size=151936, mask_token_id=151669, eos_token_id=151643, rope_theta=1e6, rms_norm_eps=1e-6,
+        max_position=32768, explicit_head_dim=128, qk_norm=True, tie_word_embeddings=True, attention_block_size=4,
+    ),
+    # Efficient-Large-Model/Fast_dLLM_v2_7B and _1.5B (Qwen2.5-7B / -1.5B-Instruct shapes, blocks of 32 in sub-blocks of 8).
+    "fastdllm-v2-7b": ModelConfig(
+        arch="fastdllm-v2", hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, intermediate_size=18944,
+        vocab_size=152064, mask_token_id=151665, eos_token_id=151645, rope_theta=1e6, rms_norm_eps=1e-6,
+        max_position=32768, qkv_bias=True, logits_shift=1, attention_block_size=32, sub_block_size=8,
+    ),
+    "fastdllm-v2-1.5b": ModelConfig(
+        arch="fastdllm-v2", hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, intermediate_size=8960,
+        vocab_size=151936, mask_token_id=151665, eos_token_id=151645, rope_theta=1e6, rms_norm_eps=1e-6,
+        max_position=32768, qkv_bias=True, tie_word_embeddings=True, logits_shift=1, attention_block_size=32,
+        sub_block_size=8,
+    ),
     "tiny": ModelConfig(
         arch="llada", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=384,
         vocab_size=512, mask_token_id=1, eos_token_id=0, rope_theta=10000.0, max_position=2048,
@@ -84,14 +107,23 @@ def build_tokenizer(vocab_size: int, out_dir: Path) -> PreTrainedTokenizerFast:
     return fast
 
 
-def random_model(cfg: ModelConfig, seed: int) -> DiffusionTransformer:
+def random_model(cfg: ModelConfig, seed: int, layer_std: float = 0.02) -> DiffusionTransformer:
+    """Random weights: unit embeddings, N(0, `layer_std`) layers, a peaked LM head.
+
+    A larger `layer_std` (tests use 0.2) makes attention far from uniform, so
+    that what a position predicts depends on its context. Per-head q/k norms
+    are drawn near 1 rather than left at 1, so swapping them is visible.
+    """
     torch.manual_seed(seed)
     model = DiffusionTransformer(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.normal_(1.0, 0.2)
+                continue
             if name.endswith("norm.weight"):
                 continue
-            std = 3.0 / cfg.hidden_size**0.5 if name == "lm_head.weight" else 0.02 if "layers" in name else 1.0
+            std = 3.0 / cfg.hidden_size**0.5 if name == "lm_head.weight" else layer_std if "layers" in name else 1.0
             p.normal_(0.0, std)
     return model
 
@@ -119,9 +151,20 @@ def random_config(
         rope_theta=10000.0 if arch == "llada" else 1e6,
         rms_norm_eps=1e-5 if arch == "llada" else 1e-6,
         max_position=2048,
-        qkv_bias=arch == "dream",
-        logits_shift=1 if arch == "dream" else 0,
+        qkv_bias=arch in ("dream", "fastdllm-v2"),
+        logits_shift=1 if arch in ("dream", "fastdllm-v2") else 0,
+        **_block_diffusion_fields(arch, hidden, heads),
     )
+
+
+def _block_diffusion_fields(arch: str, hidden: int, heads: int) -> dict:
+    """Small block-causal geometry: SDAR blocks of 4 with a stated head_dim unlike hidden / heads;
+    Fast-dLLM v2 blocks of 8 in sub-blocks of 4."""
+    if arch == "sdar":
+        return dict(explicit_head_dim=2 * hidden // heads, qk_norm=True, attention_block_size=4)
+    if arch == "fastdllm-v2":
+        return dict(attention_block_size=8, sub_block_size=4)
+    return {}
 
 
 def resize(
@@ -153,10 +196,11 @@ def make_random_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     max_shard_bytes: int = 16 * 2**20,
+    layer_std: float = 0.02,
     **dims: int | None,
 ) -> Path:
     """A random checkpoint of `random_config(arch, **dims)` (layers, hidden, heads, kv_heads, vocab, intermediate)."""
-    return write_random_checkpoint(out_dir, random_config(arch, **dims), seed, dtype, max_shard_bytes)
+    return write_random_checkpoint(out_dir, random_config(arch, **dims), seed, dtype, max_shard_bytes, layer_std)
 
 
 def write_random_checkpoint(
@@ -165,8 +209,9 @@ def write_random_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     max_shard_bytes: int = 16 * 2**20,
+    layer_std: float = 0.02,
 ) -> Path:
-    """A checkpoint of `cfg`'s shapes with random weights and a small trained tokenizer."""
+    """A checkpoint of `cfg`'s shapes with random weights (`random_model`) and a small trained tokenizer."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(cfg.vocab_size, out)
@@ -176,7 +221,7 @@ def write_random_checkpoint(
         mask_token_id=tokenizer.mask_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    save_checkpoint(random_model(cfg, seed), out, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    save_checkpoint(random_model(cfg, seed, layer_std), out, dtype=dtype, max_shard_bytes=max_shard_bytes)
     return out
 
 
@@ -236,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir")
     shape = p.add_mutually_exclusive_group()
-    shape.add_argument("--arch", choices=["llada", "dream"], default="llada")
+    shape.add_argument("--arch", choices=["llada", "dream", "sdar", "fastdllm-v2"], default="llada")
     shape.add_argument("--preset", choices=list(PRESETS), help="a named model's shapes (the options below override them)")
     p.add_argument("--layers", type=int, default=None, help="default 2, or the preset's")
     p.add_argument("--hidden", type=int, default=None, help="default 64, or the preset's")

@@ -142,6 +142,9 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
         self.qkv: FusedRows | None = None  # set by `fuse_projections`
+        # Qwen3 (SDAR) normalises each head's q and k before the rotation.
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def fuse_projections(self) -> None:
         self.qkv = FusedRows.of(self.q_proj, self.k_proj, self.v_proj)
@@ -151,7 +154,10 @@ class SelfAttention(nn.Module):
         t = x.shape[0]
         q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if self.qkv is None else self.qkv(x)
         hd = self.head_dim
-        return q.view(t, self.num_heads, hd), k.view(t, self.num_kv_heads, hd), v.view(t, self.num_kv_heads, hd)
+        q, k, v = q.view(t, self.num_heads, hd), k.view(t, self.num_kv_heads, hd), v.view(t, self.num_kv_heads, hd)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = _per_head(self.q_norm, q), _per_head(self.k_norm, k)
+        return q, k, v
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, attention: AttentionBackend, layer: int
@@ -160,6 +166,11 @@ class SelfAttention(nn.Module):
         q, k, v = self.project(x)
         out = attention.attend(layer, rotary(q, positions), rotary(k, positions), v)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+def _per_head(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm` over the head dimension of x [T, heads, D] (rows made contiguous for the kernel)."""
+    return norm(x.reshape(-1, x.shape[-1])).view(x.shape)
 
 
 class SwiGLU(nn.Module):
@@ -254,8 +265,19 @@ class DiffusionTransformer(nn.Module):
         return self.lm_head(hidden)
 
     def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Full bidirectional forward of a [B, L] batch -> logits [B, L, V] (unshifted)."""
+        """Forward of a [B, L] batch -> logits [B, L, V] (unshifted), with the model's attention pattern.
+
+        Bidirectional for full-attention models; block-causal (`block_causal_mask`) for the others.
+        """
         b, n = input_ids.shape
         positions = torch.arange(n, device=input_ids.device).repeat(b)
-        hidden = self.forward(input_ids.reshape(-1), positions, DenseAttention(b, n))
+        block = self.cfg.attention_block_size
+        mask = None if block is None else block_causal_mask(n, block, input_ids.device)[None, None]
+        hidden = self.forward(input_ids.reshape(-1), positions, DenseAttention(b, n, mask))
         return self.compute_logits(hidden).float().view(b, n, -1)
+
+
+def block_causal_mask(length: int, block_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[length, length] bool, True where query i may attend key j: j's block (from position 0) is not after i's."""
+    blocks = torch.arange(length, device=device) // block_size
+    return blocks[None, :] <= blocks[:, None]

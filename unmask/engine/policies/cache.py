@@ -6,7 +6,8 @@ Two optional answers extend the mechanism: how far the keys reach
 (`key_length`, for methods that drop the far masked suffix from attention),
 and per-layer feature reuse (`features`, for dLLM-Cache). Schedules count
 the sequence's own clock, `seq.steps_taken`. A policy lists what it cannot
-run without in `requirements` (`policies.resources`).
+run without in `requirements` (`policies.resources`), and whether it keeps
+fixed text after the canvas in attention (`infills`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ class CachePolicy:
 
     name = "none"
     requirements: tuple[Requirement, ...] = ()
+    # Which attention patterns the policy is right for: approximations of full attention have
+    # nothing to approximate in a block-causal model, and the block caches assume one.
+    full_attention_only = False
+    block_causal_only = False
+    infills = True  # False: it assumes the canvas ends the sequence (infill requests with fixed text are refused)
 
     def active_positions(self, seq: Sequence) -> torch.Tensor:
         """Sorted absolute positions whose K/V (and hidden states) are recomputed this step."""
@@ -45,6 +51,7 @@ class PrefixCache(CachePolicy):
     """Fast-dLLM prefix cache: full refresh at each block start, then [block start, end)."""
 
     name = "prefix"
+    full_attention_only = True
 
     def is_refresh(self, seq: Sequence) -> bool:
         return seq.step == 0

@@ -23,6 +23,7 @@ class DKVDecode(CachePolicy):
     """
 
     name = "dkv"
+    full_attention_only = True
 
     def is_refresh(self, seq: Sequence) -> bool:
         assert seq.params.dkv_refresh is not None
@@ -45,6 +46,7 @@ class DKVGreedy(CachePolicy):
     """
 
     name = "dkv-greedy"
+    full_attention_only = True
 
     def is_refresh(self, seq: Sequence) -> bool:
         return seq.steps_taken == 0

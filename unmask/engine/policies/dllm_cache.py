@@ -29,6 +29,7 @@ from unmask.engine.sequence import Sequence
 class DLLMCache(CachePolicy):
     name = "dllm-cache"
     requirements = (FEATURE_PAGES,)
+    full_attention_only = True
 
     @staticmethod
     def _refreshes(seq: Sequence) -> tuple[bool, bool]:

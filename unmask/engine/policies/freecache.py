@@ -26,6 +26,8 @@ from unmask.engine.sequence import Sequence
 
 class FreeCache(CachePolicy):
     name = "freecache"
+    full_attention_only = True
+    infills = False  # its window drops the far part of the sequence from attention, an infill suffix too
 
     def is_refresh(self, seq: Sequence) -> bool:
         return seq.steps_taken == 0

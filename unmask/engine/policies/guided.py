@@ -23,6 +23,8 @@ class Guided(UnmaskPolicy):
     requirements = (GUIDE_MODEL,)
     prepares = True
     keeps_proposals = False  # the guide's token replaces a rejected draft
+    infills = False  # the guide reads the canvas left to right, without the text after it
+    allows_block_start = False  # the guide checks every commit of a block, its first included
 
     def new_state(self) -> GuideState:
         return GuideState()

@@ -1,15 +1,20 @@
 """Unmask policies: how many of the current block's masked tokens a step commits, and which.
 
 A policy sees the confidences of the block's still-masked positions (in
-position order) and returns the indices (into that list) to commit. It
-always commits at least one token, so a block always finishes.
+position order) and returns the indices (into that list) to commit. A block
+always finishes: the threshold-like policies commit at least one token per
+step, and the fixed-step policies commit everything left at their last step
+(Dream's schedule may commit none at a step before that).
 
 A policy may also keep per-request state (`new_state`, stored on the
 sequence as `unmask_state`), look at every one of its sequences' proposals in
 one batched call before the step commits (`prepare`), and list the engine
 resources it cannot run without (`requirements`, `policies.resources`). One
 whose `prepare` may replace proposed tokens says so (`keeps_proposals`), and
-its requests cannot have commit-time logprobs.
+its requests cannot have commit-time logprobs. It also says whether it can
+write around fixed text (`infills`: an infill request's suffix or pieces
+between spans) and whether it lets the block-start rule commit a block's first
+position for it (`allows_block_start`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from unmask.engine.params import SamplingParams
+from unmask.engine.policies.dream_schedule import dream_transfer_count
 from unmask.engine.policies.resources import PolicyResources, Requirement
 from unmask.engine.sequence import Sequence, UnmaskState
 
@@ -37,6 +43,8 @@ class UnmaskPolicy:
     # False: `prepare` may replace a proposed token, so the proposal's logprobs would not describe
     # the committed token; requests for logprobs are refused.
     keeps_proposals = True
+    infills = True  # False: it assumes the canvas ends the sequence (infill requests with fixed text are refused)
+    allows_block_start = True  # False: it must choose every commit itself (block_start='first' is refused)
 
     def new_state(self) -> UnmaskState | None:
         """A new request's own state (None: the policy keeps none)."""
@@ -59,23 +67,39 @@ class UnmaskPolicy:
 
 
 class LowConfidence(UnmaskPolicy):
-    """Commit the k most confident tokens, k from the block's even schedule (LLaDA)."""
+    """Commit the k most confident tokens, k from the request's schedule (LLaDA's even one, or Dream's).
+
+    With `alg_temp` > 0 the k positions are drawn without replacement from
+    softmax(confidence / alg_temp) instead (Dream's `alg_temp`), from the request's generator.
+    """
 
     name = "low_confidence"
 
     def choose(self, seq: Sequence, confidence: torch.Tensor) -> torch.Tensor:
-        start, end = seq.block_bounds()
-        steps = seq.steps_in_block()
-        schedule = even_schedule(end - start, steps)
-        k = schedule[seq.step] if seq.step < steps else confidence.numel()
-        # The schedule assumes one commit pattern; never ask for more than remain.
-        k = max(1, min(k, confidence.numel()))
+        k = min(scheduled_count(seq, confidence.numel()), confidence.numel())
+        if k == 0:
+            return torch.empty(0, dtype=torch.long)
+        if seq.params.alg_temp:
+            weights = torch.softmax(confidence.double() / seq.params.alg_temp, dim=0)
+            return torch.multinomial(weights, k, replacement=False, generator=seq.generator)
         return torch.topk(confidence, k).indices
 
     def fewest_steps(self, params: SamplingParams) -> int:
-        """Exactly the schedule's steps: each block takes its `SamplingParams.steps_for_block`."""
+        """Exactly the schedule's steps over a canvas of masks: each block takes its `SamplingParams.steps_for_block`."""
         full, last = divmod(params.max_tokens, params.block_size)
         return full * params.steps_for_block(params.block_size) + (params.steps_for_block(last) if last else 0)
+
+
+def scheduled_count(seq: Sequence, masked: int) -> int:
+    """Tokens the fixed-step schedule commits at the current step, `masked` of the block's tokens being left."""
+    steps = seq.steps_in_block()
+    if seq.step >= steps - 1:
+        return masked  # the last step (or a step past it, after block_start's extra commit) finishes the block
+    if seq.params.schedule == "dream":
+        assert seq.params.schedule_eps is not None
+        return dream_transfer_count(masked, seq.step, steps, seq.params.schedule_eps)
+    # LLaDA's schedule is fixed at the block's start, from the tokens it had to write then.
+    return max(1, even_schedule(seq.block_masks(), steps)[seq.step])
 
 
 class RandomOrder(LowConfidence):
@@ -86,12 +110,12 @@ class RandomOrder(LowConfidence):
 
 
 class Threshold(UnmaskPolicy):
-    """Fast-dLLM: commit every token with confidence above tau, at least the most confident one."""
+    """Fast-dLLM: commit every token with confidence >= tau (as its reference), at least the most confident one."""
 
     name = "threshold"
 
     def choose(self, seq: Sequence, confidence: torch.Tensor) -> torch.Tensor:
-        chosen = torch.nonzero(confidence > seq.params.threshold).flatten()
+        chosen = torch.nonzero(confidence >= seq.params.threshold).flatten()
         return chosen if chosen.numel() else confidence.argmax().view(1)
 
 

@@ -7,6 +7,7 @@ import time
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
+from unmask.engine.infill import Infill
 from unmask.engine.outputs import FinishReason, PromptScores, RequestOutput
 from unmask.server import translate
 from unmask.server.generation import ChoiceRequest, ClientDisconnected, Generation
@@ -45,12 +46,14 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     request_id = new_request_id("cmpl")
     translate.requested_logprobs(body)  # refuses a bad combination before any work
     scores = None
-    if check_scoring_request(body, max_tokens):
+    if check_scoring_request(body, max_tokens):  # with a suffix too, only the prompt is scored (it is what is echoed)
         retry_after = state.settings.retry_after_seconds
         try:
             scores = await score_prompts(state.engine, request, request_id, prompts, body.logprobs, retry_after)
         except ClientDisconnected:
             return Response(status_code=CLIENT_CLOSED)
+    if body.suffix is not None:  # insert mode: the canvas goes between each prompt and the suffix
+        prompts = [Infill((prompt, body.suffix), (max_tokens,)) for prompt in prompts]
     # With max_tokens 0 nothing is generated: the choices then only carry their ids and prompts.
     choices = translate.choice_requests(request_id, prompts, body, max(max_tokens, 1), state.settings.defaults)
     if max_tokens == 0:
@@ -80,7 +83,9 @@ def _nothing_generated(choice: ChoiceRequest, scores: PromptScores) -> RequestOu
     return RequestOutput(choice.request_id, scores.token_ids, finished=True, finish_reason=FinishReason.LENGTH, logprobs=[])
 
 
-def _echo_text(tokenizer, prompt: str | list[int]) -> str:
+def _echo_text(tokenizer, prompt: str | list[int] | Infill) -> str:
+    if isinstance(prompt, Infill):
+        prompt = prompt.pieces[0]
     return prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=False)
 
 
