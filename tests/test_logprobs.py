@@ -37,7 +37,8 @@ def test_each_token_has_its_log_probability_at_the_step_that_committed_it(model_
     loaded = load_model(model_dir)
     prompt = [5, 9, 12, 7]
     expected = commit_time_reference(loaded.model, loaded.config, prompt, gen_length=8, top=3)
-    params = SamplingParams(max_tokens=8, block_length=8, logprobs=3, ignore_eos=True)
+    # LLaDA's even schedule: one commit per step, as the reference (Dream's own schedule commits none at first).
+    params = SamplingParams(max_tokens=8, block_length=8, logprobs=3, ignore_eos=True, schedule="llada")
     out = LLM(str(model_dir)).generate(prompt, params)[0]
     assert [e.token_id for e in out.logprobs] == out.token_ids == [t for t, _, _ in expected]
     for entry, (token, logprob, top_ids) in zip(out.logprobs, expected):
