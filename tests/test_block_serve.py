@@ -10,13 +10,19 @@ import httpx
 import pytest
 from test_server_cli import unmask, wait_for_url
 
+from unmask.engine.llm import LLM
 from unmask.engine.models.make_random import make_random_checkpoint
+from unmask.engine.params import SamplingParams
 
 
 @pytest.fixture(scope="module")
-def sdar_url(tmp_path_factory) -> Iterator[str]:
-    model_dir: Path = make_random_checkpoint(tmp_path_factory.mktemp("sdar-serve"), arch="sdar", layers=2, hidden=64, heads=4, layer_std=0.2)
-    proc = unmask("serve", str(model_dir), "--port", "0", "--kv-cache-memory", "64MiB")
+def sdar_dir(tmp_path_factory) -> Path:
+    return make_random_checkpoint(tmp_path_factory.mktemp("sdar-serve"), arch="sdar", layers=2, hidden=64, heads=4, layer_std=0.2)
+
+
+@pytest.fixture(scope="module")
+def sdar_url(sdar_dir) -> Iterator[str]:
+    proc = unmask("serve", str(sdar_dir), "--port", "0", "--kv-cache-memory", "64MiB")
     try:
         _, url = wait_for_url(proc)
         yield url
@@ -62,3 +68,15 @@ def test_a_suffix_is_a_400_naming_the_field(sdar_url):
     assert reply.status_code == 400
     error = reply.json()["error"]
     assert error["param"] == "suffix" and "block-causal" in error["message"]
+
+
+def test_sdar_echo_logprobs_score_the_prompt_in_its_blocks_and_the_tokens_at_commit(sdar_url, sdar_dir):
+    prompt = [10, 40, 41, 42, 43, 44, 45, 46, 47]  # blocks of 4: scores read with block-causal attention
+    body = {"prompt": prompt, "max_tokens": 6, "echo": True, "logprobs": 1, "ignore_eos": True}
+    reply = httpx.post(f"{sdar_url}/v1/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    offline = LLM(str(sdar_dir))
+    scored = offline.score(prompt, top_logprobs=1)[0]
+    generated = offline.generate(prompt, SamplingParams(max_tokens=6, ignore_eos=True, logprobs=1))[0]
+    expected = [None] + [e.logprob for e in scored.logprobs[1:]] + [e.logprob for e in generated.logprobs]
+    assert reply.json()["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(expected, abs=1e-4)
