@@ -317,3 +317,11 @@ def test_prompt_scores_on_a_block_causal_model_use_its_block_causal_attention(bl
         logp = logits.log_softmax(-1)
         assert scored.logprobs[i].logprob == pytest.approx(float(logp[prompt[i]]), abs=FORWARD_TOLERANCE)
         assert [t for t, _ in scored.logprobs[i].top] == logp.topk(2).indices.tolist()
+
+
+@pytest.mark.gpu
+def test_cuda_prompt_scores_on_a_block_causal_model_agree_with_the_cpu(block_dir):
+    prompt = _prompt(11)
+    cpu = LLM(str(block_dir)).score(prompt, top_logprobs=2)[0]
+    cuda = LLM(str(block_dir), device="cuda", dtype="float32", kv_cache_memory=64 * 2**20).score(prompt, top_logprobs=2)[0]
+    assert [e.logprob for e in cuda.logprobs[1:]] == pytest.approx([e.logprob for e in cpu.logprobs[1:]], abs=1e-3)
