@@ -1,1 +1,1 @@
-"""Unmask's HTTP front end: OpenAI-compatible routes over the async engine (see DESIGN.md §3)."""
+"""Unmask's HTTP front end: OpenAI-compatible routes over the async engine (docs/ARCHITECTURE.md §10)."""
