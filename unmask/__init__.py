@@ -2,25 +2,16 @@
 
 `from unmask import LLM, SamplingParams` is the offline API; `unmask.engine`,
 `unmask.server` and `unmask.kernels` are the layers beneath it (docs/ARCHITECTURE.md).
-The names are imported on first use, so `import unmask` does not pull in torch.
+The names come from `unmask.engine`, which imports them on first use, so
+`import unmask` does not pull in torch.
 """
 
-from importlib import import_module
+from unmask import engine as _engine
 
-_HOMES = {
-    "LLM": "unmask.engine.llm",
-    "AsyncEngine": "unmask.engine.async_engine",
-    "EngineConfig": "unmask.engine.config",
-    "LLMEngine": "unmask.engine.engine",
-    "RequestOutput": "unmask.engine.outputs",
-    "SamplingParams": "unmask.engine.params",
-    "Infill": "unmask.engine.infill",
-}
-
-__all__ = list(_HOMES)
+__all__ = ["LLM", "AsyncEngine", "EngineConfig", "Infill", "LLMEngine", "RequestOutput", "SamplingParams"]
 
 
 def __getattr__(name: str):
-    if name not in _HOMES:
+    if name not in __all__:
         raise AttributeError(f"module 'unmask' has no attribute {name!r}")
-    return getattr(import_module(_HOMES[name]), name)
+    return getattr(_engine, name)

@@ -13,6 +13,7 @@ _HOMES = {
     "EngineConfig": "unmask.engine.config",
     "EngineDefaults": "unmask.engine.params",
     "FinishReason": "unmask.engine.outputs",
+    "Infill": "unmask.engine.infill",
     "LLMEngine": "unmask.engine.engine",
     "ParamError": "unmask.engine.params",
     "RequestOutput": "unmask.engine.outputs",
