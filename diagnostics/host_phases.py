@@ -14,8 +14,13 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 

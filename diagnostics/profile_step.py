@@ -14,6 +14,11 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from torch.profiler import ProfilerActivity, profile
