@@ -76,16 +76,17 @@ def moe_experts_reference(
     """
     _check(x, gate_up, down, topk_ids, topk_weights)
     top_k, inter = topk_ids.shape[1], down.shape[2]
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    accumulate = torch.promote_types(x.dtype, torch.float32)  # float64 inputs (gradcheck) stay float64
+    out = torch.zeros(x.shape, dtype=accumulate, device=x.device)
     expert_of_pair = topk_ids.reshape(-1)
-    weight_of_pair = topk_weights.reshape(-1).float()
+    weight_of_pair = topk_weights.reshape(-1).to(accumulate)
     for expert in torch.unique(expert_of_pair).tolist():
         pairs = (expert_of_pair == expert).nonzero().squeeze(1)
         tokens = pairs // top_k
         gate_up_out = x.index_select(0, tokens) @ gate_up[expert].t()
         hidden = silu_mul_reference(gate_up_out[:, :inter], gate_up_out[:, inter:])
         expert_out = hidden @ down[expert].t()
-        out.index_add_(0, tokens, expert_out.float() * weight_of_pair[pairs, None])
+        out.index_add_(0, tokens, expert_out.to(accumulate) * weight_of_pair[pairs, None])
     return out.to(x.dtype)
 
 
@@ -363,7 +364,8 @@ def moe_experts(
     out[t] = sum_k topk_weights[t, k] * down[e] @ silu(gate[e] @ x[t]) * (up[e] @ x[t]),
     e = topk_ids[t, k]. Each expert's GEMM outputs, silu(gate) and its output
     are rounded to x's dtype, as a per-expert loop in that dtype rounds them;
-    the weighted sum accumulates in float32 and is cast to x's dtype at the end.
+    the weighted sum accumulates in float32 (float64 for float64 inputs, in the
+    reference) and is cast to x's dtype at the end.
     Runs the Triton kernels on CUDA (bf16/fp16/fp32, no autograd): no host
     synchronisation, safe to capture in a CUDA graph. Elsewhere, and whenever
     gradients are needed, the PyTorch reference runs; it reads the routing
