@@ -148,13 +148,15 @@ def align_to_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> E
 
 @dataclass(frozen=True)
 class MoeTiles:
-    """Launch shape of the two grouped GEMMs: rows per block, columns and reduction depth per step."""
+    """Launch shape of the two grouped GEMMs: rows per block, columns and reduction depth per step,
+    and how many blocks consecutive programs share (see `_program_tile`)."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    group: int = 8
 
 
 def moe_tiles(num_pairs: int, num_experts: int, dtype: torch.dtype) -> MoeTiles:
@@ -182,15 +184,27 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _program_tile(num_blocks, num_col_tiles, GROUP: tl.constexpr):
+    """(block, column tile) of this program. Consecutive programs sweep GROUP blocks' rows across
+    every column tile before moving on, so the token rows and the expert weights of a group stay in L2."""
+    pid = tl.program_id(0)
+    per_group = GROUP * num_col_tiles
+    first_block = (pid // per_group) * GROUP
+    group_size = tl.minimum(num_blocks - first_block, GROUP)
+    return first_block + pid % group_size, (pid % per_group) // group_size
+
+
+@triton.jit
 def _moe_gate_up_kernel(
     x_ptr, w_ptr, h_ptr, sorted_pairs_ptr, block_experts_ptr,
-    num_pairs, num_experts,
+    num_pairs, num_experts, num_blocks,
     stride_xt, stride_xd, stride_we, stride_wn, stride_wd, stride_hr,
     DIM: tl.constexpr, INTER: tl.constexpr, TOP_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Program (block, column tile): h[rows, cols] = silu(x[rows] @ gate[cols]^T) * (x[rows] @ up[cols]^T).
-    block = tl.program_id(0)
+    block, col_tile = _program_tile(num_blocks, tl.cdiv(INTER, BLOCK_N), GROUP)
     expert = tl.load(block_experts_ptr + block)
     if expert >= num_experts:  # past the used blocks
         return
@@ -198,7 +212,7 @@ def _moe_gate_up_kernel(
     pairs = tl.load(sorted_pairs_ptr + rows)
     row_ok = pairs < num_pairs
     tokens = (pairs // TOP_K).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < INTER
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tokens[:, None] * stride_xt + ks[None, :] * stride_xd
@@ -230,20 +244,21 @@ def _moe_gate_up_kernel(
 @triton.jit
 def _moe_down_kernel(
     h_ptr, w_ptr, y_ptr, sorted_pairs_ptr, block_experts_ptr,
-    num_pairs, num_experts,
+    num_pairs, num_experts, num_blocks,
     stride_hr, stride_we, stride_wn, stride_wi, stride_yp,
     DIM: tl.constexpr, INTER: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Program (block, column tile): y[pair of each real row, cols] = h[rows] @ down[cols]^T.
-    block = tl.program_id(0)
+    block, col_tile = _program_tile(num_blocks, tl.cdiv(DIM, BLOCK_N), GROUP)
     expert = tl.load(block_experts_ptr + block)
     if expert >= num_experts:
         return
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     pairs = tl.load(sorted_pairs_ptr + rows)
     row_ok = pairs < num_pairs
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < DIM
     ks = tl.arange(0, BLOCK_K)
     h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hr + ks[None, :]
@@ -281,13 +296,14 @@ def _gate_up(x: torch.Tensor, gate_up: torch.Tensor, blocks: ExpertBlocks, top_k
     """h [max_blocks * block_m, I]: each used block's rows through its expert's gate/up and silu_mul."""
     experts, inter = gate_up.shape[0], gate_up.shape[1] // 2
     h = torch.empty((blocks.sorted_pairs.numel(), inter), dtype=x.dtype, device=x.device)
-    grid = (blocks.block_experts.numel(), triton.cdiv(inter, tiles.block_n))
-    _moe_gate_up_kernel[grid](
+    num_blocks = blocks.block_experts.numel()
+    _moe_gate_up_kernel[(num_blocks * triton.cdiv(inter, tiles.block_n),)](
         x, gate_up, h, blocks.sorted_pairs, blocks.block_experts,
-        x.shape[0] * top_k, experts,
+        x.shape[0] * top_k, experts, num_blocks,
         x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2), h.stride(0),
         DIM=x.shape[1], INTER=inter, TOP_K=top_k,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP=tiles.group,
+        DOT_PRECISION=_dot_precision(x.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return h
@@ -297,13 +313,14 @@ def _down(h: torch.Tensor, down: torch.Tensor, blocks: ExpertBlocks, num_pairs: 
     """y [T*K, D]: each pair's expert output, at its pair index."""
     experts, dim, inter = down.shape
     y = torch.empty((num_pairs, dim), dtype=h.dtype, device=h.device)
-    grid = (blocks.block_experts.numel(), triton.cdiv(dim, tiles.block_n))
-    _moe_down_kernel[grid](
+    num_blocks = blocks.block_experts.numel()
+    _moe_down_kernel[(num_blocks * triton.cdiv(dim, tiles.block_n),)](
         h, down, y, blocks.sorted_pairs, blocks.block_experts,
-        num_pairs, experts,
+        num_pairs, experts, num_blocks,
         h.stride(0), down.stride(0), down.stride(1), down.stride(2), y.stride(0),
         DIM=dim, INTER=inter,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, DOT_PRECISION=_dot_precision(h.dtype),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP=tiles.group,
+        DOT_PRECISION=_dot_precision(h.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return y
