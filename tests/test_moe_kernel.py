@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from kernel_fixtures import INTERPRETING, kernel_device  # noqa: F401  (pytest fixture)
 from unmask.kernels.moe import (
     align_to_blocks,
+    align_to_blocks_reference,
+    align_to_blocks_triton,
     max_blocks,
     moe_experts,
     moe_experts_reference,
@@ -195,6 +197,21 @@ def test_tiles_grow_with_the_rows_each_expert_gets():
 
 
 # ----------------------------------------------------------------------------- Triton (GPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(ROUTINGS) + ["top-8 of 64", "top-8 of 256, few tokens", "top-8 of 256, many tokens"])
+@pytest.mark.parametrize("block_m", [8, 16, 64])
+def test_triton_alignment_equals_the_reference(kernel_device, name, block_m):
+    ids, experts = {
+        "top-8 of 64": lambda: (_routing(300, 64, 8)[0], 64),
+        "top-8 of 256, few tokens": lambda: (_routing(5, 256, 8)[0], 256),
+        "top-8 of 256, many tokens": lambda: (_routing(700, 256, 8)[0], 256),
+    }.get(name, lambda: (ROUTINGS[name](), 10))()
+    expected = align_to_blocks_reference(ids, experts, block_m)
+    got = align_to_blocks_triton(ids.to(kernel_device), experts, block_m)
+    assert torch.equal(got.sorted_pairs.cpu(), expected.sorted_pairs)
+    assert torch.equal(got.block_experts.cpu(), expected.block_experts)
 
 
 def _inputs(tokens, experts, top_k, dim, inter, dtype, device):

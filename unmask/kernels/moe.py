@@ -9,8 +9,10 @@ The Triton path is four steps, none of which reads a size back to the host:
 
 1. `align_to_blocks` sorts the T*K (token, expert) pairs by expert and pads
    each expert's run of rows to whole blocks of `block_m` rows, so that a block
-   belongs to one expert. Its sizes are bounds fixed by T, K and E; blocks past
-   the used ones are marked with expert E and their programs return at once.
+   belongs to one expert (one launch: each program counts the routing and
+   places its share of the pairs). Its sizes are bounds fixed by T, K and E;
+   blocks past the used ones are marked with expert E and their GEMM programs
+   return at once.
 2. A grouped GEMM over (block, column-tile) programs multiplies a block's
    gathered token rows by its expert's gate and up rows in the same program
    and applies silu(gate) * up in the epilogue: h [padded rows, I].
@@ -37,6 +39,8 @@ __all__ = [
     "ExpertBlocks",
     "MoeTiles",
     "align_to_blocks",
+    "align_to_blocks_reference",
+    "align_to_blocks_triton",
     "max_blocks",
     "moe_experts",
     "moe_experts_reference",
@@ -46,6 +50,8 @@ __all__ = [
 
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _COMBINE_BLOCK = 1024
+_ALIGN_CHUNK = 64  # pairs each alignment program places
+_ALIGN_SCAN = 1024  # pairs each alignment program counts per step
 
 
 def _check(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
@@ -115,13 +121,8 @@ def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
     return -(-num_pairs // block_m) + min(num_experts, num_pairs)
 
 
-def align_to_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertBlocks:
-    """Sort topk_ids' pairs by expert into blocks of `block_m` rows (see `ExpertBlocks`).
-
-    topk_ids: int [T, K], values in [0, num_experts). Runs on topk_ids' device
-    without host synchronisation: the tensors' sizes depend on T, K, E and
-    block_m only, so it can be captured in a CUDA graph.
-    """
+def align_to_blocks_reference(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertBlocks:
+    """Plain-PyTorch `align_to_blocks` (same result): a stable sort of the pairs by expert, scattered into rows."""
     expert_of_pair = topk_ids.reshape(-1).long()
     num_pairs, device = expert_of_pair.numel(), expert_of_pair.device
     counts = torch.zeros(num_experts, dtype=torch.long, device=device)
@@ -143,7 +144,85 @@ def align_to_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> E
     return ExpertBlocks(sorted_pairs=sorted_pairs, block_experts=block_experts, block_m=block_m)
 
 
-# ----------------------------------------------------------------------------- Triton
+@triton.jit
+def _align_kernel(
+    ids_ptr, sorted_pairs_ptr, block_experts_ptr,
+    num_pairs, num_experts, num_blocks,
+    BLOCK_M: tl.constexpr, EXPERT_BINS: tl.constexpr, CHUNK: tl.constexpr, SCAN: tl.constexpr,
+):
+    # Program c places the pairs of chunk c. Each program counts the whole routing itself
+    # (it is small and read from L2), so no program waits for another.
+    chunk_start = tl.program_id(0) * CHUNK
+    experts = tl.arange(0, EXPERT_BINS)
+    counts = tl.zeros((EXPERT_BINS,), dtype=tl.int32)  # pairs per expert
+    before = tl.zeros((EXPERT_BINS,), dtype=tl.int32)  # pairs per expert ahead of this chunk
+    scan = tl.arange(0, SCAN)
+    for start in range(0, num_pairs, SCAN):
+        idx = start + scan
+        e = tl.load(ids_ptr + idx, mask=idx < num_pairs, other=0).to(tl.int32)
+        counts += tl.histogram(e, EXPERT_BINS, mask=idx < num_pairs)
+        before += tl.histogram(e, EXPERT_BINS, mask=idx < chunk_start)
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    block_end = tl.cumsum(blocks, 0)
+    first_row = (block_end - blocks) * BLOCK_M
+
+    # A pair's row: its expert's first row, then the expert's pairs of earlier chunks, then those
+    # earlier in this chunk (pair order within an expert).
+    lanes = tl.arange(0, CHUNK)
+    mine = chunk_start + lanes
+    mine_ok = mine < num_pairs
+    my_expert = tl.load(ids_ptr + mine, mask=mine_ok, other=-1).to(tl.int32)
+    earlier_same = (my_expert[:, None] == my_expert[None, :]) & (lanes[None, :] < lanes[:, None])
+    rank = tl.sum(earlier_same.to(tl.int32), 1)
+    start_of_mine = tl.where(my_expert[:, None] == experts[None, :], (first_row + before)[None, :], 0)
+    tl.store(sorted_pairs_ptr + tl.sum(start_of_mine, 1) + rank, mine, mask=mine_ok)
+
+    pad = tl.arange(0, BLOCK_M)
+    if chunk_start == 0:  # the rest of each expert's last block is padding
+        pad_rows = (first_row + counts)[:, None] + pad[None, :]
+        pad_ok = pad[None, :] < (blocks * BLOCK_M - counts)[:, None]
+        tl.store(sorted_pairs_ptr + pad_rows, num_pairs, mask=pad_ok)
+    # Block b's expert: how many experts' blocks end at or before b; past the used blocks, none.
+    for b0 in range(chunk_start, num_blocks, tl.num_programs(0) * CHUNK):
+        b = b0 + lanes
+        owner = tl.minimum(tl.sum((block_end[None, :] <= b[:, None]).to(tl.int32), 1), num_experts)
+        tl.store(block_experts_ptr + b, owner, mask=b < num_blocks)
+        unused = (owner == num_experts) & (b < num_blocks)
+        tl.store(sorted_pairs_ptr + b[:, None] * BLOCK_M + pad[None, :], num_pairs, mask=unused[:, None])
+
+
+def align_to_blocks_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertBlocks:
+    """Triton `align_to_blocks` (same result) in one launch."""
+    expert_of_pair = topk_ids.reshape(-1).contiguous()
+    num_pairs = expert_of_pair.numel()
+    if num_pairs == 0:
+        return align_to_blocks_reference(topk_ids, num_experts, block_m)
+    total_blocks = max_blocks(num_pairs, num_experts, block_m)
+    sorted_pairs = torch.empty(total_blocks * block_m, dtype=torch.int32, device=topk_ids.device)
+    block_experts = torch.empty(total_blocks, dtype=torch.int32, device=topk_ids.device)
+    bins = next_power_of_2(num_experts)
+    _align_kernel[(triton.cdiv(num_pairs, _ALIGN_CHUNK),)](
+        expert_of_pair, sorted_pairs, block_experts, num_pairs, num_experts, total_blocks,
+        BLOCK_M=block_m, EXPERT_BINS=bins, CHUNK=_ALIGN_CHUNK, SCAN=_ALIGN_SCAN, num_warps=4 if bins <= 256 else 8,
+    )
+    return ExpertBlocks(sorted_pairs=sorted_pairs, block_experts=block_experts, block_m=block_m)
+
+
+def align_to_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertBlocks:
+    """Sort topk_ids' pairs by expert into blocks of `block_m` rows (see `ExpertBlocks`).
+
+    topk_ids: int [T, K], values in [0, num_experts); block_m a power of two.
+    The result's sizes depend on T, K, E and block_m only, and neither
+    implementation reads a value back to the host. The Triton kernel runs on
+    CUDA (one launch, safe to capture in a CUDA graph), the PyTorch reference
+    elsewhere.
+    """
+    if use_triton(topk_ids):
+        return align_to_blocks_triton(topk_ids, num_experts, block_m)
+    return align_to_blocks_reference(topk_ids, num_experts, block_m)
+
+
+# ----------------------------------------------------------------------------- Triton GEMMs
 
 
 @dataclass(frozen=True)
