@@ -200,7 +200,7 @@ def align_to_blocks_triton(topk_ids: torch.Tensor, num_experts: int, block_m: in
     total_blocks = max_blocks(num_pairs, num_experts, block_m)
     sorted_pairs = torch.empty(total_blocks * block_m, dtype=torch.int32, device=topk_ids.device)
     block_experts = torch.empty(total_blocks, dtype=torch.int32, device=topk_ids.device)
-    bins = next_power_of_2(num_experts)
+    bins = max(32, next_power_of_2(num_experts))  # Triton's histogram keeps at least a bin per lane of a warp
     _align_kernel[(triton.cdiv(num_pairs, _ALIGN_CHUNK),)](
         expert_of_pair, sorted_pairs, block_experts, num_pairs, num_experts, total_blocks,
         BLOCK_M=block_m, EXPERT_BINS=bins, CHUNK=_ALIGN_CHUNK, SCAN=_ALIGN_SCAN, num_warps=4 if bins <= 256 else 8,
