@@ -145,7 +145,7 @@ def align_to_blocks_reference(topk_ids: torch.Tensor, num_experts: int, block_m:
 
 
 @triton.jit
-def _align_kernel(
+def _moe_align_kernel(
     ids_ptr, sorted_pairs_ptr, block_experts_ptr,
     num_pairs, num_experts, num_blocks,
     BLOCK_M: tl.constexpr, EXPERT_BINS: tl.constexpr, CHUNK: tl.constexpr, SCAN: tl.constexpr,
@@ -201,7 +201,7 @@ def align_to_blocks_triton(topk_ids: torch.Tensor, num_experts: int, block_m: in
     sorted_pairs = torch.empty(total_blocks * block_m, dtype=torch.int32, device=topk_ids.device)
     block_experts = torch.empty(total_blocks, dtype=torch.int32, device=topk_ids.device)
     bins = max(32, next_power_of_2(num_experts))  # Triton's histogram keeps at least a bin per lane of a warp
-    _align_kernel[(triton.cdiv(num_pairs, _ALIGN_CHUNK),)](
+    _moe_align_kernel[(triton.cdiv(num_pairs, _ALIGN_CHUNK),)](
         expert_of_pair, sorted_pairs, block_experts, num_pairs, num_experts, total_blocks,
         BLOCK_M=block_m, EXPERT_BINS=bins, CHUNK=_ALIGN_CHUNK, SCAN=_ALIGN_SCAN, num_warps=4 if bins <= 256 else 8,
     )
