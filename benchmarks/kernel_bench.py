@@ -169,6 +169,16 @@ def bench_attention(batch: int, keys: int, queries: int, **kernel_options) -> Ro
     )
 
 
+def _sweep_cell(measure: Callable[[], tuple[torch.Tensor, float]], ref: torch.Tensor, width: int) -> str:
+    """One variant of a sweep: its µs per call and relative error vs `ref`, BAD past 1e-2, or the failure's name."""
+    try:
+        out, us = measure()
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+    except Exception as error:  # noqa: BLE001 - a failed variant should not end the sweep
+        return f"{type(error).__name__[:width]:>{width}s}"
+    return f"{us:{width - 8}.1f} ({err:.0e})" if err < 1e-2 else f"{'BAD ' + format(err, '.0e'):>{width}s}"
+
+
 DECODE_VARIANTS = {
     "default": {},
     "splits=1": dict(num_splits=1),
@@ -198,13 +208,12 @@ def sweep_attention(decode_shapes=DECODE_SHAPES, prefill_shapes=PREFILL_SHAPES, 
             ref = paged_attention_reference(*sets[0].args()).float()
             cells = []
             for options in variants.values():
-                try:
+
+                def measure(options: dict = options) -> tuple[torch.Tensor, float]:
                     kernels = _attention_kernels(sets, **{**(base or {}), **options})
-                    err = ((kernels[0]().float() - ref).norm() / ref.norm()).item()
-                    us = _graph_us(_rotating(kernels)) / len(sets)
-                    cells.append(f"{us:7.1f} ({err:.0e})" if err < 1e-2 else f"{'BAD ' + format(err, '.0e'):>15s}")
-                except Exception as error:  # noqa: BLE001 - a failed variant should not end the sweep
-                    cells.append(f"{type(error).__name__[:15]:>15s}")
+                    return kernels[0](), _graph_us(_rotating(kernels)) / len(sets)
+
+                cells.append(_sweep_cell(measure, ref, 15))
             print(f"  B={batch:<3d} q={queries:<5d} k={keys:<5d}   " + " ".join(f"{c:>15s}" for c in cells))
             del sets, ref
             torch.cuda.empty_cache()
@@ -353,12 +362,8 @@ def sweep_moe() -> None:
             ref = moe_experts_reference(*inputs.args()).float()
             cells = []
             for tiles in MOE_VARIANTS.values():
-                try:
-                    err = ((moe_experts_triton(*inputs.args(), tiles=tiles).float() - ref).norm() / ref.norm()).item()
-                    us = _graph_us(lambda t=tiles: moe_experts_triton(*inputs.args(), tiles=t))
-                    cells.append(f"{us:8.1f} ({err:.0e})" if err < 1e-2 else f"{'BAD ' + format(err, '.0e'):>17s}")
-                except Exception as error:  # noqa: BLE001 - a failed variant should not end the sweep
-                    cells.append(f"{type(error).__name__[:17]:>17s}")
+                run = lambda t=tiles: moe_experts_triton(*inputs.args(), tiles=t)  # noqa: E731
+                cells.append(_sweep_cell(lambda run=run: (run(), _graph_us(run)), ref, 17))
             print(f"  {layer + ' T=' + str(tokens):<24s} " + " ".join(f"{c:>17s}" for c in cells))
             del inputs, ref
             torch.cuda.empty_cache()
