@@ -245,6 +245,18 @@ def test_triton_matches_reference(kernel_device, tokens, experts, top_k, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("block_m", [16, 32, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_matches_reference_with_each_tile_height(kernel_device, block_m, dtype):
+    # moe_tiles picks the height from the rows per expert; each height must be right for any routing.
+    tiles = moe_tiles(block_m * 16, 16, dtype)
+    assert tiles.block_m == block_m
+    args = _inputs(90, 16, 4, 96, 48, dtype, kernel_device)
+    out = moe_experts_triton(*args, tiles=tiles)
+    assert _rel_err(out, moe_experts_reference(*args)) < _tolerance(dtype)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_reads_only_the_experts_that_received_tokens(kernel_device, dtype):
     x, gate_up, down, ids, weights = _inputs(7, 64, 4, 64, 32, dtype, kernel_device)
