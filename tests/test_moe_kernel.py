@@ -329,3 +329,14 @@ def test_triton_replays_from_a_cuda_graph_with_changing_routing(kernel_device):
         weights.copy_(new_weights)
         graph.replay()
         assert _rel_err(out, moe_experts_reference(x, gate_up, down, ids, weights)) < 1e-2
+
+
+@pytest.mark.gpu
+def test_reference_refuses_cuda_graph_capture_with_a_clear_error(kernel_device):
+    if kernel_device != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    args = _inputs(16, 8, 2, 64, 32, torch.float64, kernel_device)  # float64: the dispatcher takes the reference
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph):
+            moe_experts(*args)

@@ -78,9 +78,14 @@ def moe_experts_reference(
     """Plain-PyTorch `moe_experts` (same promise): a loop over the experts that received tokens.
 
     Supports autograd. Reads the routed experts back to the host, so it cannot
-    be captured in a CUDA graph.
+    be captured in a CUDA graph: under capture it raises RuntimeError.
     """
     _check(x, gate_up, down, topk_ids, topk_weights)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "moe_experts_reference reads the routing back to the host and cannot be captured in a CUDA graph "
+            "(the Triton path can: bf16/fp16/fp32 without autograd)"
+        )
     top_k, inter = topk_ids.shape[1], down.shape[2]
     accumulate = torch.promote_types(x.dtype, torch.float32)  # float64 inputs (gradcheck) stay float64
     out = torch.zeros(x.shape, dtype=accumulate, device=x.device)
@@ -465,7 +470,7 @@ def moe_experts(
     Runs the Triton kernels on CUDA (bf16/fp16/fp32, no autograd): no host
     synchronisation, safe to capture in a CUDA graph. Elsewhere, and whenever
     gradients are needed, the PyTorch reference runs; it reads the routing
-    back to the host, so it must not be captured.
+    back to the host, so under CUDA graph capture it raises RuntimeError.
     """
     fits = use_triton(x) and x.dtype in _TRITON_DTYPES and not needs_autograd(x, gate_up, down, topk_weights)
     if fits:
