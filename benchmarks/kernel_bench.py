@@ -1,6 +1,7 @@
 """Kernel timings at LLaDA-8B shapes, against the references, torch baselines and the bandwidth floor.
 
     python benchmarks/kernel_bench.py            # needs a CUDA GPU; prints the table last
+    python benchmarks/kernel_bench.py --only moe # one kernel family
 
 LLaDA-8B: 32 heads (no GQA), head_dim 128, vocabulary 126,464, bf16, pages of
 16 tokens handed out in shuffled order. Each row times the Triton kernel
@@ -13,12 +14,20 @@ launch cost), the baseline it has to beat, and the plain-PyTorch reference:
   costs without pages or ragged batches;
 - fused confidence: N rows x 126,464 logits; the baseline is torch's
   softmax + max (the probabilities materialised);
-- KV write: T tokens x 32 heads x 128 into the pool; baseline torch index_put.
+- KV write: T tokens x 32 heads x 128 into the pool; baseline torch index_put;
+- MoE experts: one layer of LLaDA2.0-mini (256 experts, top-8, hidden 2048,
+  expert intermediate 512) and of LLaDA-MoE (64 experts, top-8, 2048, 1024)
+  for T tokens under uniform random routing, against the per-expert loop;
+  "moe_align" rows time the sort of the (token, expert) pairs into blocks
+  alone, which the kernel rows include.
 
 GB/s counts each tensor the kernel must touch once (K/V read, q read, out
-written; logits read; K/V read and written), so "%BW" is the distance to the
+written; logits read; K/V read and written; the weights of the experts that
+received tokens, x read and out written), so "%BW" is the distance to the
 memory floor, measured against the device-to-device copy rate and against
-the nominal 3.0 TB/s. Inputs rotate over several copies whose total exceeds
+the nominal 3.0 TB/s. "floor us" is the larger of those bytes at the copy
+rate and the FLOPs at the nominal dense bf16 matrix rate (989 TFLOP/s);
+"%floor" is floor / triton. Inputs rotate over several copies whose total exceeds
 the L2 cache, so repeated runs do not measure the cache.
 """
 
@@ -36,10 +45,12 @@ import triton.testing
 
 from unmask.kernels.confidence import fused_confidence_reference, fused_confidence_triton
 from unmask.kernels.kv_write import write_kv_reference, write_kv_triton
+from unmask.kernels.moe import MoeTiles, align_to_blocks, moe_experts_reference, moe_experts_triton, moe_tiles
 from unmask.kernels.paged_attention import paged_attention_reference, paged_attention_triton
 
 HEADS, KV_HEADS, HEAD_DIM, VOCAB, PAGE_SIZE = 32, 32, 128, 126464, 16
 NOMINAL_BW = 3.0e12
+NOMINAL_MATRIX_RATE = 989e12  # H100 SXM, dense bf16
 L2_FOOTPRINT = 160 * 2**20  # rotate inputs until a pass touches this many bytes (H100 L2: 50 MB)
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
@@ -158,6 +169,16 @@ def bench_attention(batch: int, keys: int, queries: int, **kernel_options) -> Ro
     )
 
 
+def _sweep_cell(measure: Callable[[], tuple[torch.Tensor, float]], ref: torch.Tensor, width: int) -> str:
+    """One variant of a sweep: its µs per call and relative error vs `ref`, BAD past 1e-2, or the failure's name."""
+    try:
+        out, us = measure()
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+    except Exception as error:  # noqa: BLE001 - a failed variant should not end the sweep
+        return f"{type(error).__name__[:width]:>{width}s}"
+    return f"{us:{width - 8}.1f} ({err:.0e})" if err < 1e-2 else f"{'BAD ' + format(err, '.0e'):>{width}s}"
+
+
 DECODE_VARIANTS = {
     "default": {},
     "splits=1": dict(num_splits=1),
@@ -187,13 +208,12 @@ def sweep_attention(decode_shapes=DECODE_SHAPES, prefill_shapes=PREFILL_SHAPES, 
             ref = paged_attention_reference(*sets[0].args()).float()
             cells = []
             for options in variants.values():
-                try:
+
+                def measure(options: dict = options) -> tuple[torch.Tensor, float]:
                     kernels = _attention_kernels(sets, **{**(base or {}), **options})
-                    err = ((kernels[0]().float() - ref).norm() / ref.norm()).item()
-                    us = _graph_us(_rotating(kernels)) / len(sets)
-                    cells.append(f"{us:7.1f} ({err:.0e})" if err < 1e-2 else f"{'BAD ' + format(err, '.0e'):>15s}")
-                except Exception as error:  # noqa: BLE001 - a failed variant should not end the sweep
-                    cells.append(f"{type(error).__name__[:15]:>15s}")
+                    return kernels[0](), _graph_us(_rotating(kernels)) / len(sets)
+
+                cells.append(_sweep_cell(measure, ref, 15))
             print(f"  B={batch:<3d} q={queries:<5d} k={keys:<5d}   " + " ".join(f"{c:>15s}" for c in cells))
             del sets, ref
             torch.cuda.empty_cache()
@@ -255,6 +275,100 @@ def bench_kv_write(tokens: int) -> Row:
     )
 
 
+# ----------------------------------------------------------------------------- MoE experts
+
+
+MOE_LAYERS = {  # name: (experts, top_k, hidden, expert intermediate)
+    "llada2-mini": (256, 8, 2048, 512),
+    "llada-moe": (64, 8, 2048, 1024),
+}
+MOE_TOKENS = (32, 256, 2048)
+
+
+@dataclass
+class MoeInputs:
+    x: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+
+    def args(self) -> tuple:
+        return (self.x, self.gate_up, self.down, self.topk_ids, self.topk_weights)
+
+
+def _moe_inputs(layer: str, tokens: int) -> MoeInputs:
+    """One layer's experts (larger than L2: one set suffices) and uniform random top-k routing."""
+    experts, top_k, dim, inter = MOE_LAYERS[layer]
+    weights, ids = torch.rand(tokens, experts, device=DEVICE).topk(top_k, dim=-1)
+    return MoeInputs(
+        x=torch.randn(tokens, dim, device=DEVICE, dtype=DTYPE),
+        gate_up=torch.randn(experts, 2 * inter, dim, device=DEVICE, dtype=DTYPE) * dim**-0.5,
+        down=torch.randn(experts, dim, inter, device=DEVICE, dtype=DTYPE) * inter**-0.5,
+        topk_ids=ids,
+        topk_weights=weights / weights.sum(-1, keepdim=True),
+    )
+
+
+def _moe_work(inputs: MoeInputs) -> tuple[float, float]:
+    """Bytes the layer must move (each routed expert's weights once, x read, out written) and its FLOPs."""
+    expert_params = inputs.gate_up[0].numel() + inputs.down[0].numel()
+    experts_hit = inputs.topk_ids.unique().numel()
+    size = inputs.x.element_size()
+    return (experts_hit * expert_params + 2 * inputs.x.numel()) * size, 2.0 * inputs.topk_ids.numel() * expert_params
+
+
+def bench_moe(layer: str, tokens: int) -> list[Row]:
+    inputs = _moe_inputs(layer, tokens)
+    bytes_moved, flops = _moe_work(inputs)
+    kernel = lambda: moe_experts_triton(*inputs.args())  # noqa: E731
+    experts = MOE_LAYERS[layer][0]
+    block_m = moe_tiles(inputs.topk_ids.numel(), experts, DTYPE).block_m
+    align = lambda: align_to_blocks(inputs.topk_ids, experts, block_m)  # noqa: E731
+    case = f"{layer} T={tokens}"
+    return [
+        Row(
+            kernel="moe_experts",
+            case=case,
+            triton_us=_graph_us(kernel),
+            eager_us=_eager_us(kernel),
+            baseline_us=None,
+            reference_us=_eager_us(lambda: moe_experts_reference(*inputs.args()), rep=20),
+            bytes_moved=bytes_moved,
+            flops=flops,
+        ),
+        Row("moe_align", case, _graph_us(align), _eager_us(align), None, None, bytes_moved=inputs.topk_ids.numel() * 8),
+    ]
+
+
+MOE_VARIANTS = {
+    "default": None,
+    "m16,n64,k128": MoeTiles(16, 64, 128, num_warps=4, num_stages=4),
+    "m16,n128,k128": MoeTiles(16, 128, 128, num_warps=4, num_stages=3),
+    "m32,n64,k64": MoeTiles(32, 64, 64, num_warps=4, num_stages=4),
+    "m64,n64,k64": MoeTiles(64, 64, 64, num_warps=4, num_stages=4),
+    "m64,n128,k64,w8": MoeTiles(64, 128, 64, num_warps=8, num_stages=3),
+    "m64,n128,k64,w4": MoeTiles(64, 128, 64, num_warps=4, num_stages=3),
+}
+
+
+def sweep_moe() -> None:
+    """Tiles around `moe_tiles`' choice, each checked against the reference, to see that the choice holds."""
+    print("\nMoE sweep: graph us per call (rel. error vs the reference)")
+    print(f"  {'case':<24s} " + " ".join(f"{name:>17s}" for name in MOE_VARIANTS))
+    for layer in MOE_LAYERS:
+        for tokens in MOE_TOKENS:
+            inputs = _moe_inputs(layer, tokens)
+            ref = moe_experts_reference(*inputs.args()).float()
+            cells = []
+            for tiles in MOE_VARIANTS.values():
+                run = lambda t=tiles: moe_experts_triton(*inputs.args(), tiles=t)  # noqa: E731
+                cells.append(_sweep_cell(lambda run=run: (run(), _graph_us(run)), ref, 17))
+            print(f"  {layer + ' T=' + str(tokens):<24s} " + " ".join(f"{c:>17s}" for c in cells))
+            del inputs, ref
+            torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -266,7 +380,7 @@ def print_table(rows: list[Row], copy_bw: float) -> None:
     print(f"\ndevice-to-device copy: {copy_bw / 1e12:.2f} TB/s (read + write); nominal floor uses {NOMINAL_BW / 1e12:.1f} TB/s")
     header = (
         f"{'kernel':<17s} {'case':<27s} {'triton us':>9s} {'eager us':>9s} {'base us':>9s} {'x base':>7s} "
-        f"{'ref us':>9s} {'x ref':>7s} {'GB/s':>7s} {'%copy':>6s} {'%3TB/s':>6s} {'TFLOP/s':>7s}"
+        f"{'ref us':>9s} {'x ref':>7s} {'GB/s':>7s} {'%copy':>6s} {'%3TB/s':>6s} {'TFLOP/s':>7s} {'floor us':>8s} {'%floor':>6s}"
     )
     print(header)
     print("-" * len(header))
@@ -275,44 +389,52 @@ def print_table(rows: list[Row], copy_bw: float) -> None:
         x_base = r.baseline_us / r.triton_us if r.baseline_us else None
         x_ref = r.reference_us / r.triton_us if r.reference_us else None
         tflops = r.flops / (r.triton_us * 1e-6) / 1e12 if r.flops else None
+        floor_us = max(r.bytes_moved / copy_bw, r.flops / NOMINAL_MATRIX_RATE) * 1e6
         print(
             f"{r.kernel:<17s} {r.case:<27s} {r.triton_us:9.1f} {r.eager_us:9.1f} {_fmt(r.baseline_us)} {_fmt(x_base, '7.2f')} "
             f"{_fmt(r.reference_us)} {_fmt(x_ref, '7.1f')} {gbs:7.0f} {100 * gbs * 1e9 / copy_bw:6.1f} "
-            f"{100 * gbs * 1e9 / NOMINAL_BW:6.1f} {_fmt(tflops, '7.1f')}"
+            f"{100 * gbs * 1e9 / NOMINAL_BW:6.1f} {_fmt(tflops, '7.1f')} {floor_us:8.1f} {100 * floor_us / r.triton_us:6.1f}"
         )
     print("x base / x ref: how many times faster than the baseline / the reference (>1: the kernel wins)")
+
+
+def _cases(attention_options: dict) -> dict[str, list[Callable[[], list[Row]]]]:
+    """The table's rows by kernel family, each case a call that measures its rows."""
+    attention = [lambda b=b, k=k: [bench_attention(b, k, 32, **attention_options)] for k in (384, 1152) for b in (1, 8, 64)]
+    attention += [lambda b=b, k=k: [bench_attention(b, k, k, **attention_options)] for b, k in ((1, 384), (1, 1152), (8, 384))]
+    confidence = [lambda n=n: [bench_confidence(n, torch.bfloat16, None)] for n in (32, 128, 512, 2048)]
+    confidence.append(lambda: [bench_confidence(512, torch.float32, None)])
+    confidence += [lambda n=n: [bench_confidence(n, torch.bfloat16, 1.0)] for n in (32, 2048)]
+    return {
+        "attention": attention,
+        "confidence": confidence,
+        "kv_write": [lambda t=t: [bench_kv_write(t)] for t in (32, 2048)],
+        "moe": [lambda name=name, t=t: bench_moe(name, t) for name in MOE_LAYERS for t in MOE_TOKENS],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-stages", type=int, help="attention pipelining depth (default: the kernel's)")
     parser.add_argument("--block-n", type=int, help="attention keys per step (default: the kernel's)")
+    parser.add_argument("--only", choices=("attention", "confidence", "kv_write", "moe"), help="one kernel family (default: all)")
     args = parser.parse_args()
     attention_options = {k: v for k, v in (("num_stages", args.num_stages), ("block_n", args.block_n)) if v}
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  {attention_options}")
-    cases: list[Callable[[], Row]] = []
-    for keys in (384, 1152):
-        for batch in (1, 8, 64):
-            cases.append(lambda b=batch, k=keys: bench_attention(b, k, 32, **attention_options))
-    for batch, keys in ((1, 384), (1, 1152), (8, 384)):
-        cases.append(lambda b=batch, k=keys: bench_attention(b, k, k, **attention_options))
-    for rows in (32, 128, 512, 2048):
-        cases.append(lambda n=rows: bench_confidence(n, torch.bfloat16, None))
-    cases.append(lambda: bench_confidence(512, torch.float32, None))
-    for rows in (32, 2048):
-        cases.append(lambda n=rows: bench_confidence(n, torch.bfloat16, 1.0))
-    for tokens in (32, 2048):
-        cases.append(lambda t=tokens: bench_kv_write(t))
+    families = {name: cases for name, cases in _cases(attention_options).items() if args.only in (None, name)}
     rows: list[Row] = []
-    for case in cases:
+    for case in (case for cases in families.values() for case in cases):
         try:
-            rows.append(case())
+            rows.extend(case())
         except Exception:  # noqa: BLE001 - report the failure and keep the rest of the table
             traceback.print_exc()
         torch.cuda.empty_cache()
     print_table(rows, copy_bandwidth())  # the copy last, on a warm GPU
-    sweep_attention(base=attention_options)
+    if "attention" in families:
+        sweep_attention(base=attention_options)
+    if "moe" in families:
+        sweep_moe()
 
 
 if __name__ == "__main__":

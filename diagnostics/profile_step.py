@@ -27,6 +27,7 @@ from benchmarks.throughput import admit_random_requests, make_engine
 from unmask.engine.params import SamplingParams
 
 FAMILIES = (
+    ("moe experts (fused)", ("_moe_",)),
     ("gemm", ("gemm", "cutlass", "sm90", "nvjet", "cublas")),
     ("attention", ("attn_fwd", "merge_splits")),
     ("kv write", ("write_kv",)),
