@@ -8,6 +8,7 @@ checkpoints made contextual, at temperature 0.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from decoding_reference import contextual_checkpoint, dense_decode
 from server_fixtures import live_server  # noqa: F401  (pytest fixture)
@@ -166,10 +167,10 @@ def test_completions_with_suffix_refuse_freecache_with_a_400(live_server):
 def test_an_end_of_text_in_one_span_does_not_end_a_request_with_more_spans(llm):
     eos = llm.engine.model_config.eos_token_id
     seq = llm.engine.make_sequence("r", Infill((PROMPT, " The answer is", ""), (4, 4)), SamplingParams())
-    seq.tokens[seq.prompt_len] = eos  # as if the first span's first token had been committed as end-of-text
+    seq.commit(torch.tensor([seq.prompt_len]), torch.tensor([eos]))  # the first span's first token: end-of-text
     assert not seq.hit_eos()
     plain = llm.engine.make_sequence("p", PROMPT, SamplingParams(max_tokens=4))
-    plain.tokens[plain.prompt_len] = eos
+    plain.commit(torch.tensor([plain.prompt_len]), torch.tensor([eos]))
     assert plain.hit_eos()
 
 

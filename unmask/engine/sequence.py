@@ -110,11 +110,19 @@ class Sequence:
     canvas_ids: list[int] | None = None  # infill: the canvas with its fixed tokens; None: all masks
     suffix_ids: list[int] = field(default_factory=list)  # infill: fixed tokens after the canvas
     initially_masked: torch.Tensor = field(init=False)  # bool per position: the model writes it
+    has_inner_text: bool = field(init=False)  # the canvas holds fixed tokens between spans (infill of several)
+    # The committed run (`committed_prefix`) ends at `_run_end`; `_run_eos` is its first end-of-text, if any.
+    # Kept up to date by `commit` (the only writer of `tokens`), so the per-step outputs do not rescan the canvas.
+    _run_end: int = field(init=False)
+    _run_eos: int | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.tokens = torch.tensor(self.prompt_ids + self._initial_canvas() + self.suffix_ids, dtype=torch.long)
         self.initially_masked = self.tokens == self.mask_id
+        self.has_inner_text = not bool(self.initially_masked[self.prompt_len : self.canvas_end].all())
         self.generator = torch.Generator().manual_seed(self.seed)
+        self._run_end = self.prompt_len
+        self._extend_run()
         self._skip_written_blocks()
 
     def _initial_canvas(self) -> list[int]:
@@ -163,6 +171,7 @@ class Sequence:
         with something to write. `targets` may be empty (a schedule step that commits nothing).
         """
         self.tokens[targets] = tokens
+        self._extend_run()
         if logprobs is not None:
             self.token_logprobs.update(zip(targets.tolist(), logprobs))
         self.last_committed = targets
@@ -266,21 +275,25 @@ class Sequence:
         return self.params.steps_for_block(end - start)
 
     # --- finalized output ---------------------------------------------------
-    def _committed_run(self) -> torch.Tensor:
-        """Canvas tokens committed contiguously from its start (up to the first mask), at most `max_tokens`."""
-        canvas = self.tokens[self.prompt_len : self.prompt_len + self.params.max_tokens]
-        masked = torch.nonzero(canvas == self.mask_id).flatten()
-        return canvas[: int(masked[0])] if masked.numel() else canvas
+    def _extend_run(self) -> None:
+        """Move `_run_end` past the tokens committed contiguously after it (up to `max_tokens`), noting end-of-text."""
+        limit = self.prompt_len + self.params.max_tokens
+        start = self._run_end
+        masked = torch.nonzero(self.tokens[start:limit] == self.mask_id).flatten()
+        self._run_end = start + int(masked[0]) if masked.numel() else min(limit, self.length)
+        if self._run_eos is None and self._run_end > start:
+            eos = torch.nonzero(self.tokens[start : self._run_end] == self.eos_id).flatten()
+            if eos.numel():
+                self._run_eos = start + int(eos[0])
 
     def committed_prefix(self) -> list[int]:
-        """The contiguous committed run, cut before end-of-text (unless the request ignores it).
+        """The canvas tokens committed contiguously from its start (up to the first mask, at most
+        `max_tokens`), cut before end-of-text (unless the request ignores it).
 
         Commits are never revised, so this prefix is final text.
         """
-        prefix = self._committed_run().tolist()
-        if self.params.ignore_eos or self.eos_id not in prefix:
-            return prefix
-        return prefix[: prefix.index(self.eos_id)]
+        end = self._run_end if self.params.ignore_eos or self._run_eos is None else self._run_eos
+        return self.tokens[self.prompt_len : end].tolist()
 
     def hit_eos(self) -> bool:
         """End-of-text lies in the committed run, so nothing after it can matter.
@@ -288,14 +301,7 @@ class Sequence:
         Never with `ignore_eos`, nor when the canvas holds fixed text between spans: the
         spans after an end-of-text still have to be written.
         """
-        if self.params.ignore_eos or self.has_inner_text:
-            return False
-        return bool((self._committed_run() == self.eos_id).any())
-
-    @property
-    def has_inner_text(self) -> bool:
-        """The canvas holds fixed tokens (an infill request with several spans)."""
-        return not bool(self.initially_masked[self.prompt_len : self.canvas_end].all())
+        return not (self.params.ignore_eos or self.has_inner_text) and self._run_eos is not None
 
     @property
     def canvas_done(self) -> bool:
