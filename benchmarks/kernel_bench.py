@@ -15,6 +15,14 @@ launch cost), the baseline it has to beat, and the plain-PyTorch reference:
   softmax + max (the probabilities materialised);
 - KV write: T tokens x 32 heads x 128 into the pool; baseline torch index_put.
 
+A second table times the projections' GEMMs at LLaDA-8B shapes (qkv, o,
+gate_up, down; T = 32 rows, a batch-1 dual step, and 2048, batch 64) in bf16
+(F.linear) and in FP8 (`kernels.fp8_linear`: the per-token quantization of the
+input plus `torch._scaled_mm`, as `quantization="fp8"` runs them; also each
+part alone, and without fast accumulation), beside each one's floor:
+max(bytes / 3.0 TB/s, FLOPs / the nominal dense matrix rate, 989 TFLOP/s bf16
+and 1979 FP8 on an H100 SXM).
+
 GB/s counts each tensor the kernel must touch once (K/V read, q read, out
 written; logits read; K/V read and written), so "%BW" is the distance to the
 memory floor, measured against the device-to-device copy rate and against
@@ -35,11 +43,14 @@ import torch.nn.functional as F
 import triton.testing
 
 from unmask.kernels.confidence import fused_confidence_reference, fused_confidence_triton
+from unmask.kernels.fp8_quant import quantize_rows, quantize_rows_reference
 from unmask.kernels.kv_write import write_kv_reference, write_kv_triton
 from unmask.kernels.paged_attention import paged_attention_reference, paged_attention_triton
 
 HEADS, KV_HEADS, HEAD_DIM, VOCAB, PAGE_SIZE = 32, 32, 128, 126464, 16
+HIDDEN, FFN = 4096, 12288
 NOMINAL_BW = 3.0e12
+NOMINAL_BF16_RATE, NOMINAL_FP8_RATE = 989e12, 1979e12  # H100 SXM dense matrix FLOP/s
 L2_FOOTPRINT = 160 * 2**20  # rotate inputs until a pass touches this many bytes (H100 L2: 50 MB)
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
@@ -255,6 +266,95 @@ def bench_kv_write(tokens: int) -> Row:
     )
 
 
+# ----------------------------------------------------------------------------- FP8 GEMMs
+
+GEMM_SHAPES = (("qkv", 3 * HIDDEN, HIDDEN), ("o", HIDDEN, HIDDEN), ("gate_up", 2 * FFN, HIDDEN), ("down", HIDDEN, FFN))
+
+
+@dataclass
+class GemmRow:
+    name: str
+    tokens: int
+    bf16_us: float
+    fp8_us: float  # quantize the input + _scaled_mm: what quantization="fp8" runs per projection
+    quantize_us: float
+    scaled_mm_us: float
+    scaled_mm_exact_us: float  # without fast accumulation
+    bf16_floor_us: float
+    fp8_floor_us: float
+
+
+def _floor_us(tokens: int, n: int, k: int, weight_bytes: int, rate: float) -> float:
+    moved = n * k * weight_bytes + tokens * k * 2 + tokens * n * 2  # weight, bf16 input, bf16 output
+    return max(moved / NOMINAL_BW, 2 * tokens * n * k / rate) * 1e6
+
+
+@dataclass
+class GemmInputs:
+    x: torch.Tensor  # [T, K] bf16
+    weight: torch.Tensor  # [N, K] bf16
+    qw: torch.Tensor  # [N, K] e4m3
+    scale_w: torch.Tensor  # [1, N] float32
+    qx: torch.Tensor  # [T, K] e4m3
+    scale_x: torch.Tensor  # [T, 1] float32
+
+    @classmethod
+    def random(cls, tokens: int, n: int, k: int) -> GemmInputs:
+        weight = torch.randn(n, k, device=DEVICE, dtype=DTYPE) * 0.02
+        qw, scale_w = quantize_rows_reference(weight)
+        x = torch.randn(tokens, k, device=DEVICE, dtype=DTYPE)
+        return cls(x, weight, qw, scale_w.reshape(1, -1), *quantize_rows(x))
+
+    def scaled_mm(self, qx: torch.Tensor, scale_x: torch.Tensor, fast: bool = True) -> torch.Tensor:
+        return torch._scaled_mm(qx, self.qw.t(), scale_a=scale_x, scale_b=self.scale_w, out_dtype=DTYPE, use_fast_accum=fast)
+
+
+def bench_gemm(name: str, tokens: int, n: int, k: int) -> GemmRow:
+    sets = [GemmInputs.random(tokens, n, k) for _ in range(_copies(n * k * 2))]
+
+    def timed(fn: Callable[[GemmInputs], object]) -> float:
+        return _graph_us(_rotating([lambda g=g: fn(g) for g in sets])) / len(sets)
+
+    return GemmRow(
+        name, tokens,
+        bf16_us=timed(lambda g: F.linear(g.x, g.weight)),
+        fp8_us=timed(lambda g: g.scaled_mm(*quantize_rows(g.x))),
+        quantize_us=timed(lambda g: quantize_rows(g.x)),
+        scaled_mm_us=timed(lambda g: g.scaled_mm(g.qx, g.scale_x)),
+        scaled_mm_exact_us=timed(lambda g: g.scaled_mm(g.qx, g.scale_x, fast=False)),
+        bf16_floor_us=_floor_us(tokens, n, k, 2, NOMINAL_BF16_RATE),
+        fp8_floor_us=_floor_us(tokens, n, k, 1, NOMINAL_FP8_RATE),
+    )
+
+
+def print_gemm_table(rows: list[GemmRow]) -> None:
+    header = (
+        f"\n{'gemm':<8s} {'T':>5s} {'bf16 us':>8s} {'floor':>7s} {'fp8 us':>8s} {'floor':>7s} {'fp8/bf16':>8s} "
+        f"{'quant us':>8s} {'mm us':>8s} {'mm exact':>8s}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r.name:<8s} {r.tokens:5d} {r.bf16_us:8.1f} {r.bf16_floor_us:7.1f} {r.fp8_us:8.1f} {r.fp8_floor_us:7.1f} "
+            f"{r.fp8_us / r.bf16_us:8.2f} {r.quantize_us:8.1f} {r.scaled_mm_us:8.1f} {r.scaled_mm_exact_us:8.1f}"
+        )
+    print("fp8 us = quant us + mm us (per-token input quantization, then torch._scaled_mm with fast accumulation); "
+          "mm exact: without fast accumulation; floors at 3.0 TB/s and the nominal dense rates")
+
+
+def sweep_gemms() -> None:
+    rows = []
+    for tokens in (32, 2048):
+        for name, n, k in GEMM_SHAPES:
+            try:
+                rows.append(bench_gemm(name, tokens, n, k))
+            except Exception:  # noqa: BLE001 - report the failure and keep the rest of the table
+                traceback.print_exc()
+            torch.cuda.empty_cache()
+    print_gemm_table(rows)
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -312,6 +412,7 @@ def main() -> None:
             traceback.print_exc()
         torch.cuda.empty_cache()
     print_table(rows, copy_bandwidth())  # the copy last, on a warm GPU
+    sweep_gemms()
     sweep_attention(base=attention_options)
 
 
