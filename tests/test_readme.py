@@ -12,8 +12,10 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
+import torch
 from server_fixtures import live_server  # noqa: F401  (pytest fixture)
 
+from unmask.engine.models.arch import CheckpointError
 from unmask.engine.models.loader import read_dummy_config
 from unmask.engine.models.make_random import main as make_random
 
@@ -159,3 +161,26 @@ def test_the_block_diffusion_presets_example_writes_block_causal_configs(tmp_pat
         out = tmp_path / Path(argv[3]).name  # the example writes to /tmp/<name>
         make_random([str(out), *argv[4:]])
         assert read_dummy_config(out).block_causal
+
+
+def _fp8_gpu() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.skipif(_fp8_gpu(), reason="the refusal needs a machine without an FP8 GPU")
+def test_the_fp8_example_is_refused_at_its_first_line_without_an_fp8_gpu(monkeypatch):
+    monkeypatch.chdir(REPO)
+    code = _block_after("### FP8 weights", "python")
+    with pytest.raises(CheckpointError, match="quantization fp8 needs a CUDA GPU of compute capability 8.9"):
+        exec(compile(code, "README.md (FP8 weights)", "exec"), {})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _fp8_gpu(), reason="needs a CUDA GPU of compute capability 8.9+")
+def test_the_fp8_example_prints_the_answer_its_comment_promises(monkeypatch):
+    monkeypatch.chdir(REPO)
+    code = _block_after("### FP8 weights", "python")
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        exec(compile(code, "README.md (FP8 weights)", "exec"), {})
+    assert printed.getvalue().strip() == _promised(code, "print(out.text")
