@@ -7,6 +7,8 @@ the CPU) checks the scales, the round trip, and a quantized model's forward.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,8 +16,8 @@ import torch.nn.functional as F
 from unmask.engine.config import EngineConfig
 from unmask.engine.llm import LLM
 from unmask.engine.models.arch import CheckpointError
-from unmask.engine.models.checkpoint import load_weights
-from unmask.engine.models.fp8 import Fp8Linear, Fp8Rows, quantize_fp8
+from unmask.engine.models.checkpoint import load_weights, read_config
+from unmask.engine.models.fp8 import Fp8Linear, Fp8Rows, check_fp8_shapes, quantize_fp8
 from unmask.kernels.fp8_linear import fp8_linear_reference, fp8_linear_scaled_mm
 from unmask.kernels.fp8_quant import FP8_DTYPE, FP8_MAX, quantize_rows_reference
 from unmask.server.cli import main
@@ -124,6 +126,20 @@ def test_a_single_fused_layer_matches_its_rows_of_the_fused_product(llada_dir):
     x = torch.randn(5, model.cfg.hidden_size)
     _, _, v = attn.qkv(x)
     torch.testing.assert_close(attn.v_proj(x), v)
+
+
+def test_projections_not_16_wide_are_refused_naming_the_dimension(llada_dir):
+    cfg = read_config(llada_dir)  # hidden 64, 4 heads, FFN 192: every width a multiple of 16
+    check_fp8_shapes(cfg)
+    with pytest.raises(CheckpointError, match="multiples of 16; hidden_size is 72"):
+        check_fp8_shapes(replace(cfg, hidden_size=72))
+    with pytest.raises(CheckpointError, match=r"the query heads' width per tensor-parallel rank \(8\) is 8"):
+        check_fp8_shapes(cfg, tensor_parallel_size=8)
+
+
+def test_a_layer_whose_weight_is_not_16_wide_is_refused():
+    with pytest.raises(CheckpointError, match="multiples of 16"):
+        Fp8Linear.quantize(torch.randn(24, 64), None)
 
 
 def test_an_unknown_quantization_is_refused():

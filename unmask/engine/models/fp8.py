@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from unmask.engine.models.arch import CheckpointError
+from unmask.engine.models.config import ModelConfig
 from unmask.engine.models.transformer import DiffusionTransformer, FusedRows, SwiGLU
 from unmask.kernels.fp8_linear import fp8_linear
 from unmask.kernels.fp8_quant import quantize_rows
@@ -46,6 +47,24 @@ def check_fp8_support(device: torch.device, dtype: torch.dtype) -> None:
         )
     if dtype not in FP8_MODEL_DTYPES:
         raise CheckpointError(f"quantization fp8 quantizes bfloat16 or float16 weights; the dtype is {dtype}")
+
+
+def check_fp8_shapes(cfg: ModelConfig, tensor_parallel_size: int = 1) -> None:
+    """Refuse a model whose projections (one tensor-parallel shard's) are not multiples of 16 wide, as FP8 GEMMs need."""
+    tp = tensor_parallel_size
+    widths = {
+        "hidden_size": cfg.hidden_size,
+        "the query heads' width": cfg.num_heads * cfg.head_dim // tp,
+        "the KV heads' width": cfg.num_kv_heads * cfg.head_dim // tp,
+        "intermediate_size": cfg.intermediate_size // tp,
+    }
+    for name, width in widths.items():
+        if width % GEMM_ALIGNMENT:
+            shard = f" per tensor-parallel rank ({tp})" if tp > 1 else ""
+            raise CheckpointError(
+                f"quantization fp8 needs the projections' dimensions to be multiples of {GEMM_ALIGNMENT}; "
+                f"{name}{shard} is {width}"
+            )
 
 
 class Fp8Linear(nn.Module):

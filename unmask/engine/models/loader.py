@@ -14,7 +14,7 @@ from unmask.engine.config import DUMMY_NEEDS, EngineConfig
 from unmask.engine.models.arch import CheckpointError
 from unmask.engine.models.checkpoint import load_weights, random_weights, read_config
 from unmask.engine.models.config import ModelConfig
-from unmask.engine.models.fp8 import Reduce, check_fp8_support, quantize_fp8
+from unmask.engine.models.fp8 import Reduce, check_fp8_shapes, check_fp8_support, quantize_fp8
 from unmask.engine.models.transformer import DiffusionTransformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,10 +72,12 @@ def check_quantization(quantization: str, device: torch.device, dtype: torch.dty
 
 
 def check_engine_quantization(config: EngineConfig) -> None:
-    """`check_quantization` for the device and dtype `config` asks for: a startup check before anything loads."""
-    if config.quantization != "none":
+    """A startup check, before anything loads: `check_quantization` for the device and dtype `config` asks
+    for, and the model's shapes (one tensor-parallel shard's) against what the quantized products need."""
+    if config.quantization == "fp8":
         device = resolve_device(config.device)
-        check_quantization(config.quantization, device, resolve_dtype(config.dtype, device))
+        check_fp8_support(device, resolve_dtype(config.dtype, device))
+        check_fp8_shapes(read_config(config.model_dir), config.tensor_parallel_size)
 
 
 def quantize(model: DiffusionTransformer, quantization: str, reduce: Reduce | None = None) -> None:
