@@ -7,6 +7,7 @@ the CPU) checks the scales, the round trip, and a quantized model's forward.
 
 from __future__ import annotations
 
+import multiprocessing
 from dataclasses import replace
 
 import pytest
@@ -150,6 +151,12 @@ def test_an_unknown_quantization_is_refused():
 def test_fp8_on_the_cpu_is_refused_at_startup(bundled_model_dir):
     with pytest.raises(CheckpointError, match="quantization fp8 needs a CUDA GPU of compute capability 8.9"):
         LLM(str(bundled_model_dir), device="cpu", quantization="fp8")
+
+
+def test_fp8_with_tensor_parallelism_on_the_cpu_is_refused_before_any_worker_starts(llada_dir):
+    with pytest.raises(CheckpointError, match="quantization fp8 needs a CUDA GPU"):
+        LLM(str(llada_dir), device="cpu", tensor_parallel_size=2, quantization="fp8")
+    assert multiprocessing.active_children() == []
 
 
 def test_serve_with_fp8_on_the_cpu_exits_with_a_one_line_error(bundled_model_dir, capsys):
