@@ -81,15 +81,15 @@ class LLMEngine:
     """The engine; with `tensor_parallel_size` > 1 it is rank 0 of a tensor-parallel group.
 
     `loaded` is a model already in memory (one device only), used as it is
-    (`config.quantization` applies to the models the engine loads); `shards` gives each
+    (`config.quantization` applies to the models the engine loads itself); `shards` gives each
     tensor-parallel rank its shard (default: slices of `config.model_dir`).
     Call `close()` when done with a tensor-parallel engine: it stops the workers.
     """
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, shards: ShardLoader | None = None):
         self.config = config
-        if loaded is None:
-            check_engine_quantization(config)  # before tensor-parallel workers start
+        if loaded is None and shards is None:
+            check_engine_quantization(config)  # before tensor-parallel workers start (given shards check their own)
         self.parallel = TensorParallelGroup(config, shards) if config.tensor_parallel_size > 1 else None
         try:
             self._load(loaded)

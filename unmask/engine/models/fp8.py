@@ -89,14 +89,6 @@ class Fp8Linear(nn.Module):
             q, scale = quantize_rows(weight)
         return cls(q, scale.reshape(1, -1), None if bias is None else bias.detach().to(torch.bfloat16), reduce)
 
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
     def rows(self, start: int, stop: int) -> Fp8Linear:
         """The layer of output channels [start, stop): the weight a view (no copy), the scales their own."""
         bias = None if self.bias is None else self.bias[start:stop]

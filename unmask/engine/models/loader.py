@@ -65,6 +65,11 @@ def read_dummy_config(model_dir: str | Path) -> ModelConfig:
     return read_config(model_dir)
 
 
+def read_model_config(model_dir: str | Path, load_format: str) -> ModelConfig:
+    """`config.json` of `model_dir`, with the dummy format's explanation when it is missing."""
+    return read_dummy_config(model_dir) if load_format == "dummy" else read_config(model_dir)
+
+
 def check_quantization(quantization: str, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse a quantization the device or dtype cannot run (before any weight is read)."""
     if quantization == "fp8":
@@ -77,7 +82,7 @@ def check_engine_quantization(config: EngineConfig) -> None:
     if config.quantization == "fp8":
         device = resolve_device(config.device)
         check_fp8_support(device, resolve_dtype(config.dtype, device))
-        check_fp8_shapes(read_config(config.model_dir), config.tensor_parallel_size)
+        check_fp8_shapes(read_model_config(config.model_dir, config.load_format), config.tensor_parallel_size)
 
 
 def quantize(model: DiffusionTransformer, quantization: str, reduce: Reduce | None = None) -> None:
@@ -98,7 +103,7 @@ def load_model(
     the weights at random (N(0, 0.02)) on the device, for load tests.
     `quantization="fp8"` quantizes the projections after loading (`models.fp8`).
     """
-    config = read_dummy_config(model_dir) if load_format == "dummy" else read_config(model_dir)
+    config = read_model_config(model_dir, load_format)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     check_quantization(quantization, dev, torch_dtype)
