@@ -2,7 +2,8 @@
 
 The FP8 products themselves run on Ada/Hopper GPUs (tests/test_fp8_gpu.py);
 here the plain-PyTorch reference of the same arithmetic (e4m3 casts work on
-the CPU) checks the scales, the round trip, and a quantized model's forward.
+the CPU) checks the scales, the round trip, a quantized model's forward and the
+engine decoding with it.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from unmask.engine.config import EngineConfig
+from unmask.engine.engine import LLMEngine
 from unmask.engine.llm import LLM
 from unmask.engine.models.arch import CheckpointError
 from unmask.engine.models.checkpoint import load_weights, read_config
 from unmask.engine.models.fp8 import Fp8Linear, Fp8Rows, check_fp8_shapes, quantize_fp8
+from unmask.engine.models.loader import load_model
+from unmask.engine.params import SamplingParams
 from unmask.kernels.fp8_linear import fp8_linear_reference, fp8_linear_scaled_mm
 from unmask.kernels.fp8_quant import FP8_DTYPE, FP8_MAX, quantize_rows_reference
 from unmask.server.cli import main
@@ -141,6 +145,23 @@ def test_projections_not_16_wide_are_refused_naming_the_dimension(llada_dir):
 def test_a_layer_whose_weight_is_not_16_wide_is_refused():
     with pytest.raises(CheckpointError, match="multiples of 16"):
         Fp8Linear.quantize(torch.randn(24, 64), None)
+
+
+@pytest.mark.parametrize("cache, unmask", [("dual", "threshold"), ("dllm-cache", "low_confidence"), ("none", "low_confidence")])
+def test_the_engine_on_fp8_weights_sorts_the_readme_prompt(bundled_model_dir, cache, unmask):
+    """The FP8 arithmetic (the reference's, on the CPU) through the real engine; dLLM-Cache calls v_proj alone."""
+    loaded = load_model(bundled_model_dir, "float32", "cpu")
+    quantize_fp8(loaded.model)
+    config = EngineConfig(model_dir=str(bundled_model_dir), device="cpu", kv_cache_memory=64 * 2**20, feature_cache=True)
+    engine = LLMEngine(config, loaded=loaded)
+    messages = [{"role": "user", "content": "Sort these numbers from smallest to largest: 42, 7, 19"}]
+    prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    params = SamplingParams(max_tokens=64, block_length=32, cache=cache, unmask=unmask, threshold=0.9)
+    seq = engine.add_request("sort", prompt, params)
+    while engine.has_unfinished:
+        engine.step()
+    text = engine.tokenizer.decode(seq.committed_prefix(), skip_special_tokens=True)
+    assert text.strip() == "Answer: 7, 19, 42"
 
 
 def test_an_unknown_quantization_is_refused():
