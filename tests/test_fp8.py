@@ -123,9 +123,9 @@ def test_a_quantized_model_computes_nearly_the_float_logits(bundled_model_dir):
     assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.85
 
 
-def test_a_single_fused_layer_matches_its_rows_of_the_fused_product(llada_dir):
-    """dLLM-Cache calls v_proj alone: its view must give the fused product's v columns."""
-    model = load_weights(llada_dir, torch.float32, "cpu")
+def test_a_single_fused_layer_matches_its_rows_of_the_fused_product(model_dir):
+    """dLLM-Cache calls v_proj alone: its view (and its bias, Dream's) must give the fused product's v columns."""
+    model = load_weights(model_dir, torch.float32, "cpu")
     quantize_fp8(model)
     attn = model.layers[0].attn
     x = torch.randn(5, model.cfg.hidden_size)
