@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py                                    # every configuration, 100 problems per family
     python benchmarks/accuracy.py --n 20 --configs dual/lc4 dual/th0.9 --families arithmetic count
+    python benchmarks/accuracy.py --quantization fp8                 # FP8 weights (a GPU of compute capability 8.9+)
 
 Each configuration (a cache policy and an unmask policy, named `cache/unmask`)
 decodes the first `--n` held-out problems of each task family through the
@@ -20,6 +21,9 @@ and CUDA graph capture are not charged to whichever configuration meets a
 shape first: on CUDA over all the problems, since graphs are captured per
 (tokens, sequences) bucket and continuous batching meets buckets that one
 batch does not (greedy decoding repeats the same steps); elsewhere over one batch.
+`--quantization fp8` loads the model with FP8 weights (the engine's option);
+the first line and the JSON record name the quantization, so its table can
+stand beside the one of the unquantized model.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import torch
 from training.tasks import FAMILIES, Example, held_out_mix, is_correct
 from training.tasks.batches import chat_prompt
 from unmask.engine.attention_pattern import cache_fits
+from unmask.engine.config import QUANTIZATIONS
 from unmask.engine.llm import LLM
 from unmask.engine.models.config import ModelConfig
 from unmask.engine.outputs import FinishReason, RequestOutput
@@ -203,6 +208,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="the engine's weight quantization")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--kv-cache-mb", type=int, default=None, help="KV pool size (default: the engine's)")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
@@ -221,7 +227,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     a = parse_args(argv)
     problems = held_out_mix(a.families, a.n)
     llm = LLM(
-        str(a.model), device=a.device, dtype=a.dtype, max_num_seqs=a.max_num_seqs,
+        str(a.model), device=a.device, dtype=a.dtype, quantization=a.quantization, max_num_seqs=a.max_num_seqs,
         kv_cache_memory=a.kv_cache_mb * 2**20 if a.kv_cache_mb else None,
         feature_cache=any(FEATURE_PAGES in CACHE_POLICIES[CONFIGS[n].cache].requirements for n in a.configs or CONFIGS),
         guide_model=a.guide_model,  # None: the engine takes the bundled guide if it fits the model
@@ -231,10 +237,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     command = shlex.join(["python", "benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)])
     guide = a.guide_model or (str(BUNDLED_GUIDE) if llm.engine.resources.guide else None)
     dtype = str(loaded.dtype).removeprefix("torch.")
-    header = {"command": command, "device": device_name(loaded.device), "dtype": dtype, "model": str(a.model),
-              "guide_model": guide, "n": a.n, "block_length": model_block_length(llm), "max_tokens": a.max_tokens}
-    print(f"`{command}` | device {header['device']}, {dtype} | model {a.model} | guide {guide} | "
-          f"{a.n} problems per family, greedy, block {header['block_length']}, max_tokens {a.max_tokens}")
+    header = {"command": command, "device": device_name(loaded.device), "dtype": dtype, "quantization": a.quantization,
+              "model": str(a.model), "guide_model": guide, "n": a.n, "block_length": model_block_length(llm),
+              "max_tokens": a.max_tokens}
+    print(f"`{command}` | device {header['device']}, {dtype}, quantization {a.quantization} | model {a.model} | "
+          f"guide {guide} | {a.n} problems per family, greedy, block {header['block_length']}, max_tokens {a.max_tokens}")
     for note in notes:
         print(f"note: {note}")
     if a.warmup:

@@ -2,6 +2,7 @@
 
     python benchmarks/kernel_bench.py            # needs a CUDA GPU; prints the table last
     python benchmarks/kernel_bench.py --only moe # one kernel family
+    python benchmarks/kernel_bench.py --gemms    # only the bf16 / FP8 GEMM table
 
 LLaDA-8B: 32 heads (no GQA), head_dim 128, vocabulary 126,464, bf16, pages of
 16 tokens handed out in shuffled order. Each row times the Triton kernel
@@ -20,6 +21,14 @@ launch cost), the baseline it has to beat, and the plain-PyTorch reference:
   for T tokens under uniform random routing, against the per-expert loop;
   "moe_align" rows time the sort of the (token, expert) pairs into blocks
   alone, which the kernel rows include.
+
+A second table times the projections' GEMMs at LLaDA-8B shapes (qkv, o,
+gate_up, down; T = 32 rows, a batch-1 dual step, and 2048, batch 64) in bf16
+(F.linear) and in FP8 (`kernels.fp8_linear`: the per-token quantization of the
+input plus `torch._scaled_mm`, as `quantization="fp8"` runs them; also each
+part alone, and without fast accumulation), beside each one's floor:
+max(bytes / 3.0 TB/s, FLOPs / the nominal dense matrix rate, 989 TFLOP/s bf16
+and 1979 FP8 on an H100 SXM).
 
 GB/s counts each tensor the kernel must touch once (K/V read, q read, out
 written; logits read; K/V read and written; the weights of the experts that
@@ -44,13 +53,16 @@ import torch.nn.functional as F
 import triton.testing
 
 from unmask.kernels.confidence import fused_confidence_reference, fused_confidence_triton
+from unmask.kernels.fp8_linear import FAST_ACCUMULATION, fp8_linear_scaled_mm
+from unmask.kernels.fp8_quant import quantize_rows, quantize_rows_reference
 from unmask.kernels.kv_write import write_kv_reference, write_kv_triton
 from unmask.kernels.moe import MoeTiles, align_to_blocks, moe_experts_reference, moe_experts_triton, moe_tiles
 from unmask.kernels.paged_attention import paged_attention_reference, paged_attention_triton
 
 HEADS, KV_HEADS, HEAD_DIM, VOCAB, PAGE_SIZE = 32, 32, 128, 126464, 16
+HIDDEN, FFN = 4096, 12288
 NOMINAL_BW = 3.0e12
-NOMINAL_MATRIX_RATE = 989e12  # H100 SXM, dense bf16
+NOMINAL_BF16_RATE, NOMINAL_FP8_RATE = 989e12, 1979e12  # H100 SXM dense matrix FLOP/s
 L2_FOOTPRINT = 160 * 2**20  # rotate inputs until a pass touches this many bytes (H100 L2: 50 MB)
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
@@ -369,6 +381,96 @@ def sweep_moe() -> None:
             torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------------- FP8 GEMMs
+
+GEMM_SHAPES = (("qkv", 3 * HIDDEN, HIDDEN), ("o", HIDDEN, HIDDEN), ("gate_up", 2 * FFN, HIDDEN), ("down", HIDDEN, FFN))
+
+
+@dataclass
+class GemmRow:
+    name: str
+    tokens: int
+    bf16_us: float
+    fp8_us: float  # `fp8_linear_scaled_mm`: the input's quantization + _scaled_mm, as quantization="fp8" runs it
+    quantize_us: float
+    scaled_mm_us: float
+    scaled_mm_exact_us: float  # without fast accumulation
+    bf16_floor_us: float
+    fp8_floor_us: float
+
+
+def _floor_us(tokens: int, n: int, k: int, weight_bytes: int, rate: float) -> float:
+    moved = n * k * weight_bytes + tokens * k * 2 + tokens * n * 2  # weight, bf16 input, bf16 output
+    return max(moved / NOMINAL_BW, 2 * tokens * n * k / rate) * 1e6
+
+
+@dataclass
+class GemmInputs:
+    x: torch.Tensor  # [T, K] bf16
+    weight: torch.Tensor  # [N, K] bf16
+    qw: torch.Tensor  # [N, K] e4m3
+    scale_w: torch.Tensor  # [1, N] float32
+    qx: torch.Tensor  # [T, K] e4m3
+    scale_x: torch.Tensor  # [T, 1] float32
+
+    @classmethod
+    def random(cls, tokens: int, n: int, k: int) -> GemmInputs:
+        weight = torch.randn(n, k, device=DEVICE, dtype=DTYPE) * 0.02
+        qw, scale_w = quantize_rows_reference(weight)
+        x = torch.randn(tokens, k, device=DEVICE, dtype=DTYPE)
+        return cls(x, weight, qw, scale_w.reshape(1, -1), *quantize_rows(x))
+
+    def scaled_mm(self, qx: torch.Tensor, scale_x: torch.Tensor, fast: bool) -> torch.Tensor:
+        return torch._scaled_mm(qx, self.qw.t(), scale_a=scale_x, scale_b=self.scale_w, out_dtype=DTYPE, use_fast_accum=fast)
+
+
+def bench_gemm(name: str, tokens: int, n: int, k: int) -> GemmRow:
+    sets = [GemmInputs.random(tokens, n, k) for _ in range(_copies(n * k * 2))]
+
+    def timed(fn: Callable[[GemmInputs], object]) -> float:
+        return _graph_us(_rotating([lambda g=g: fn(g) for g in sets])) / len(sets)
+
+    return GemmRow(
+        name, tokens,
+        bf16_us=timed(lambda g: F.linear(g.x, g.weight)),
+        fp8_us=timed(lambda g: fp8_linear_scaled_mm(g.x, g.qw, g.scale_w)),
+        quantize_us=timed(lambda g: quantize_rows(g.x)),
+        scaled_mm_us=timed(lambda g: g.scaled_mm(g.qx, g.scale_x, fast=FAST_ACCUMULATION)),
+        scaled_mm_exact_us=timed(lambda g: g.scaled_mm(g.qx, g.scale_x, fast=False)),
+        bf16_floor_us=_floor_us(tokens, n, k, 2, NOMINAL_BF16_RATE),
+        fp8_floor_us=_floor_us(tokens, n, k, 1, NOMINAL_FP8_RATE),
+    )
+
+
+def print_gemm_table(rows: list[GemmRow]) -> None:
+    header = (
+        f"\n{'gemm':<8s} {'T':>5s} {'bf16 us':>8s} {'floor':>7s} {'fp8 us':>8s} {'floor':>7s} {'fp8/bf16':>8s} "
+        f"{'quant us':>8s} {'mm us':>8s} {'mm exact':>8s}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r.name:<8s} {r.tokens:5d} {r.bf16_us:8.1f} {r.bf16_floor_us:7.1f} {r.fp8_us:8.1f} {r.fp8_floor_us:7.1f} "
+            f"{r.fp8_us / r.bf16_us:8.2f} {r.quantize_us:8.1f} {r.scaled_mm_us:8.1f} {r.scaled_mm_exact_us:8.1f}"
+        )
+    print(f"fp8 us: the per-token input quantization (quant us) then torch._scaled_mm (mm us, fast accumulation "
+          f"{'on' if FAST_ACCUMULATION else 'off'} as served); mm exact: without fast accumulation; "
+          "floors at 3.0 TB/s and the nominal dense rates")
+
+
+def sweep_gemms() -> None:
+    rows = []
+    for tokens in (32, 2048):
+        for name, n, k in GEMM_SHAPES:
+            try:
+                rows.append(bench_gemm(name, tokens, n, k))
+            except Exception:  # noqa: BLE001 - report the failure and keep the rest of the table
+                traceback.print_exc()
+            torch.cuda.empty_cache()
+    print_gemm_table(rows)
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -389,7 +491,7 @@ def print_table(rows: list[Row], copy_bw: float) -> None:
         x_base = r.baseline_us / r.triton_us if r.baseline_us else None
         x_ref = r.reference_us / r.triton_us if r.reference_us else None
         tflops = r.flops / (r.triton_us * 1e-6) / 1e12 if r.flops else None
-        floor_us = max(r.bytes_moved / copy_bw, r.flops / NOMINAL_MATRIX_RATE) * 1e6
+        floor_us = max(r.bytes_moved / copy_bw, r.flops / NOMINAL_BF16_RATE) * 1e6
         print(
             f"{r.kernel:<17s} {r.case:<27s} {r.triton_us:9.1f} {r.eager_us:9.1f} {_fmt(r.baseline_us)} {_fmt(x_base, '7.2f')} "
             f"{_fmt(r.reference_us)} {_fmt(x_ref, '7.1f')} {gbs:7.0f} {100 * gbs * 1e9 / copy_bw:6.1f} "
@@ -418,7 +520,11 @@ def main() -> None:
     parser.add_argument("--num-stages", type=int, help="attention pipelining depth (default: the kernel's)")
     parser.add_argument("--block-n", type=int, help="attention keys per step (default: the kernel's)")
     parser.add_argument("--only", choices=("attention", "confidence", "kv_write", "moe"), help="one kernel family (default: all)")
+    parser.add_argument("--gemms", action="store_true", help="only the bf16 / FP8 GEMM table")
     args = parser.parse_args()
+    if args.gemms:
+        sweep_gemms()
+        return
     attention_options = {k: v for k, v in (("num_stages", args.num_stages), ("block_n", args.block_n)) if v}
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  {attention_options}")
@@ -431,6 +537,8 @@ def main() -> None:
             traceback.print_exc()
         torch.cuda.empty_cache()
     print_table(rows, copy_bandwidth())  # the copy last, on a warm GPU
+    if args.only is None:
+        sweep_gemms()
     if "attention" in families:
         sweep_attention(base=attention_options)
     if "moe" in families:

@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --arch tiny --device cpu   # a smoke run anywhere
     python benchmarks/throughput.py --arch llada-8b --tensor-parallel-size 2   # over 2 GPUs
     python benchmarks/throughput.py --arch sdar-8b             # a block-causal model: none and block
+    python benchmarks/throughput.py --arch llada-8b --quantization none fp8   # bf16 and FP8 weights, and their ratios
 
 Builds a model with random weights directly on the device (no checkpoint),
 admits `batch` requests of `prompt` random tokens and a 256-token canvas, and
@@ -26,11 +27,20 @@ the current block alone, both over the keys up to the end of the second block
 With `--tensor-parallel-size N` the model is split over N GPUs (each rank
 draws random weights for its own shard) and the floor is that of N GPUs
 together: bytes and FLOPs divided evenly, communication not counted.
+
+`--quantization none fp8` measures the model with its bf16 weights, then with
+FP8 weights (the engine's `quantization="fp8"`), one engine after the other in
+the same process, and ends with each configuration's fp8 / none ratios of
+step times and tokens/s. The fp8 floor reads the projections' weights at one
+byte each and runs their products at the FP8 matrix rate (twice bf16's); the
+embedding, the LM head and attention stay bf16. MFU is against the bf16 rate
+throughout, so the two tables compare.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import statistics
 import tempfile
@@ -38,17 +48,18 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from unmask.engine.config import EngineConfig
+from unmask.engine.config import QUANTIZATIONS, EngineConfig
 from unmask.engine.engine import LLMEngine
 from unmask.engine.models.checkpoint import random_weights
 from unmask.engine.models.config import ModelConfig
-from unmask.engine.models.loader import LoadedModel
+from unmask.engine.models.loader import LoadedModel, check_quantization, quantize
 from unmask.engine.models.make_random import PRESETS, build_tokenizer
 from unmask.engine.parallel import RandomShards
 from unmask.engine.params import SamplingParams
 
 BANDWIDTH = 3.0e12  # H100 HBM3, measured device-to-device copy (bytes read + written)
 MATMUL_RATE = 790e12  # H100 bf16 dense, measured 8192^3 product
+FP8_SPEEDUP = 2.0  # Hopper's FP8 dense matrix rate over its bf16 rate (nominal: 1979 vs 989 TFLOP/s)
 
 
 @dataclass
@@ -71,25 +82,34 @@ def model_config(arch: str) -> ModelConfig:
     return replace(PRESETS[arch], eos_token_id=-1, max_position=8192)
 
 
-def build_model(arch: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def build_model(arch: str, device: torch.device, dtype: torch.dtype, quantization: str = "none") -> LoadedModel:
     cfg = model_config(arch)
+    check_quantization(quantization, device, dtype)
     tokenizer = build_tokenizer(512, tempfile.mkdtemp())
-    return LoadedModel(random_weights(cfg, dtype, device), cfg, tokenizer, device, dtype)
+    model = random_weights(cfg, dtype, device)
+    quantize(model, quantization)
+    return LoadedModel(model, cfg, tokenizer, device, dtype)
 
 
-def step_floor(cfg: ModelConfig, batch: int, tokens: int, keys: int, dtype_bytes: int) -> tuple[float, float]:
+def step_floor(
+    cfg: ModelConfig, batch: int, tokens: int, keys: int, dtype_bytes: int, quantization: str = "none"
+) -> tuple[float, float]:
     """(seconds, FLOPs) floor of one step: each of `batch` sequences computes `tokens` positions over `keys` keys.
 
     Bytes: every weight once (the LM head too: it runs on the block's rows) plus
     every cached K/V once. FLOPs: 2 per weight per computed position (the LM
     head only on the block's rows, ignored) plus 4 * layers * tokens * keys * hidden
-    for QK^T and PV.
+    for QK^T and PV. With `quantization="fp8"` the projections' weights take one
+    byte each and their products run at `FP8_SPEEDUP` times the matrix rate.
     """
+    fp8 = quantization == "fp8"
     body = cfg.num_layers * (4 * cfg.hidden_size**2 + 3 * cfg.hidden_size * cfg.intermediate_size)
-    weight_bytes = (body + 2 * cfg.vocab_size * cfg.hidden_size) * dtype_bytes
+    weight_bytes = body * (1 if fp8 else dtype_bytes) + 2 * cfg.vocab_size * cfg.hidden_size * dtype_bytes
     kv_bytes = 2 * cfg.num_layers * batch * keys * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
-    flops = 2 * batch * tokens * body + 4 * cfg.num_layers * batch * tokens * keys * cfg.hidden_size
-    return max((weight_bytes + kv_bytes) / BANDWIDTH, flops / MATMUL_RATE), flops
+    projection_flops = 2 * batch * tokens * body
+    attention_flops = 4 * cfg.num_layers * batch * tokens * keys * cfg.hidden_size
+    matmul_seconds = projection_flops / (MATMUL_RATE * (FP8_SPEEDUP if fp8 else 1.0)) + attention_flops / MATMUL_RATE
+    return max((weight_bytes + kv_bytes) / BANDWIDTH, matmul_seconds), projection_flops + attention_flops
 
 
 def block_cycle(refresh: float, cached: float, steps_per_block: int) -> float:
@@ -113,19 +133,28 @@ def sequence_length(cfg: ModelConfig, prompt_and_gen: int) -> int:
 
 
 def make_engine(
-    arch: str, device: torch.device, dtype: torch.dtype, batch: int, seq_len: int, tp: int = 1, cuda_graphs: bool = True
+    arch: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch: int,
+    seq_len: int,
+    tp: int = 1,
+    cuda_graphs: bool = True,
+    quantization: str = "none",
 ) -> LLMEngine:
-    """An engine on a random `arch` model with room for `batch` sequences of `seq_len` (on `tp` GPUs: a 1/tp share of the KV each)."""
+    """An engine on a random `arch` model with room for `batch` sequences of `seq_len` (on `tp` GPUs: a 1/tp share
+    of the KV each), its weights quantized as `quantization` says."""
     cfg = model_config(arch)
     seq_len = sequence_length(cfg, seq_len)
     kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize * batch * seq_len
     config = EngineConfig(model_dir="<random>", max_num_seqs=batch, max_num_batched_tokens=batch * seq_len,
                           kv_cache_memory=int(kv_bytes * 1.05 / tp) + 2**24, tensor_parallel_size=tp,
                           cuda_graph_max_tokens=EngineConfig.cuda_graph_max_tokens if cuda_graphs else 0,
-                          device=device.type if tp > 1 else str(device))
+                          device=device.type if tp > 1 else str(device), quantization=quantization)
     if tp == 1:
-        return LLMEngine(config, loaded=build_model(arch, device, dtype))
-    shards = RandomShards(cfg, tokenizer_dir=tempfile.mkdtemp(), dtype=str(dtype).removeprefix("torch."))
+        return LLMEngine(config, loaded=build_model(arch, device, dtype, quantization))
+    shards = RandomShards(cfg, tokenizer_dir=tempfile.mkdtemp(), dtype=str(dtype).removeprefix("torch."),
+                          quantization=quantization)
     build_tokenizer(512, shards.tokenizer_dir)
     return LLMEngine(config, shards=shards)
 
@@ -182,8 +211,11 @@ def run_config(engine: LLMEngine, batch: int, prompt: int, tps: int, cache: str,
     cached = statistics.median(partial) if partial else refresh
     cycle = block_cycle(refresh, cached, steps_per_block)
     dtype_bytes = torch.empty((), dtype=engine.loaded.dtype).element_size()
-    floor_refresh, flops_refresh = step_floor(cfg, batch, shapes.refresh_tokens, shapes.refresh_keys, dtype_bytes)
-    floor_cached, flops_cached = step_floor(cfg, batch, shapes.cached_tokens, shapes.cached_keys, dtype_bytes)
+    quantization = engine.config.quantization
+    floor_refresh, flops_refresh = step_floor(
+        cfg, batch, shapes.refresh_tokens, shapes.refresh_keys, dtype_bytes, quantization
+    )
+    floor_cached, flops_cached = step_floor(cfg, batch, shapes.cached_tokens, shapes.cached_keys, dtype_bytes, quantization)
     flops_cycle = block_cycle(flops_refresh, flops_cached, steps_per_block)
     ceiling = cycle_ceiling(batch, block, steps_per_block, floor_refresh / tp, floor_cached / tp)
     return Row(batch, prompt, tps, cache, refresh * 1e3, cached * 1e3, batch * block / cycle,
@@ -202,30 +234,42 @@ def main() -> None:
     p.add_argument("--gen", type=int, default=256)
     p.add_argument("--block", type=int, default=None, help="default 32; a block-causal preset's own block size")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="split the model over this many GPUs")
+    p.add_argument("--quantization", nargs="+", choices=QUANTIZATIONS, default=["none"],
+                   help="weight quantizations to measure, one engine after the other (several: their ratios too)")
     a = p.parse_args()
     block_causal = model_config(a.arch).attention_block_size
     a.cache = a.cache or (["none", "block"] if block_causal else ["none", "prefix", "dual"])
     a.block = a.block or block_causal or 32
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    engine = make_engine(a.arch, device, dtype, max(a.batch), max(a.prompt) + a.gen, a.tensor_parallel_size)
-    try:
-        run_all(engine, a, device, dtype)
-    finally:
-        engine.close()
+    tables: dict[str, list[Row]] = {}
+    for quantization in dict.fromkeys(a.quantization):
+        engine = make_engine(a.arch, device, dtype, max(a.batch), max(a.prompt) + a.gen, a.tensor_parallel_size,
+                             quantization=quantization)
+        try:
+            tables[quantization] = run_all(engine, a, device, dtype)
+        finally:
+            engine.close()
+            del engine
+            gc.collect()  # the next engine needs this one's weights, KV pool and graphs gone
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    for line in ratio_lines(tables):
+        print(line)
 
 
-def run_all(engine: LLMEngine, a: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+def run_all(engine: LLMEngine, a: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[Row]:
     warm_cache = "block" if engine.model_config.block_causal else "dual"
     run_config(engine, 1, 16, 1, warm_cache, 64, a.block)  # compile kernels and warm caches once
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if a.tensor_parallel_size > 1:
         where = f"{a.tensor_parallel_size} x {where} (tensor parallel)"
-    print(f"# {a.arch} on {where}, gen {a.gen}, block {a.block}, {dtype}")
+    print(f"# {a.arch} on {where}, gen {a.gen}, block {a.block}, {dtype}, quantization {engine.config.quantization}")
     header = ("batch", "prompt", "tok/step", "cache", "refresh ms", "cached ms", "gen tok/s", "floor tok/s",
               "floor refresh ms", "floor cached ms", "x floor (cached)", "MFU", "speedup vs none")
     print(" | ".join(header))
     baseline: dict[tuple, float] = {}
+    rows: list[Row] = []
     for batch, prompt, tps, cache in itertools.product(a.batch, a.prompt, a.tokens_per_step, a.cache):
         try:
             r = run_config(engine, batch, prompt, tps, cache, a.gen, a.block)
@@ -233,12 +277,36 @@ def run_all(engine: LLMEngine, a: argparse.Namespace, device: torch.device, dtyp
             print(f"{batch} | {prompt} | {tps} | {cache} | out of memory")
             torch.cuda.empty_cache()
             continue
+        rows.append(r)
         key = (batch, prompt, tps)
         baseline.setdefault(key, r.tokens_per_s if cache == "none" else float("nan"))
         speedup = r.tokens_per_s / baseline[key]
         print(f"{r.batch} | {r.prompt} | {r.tokens_per_step} | {r.cache} | {r.refresh_ms:.2f} | {r.cached_ms:.2f} | "
               f"{r.tokens_per_s:.0f} | {r.ceiling_tokens_per_s:.0f} | {r.floor_refresh_ms:.2f} | {r.floor_cached_ms:.2f} | "
               f"{r.cached_ms / r.floor_cached_ms:.2f} | {r.mfu:.1%} | {speedup:.2f}x", flush=True)
+    return rows
+
+
+def ratio_lines(tables: dict[str, list[Row]]) -> list[str]:
+    """Each later quantization's step times and tokens/s over the first one's, configuration by configuration.
+
+    Empty for a single quantization. A configuration measured in only one table is left out.
+    """
+    names = list(tables)
+    if len(names) < 2:
+        return []
+    base_name = names[0]
+    base = {(r.batch, r.prompt, r.tokens_per_step, r.cache): r for r in tables[base_name]}
+    lines = []
+    for name in names[1:]:
+        lines.append(f"# {name} / {base_name}")
+        lines.append("batch | prompt | tok/step | cache | refresh ms ratio | cached ms ratio | gen tok/s ratio")
+        for r in tables[name]:
+            b = base.get((r.batch, r.prompt, r.tokens_per_step, r.cache))
+            if b is not None:
+                lines.append(f"{r.batch} | {r.prompt} | {r.tokens_per_step} | {r.cache} | {r.refresh_ms / b.refresh_ms:.2f}x | "
+                             f"{r.cached_ms / b.cached_ms:.2f}x | {r.tokens_per_s / b.tokens_per_s:.2f}x")
+    return lines
 
 
 if __name__ == "__main__":

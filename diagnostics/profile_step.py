@@ -1,6 +1,7 @@
 """Where the time of one engine step goes: GPU kernels by kind, and the host's share.
 
     python diagnostics/profile_step.py --batch 64 --prompt 128 --cache dual --tokens-per-step 4
+    python diagnostics/profile_step.py --batch 1 --cache dual --quantization fp8   # FP8 weights
 
 Runs the same engine and random LLaDA-8B-shaped model as `throughput.py`,
 times a few steady-state cached steps, profiles a few more with torch.profiler,
@@ -30,6 +31,7 @@ FAMILIES = (
     ("moe experts (fused)", ("_moe_",)),
     ("gemm", ("gemm", "cutlass", "sm90", "nvjet", "cublas")),
     ("attention", ("attn_fwd", "merge_splits")),
+    ("fp8 input quantization", ("quantize_rows",)),
     ("kv write", ("write_kv",)),
     ("confidence", ("confidence",)),
     ("norm/rope/silu (fused)", ("rms_norm", "rotary", "silu_mul")),
@@ -57,10 +59,12 @@ def main() -> None:
     p.add_argument("--timed-steps", type=int, default=2, help="cached steps timed without the profiler")
     p.add_argument("--steps", type=int, default=3, help="cached steps under the profiler")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (kernels of graph replays may not be traced)")
+    p.add_argument("--quantization", choices=["none", "fp8"], default="none", help="the weights' quantization")
     a = p.parse_args()
     if 2 + a.timed_steps + a.steps > a.block // a.tokens_per_step:
         p.error("the warm-up, timed and profiled steps must fit in one block's steps (block / tokens-per-step)")
-    engine = make_engine(a.arch, torch.device("cuda"), torch.bfloat16, a.batch, a.prompt + a.gen, cuda_graphs=not a.eager)
+    engine = make_engine(a.arch, torch.device("cuda"), torch.bfloat16, a.batch, a.prompt + a.gen, cuda_graphs=not a.eager,
+                         quantization=a.quantization)
     params = SamplingParams(max_tokens=a.gen, block_length=a.block, steps=a.block // a.tokens_per_step, cache=a.cache)
     admit_random_requests(engine, a.batch, a.prompt, params, seed=0)
     walls: list[float] = []

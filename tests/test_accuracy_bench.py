@@ -98,6 +98,7 @@ def test_json_holds_the_same_rows_and_the_run_setup(bench, random_model_dir):
     assert [r["config"] for r in data["rows"]] == CONFIGS
     assert data["rows"][1]["accuracy"] == rows[1].accuracy
     assert data["model"] == str(random_model_dir) and data["n"] == 2 and data["device"] == "cpu"
+    assert data["quantization"] == "none"
     assert "--n 2" in data["command"]
 
 
@@ -105,6 +106,7 @@ def test_the_table_has_a_header_line_and_one_line_per_row(bench, random_model_di
     _, _, printed = bench
     lines = printed.strip().splitlines()
     assert "--n 2" in lines[0] and str(random_model_dir) in lines[0] and "cpu" in lines[0]
+    assert "quantization none" in lines[0]
     table = [line for line in lines if line.startswith("|")]
     assert len(table) == 2 + len(CONFIGS)
     assert all(line.count("|") == table[0].count("|") for line in table)

@@ -12,8 +12,10 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
+import torch
 from server_fixtures import live_server  # noqa: F401  (pytest fixture)
 
+from unmask.engine.models.arch import CheckpointError
 from unmask.engine.models.loader import read_dummy_config
 from unmask.engine.models.make_random import main as make_random
 
@@ -35,15 +37,21 @@ def _promised(code: str, marker: str) -> str:
     return comment.strip()
 
 
+def _run_python_example(heading: str) -> tuple[str, str]:
+    """Run the first python block after `heading`; returns its code and what it printed."""
+    code = _block_after(heading, "python")
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        exec(compile(code, f"README.md ({heading.lstrip('# ')})", "exec"), {})
+    return code, printed.getvalue()
+
+
 @pytest.mark.slow
 def test_the_offline_api_example_prints_the_answer_its_comment_promises(monkeypatch):
     monkeypatch.chdir(REPO)  # the example names the bundled model by its path in the checkout
-    code = _block_after("### Offline API", "python")
-    printed = io.StringIO()
-    with redirect_stdout(printed):
-        exec(compile(code, "README.md (Offline API)", "exec"), {})
+    code, printed = _run_python_example("### Offline API")
     promised = _promised(code, "print(out.text") + " " + _promised(code, "print(scored")
-    assert printed.getvalue().split() == promised.split()
+    assert printed.split() == promised.split()
 
 
 def _run_curl_example(live_server, heading: str, path: str, shown_pattern: str) -> tuple[dict, str]:
@@ -72,11 +80,8 @@ def test_the_curl_infill_example_gets_the_text_the_readme_shows(live_server):
 
 def test_the_offline_infill_example_prints_the_spans_its_comment_promises(monkeypatch):
     monkeypatch.chdir(REPO)
-    code = _block_after("### Infilling", "python")
-    printed = io.StringIO()
-    with redirect_stdout(printed):
-        exec(compile(code, "README.md (Infilling)", "exec"), {})
-    assert printed.getvalue().strip() == _promised(code, "print(result.texts")
+    code, printed = _run_python_example("### Infilling")
+    assert printed.strip() == _promised(code, "print(result.texts")
 
 
 def _console_after(heading: str) -> list[str]:
@@ -159,3 +164,22 @@ def test_the_block_diffusion_presets_example_writes_block_causal_configs(tmp_pat
         out = tmp_path / Path(argv[3]).name  # the example writes to /tmp/<name>
         make_random([str(out), *argv[4:]])
         assert read_dummy_config(out).block_causal
+
+
+def _fp8_gpu() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.skipif(_fp8_gpu(), reason="the refusal needs a machine without an FP8 GPU")
+def test_the_fp8_example_is_refused_at_its_first_line_without_an_fp8_gpu(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(CheckpointError, match="quantization fp8 needs a CUDA GPU of compute capability 8.9"):
+        _run_python_example("### FP8 weights")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _fp8_gpu(), reason="needs a CUDA GPU of compute capability 8.9+")
+def test_the_fp8_example_prints_the_answer_its_comment_promises(monkeypatch):
+    monkeypatch.chdir(REPO)
+    code, printed = _run_python_example("### FP8 weights")
+    assert printed.strip() == _promised(code, "print(out.text")

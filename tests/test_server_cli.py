@@ -93,6 +93,7 @@ def test_help_lists_the_serving_options(capsys):
         "--dtype",
         "--device",
         "--load-format",
+        "--quantization",
         "--max-score-tokens",
         "--cache",
         "--unmask",

@@ -13,9 +13,14 @@ import torch
 
 import benchmarks.throughput as bench
 from benchmarks.throughput import (
+    BANDWIDTH,
+    FP8_SPEEDUP,
+    MATMUL_RATE,
+    Row,
     cycle_ceiling,
     make_engine,
     model_config,
+    ratio_lines,
     run_config,
     step_floor,
 )
@@ -40,6 +45,39 @@ def test_the_batch_64_dual_cache_ceiling_on_llada_8b_is_set_by_the_refresh_step(
     assert 2500 < ceiling < 4000
     # twice the tokens per step halves the cached steps and leaves the refresh: the ceiling rises, but not twofold
     assert ceiling < _llada_8b_dual_ceiling(batch=64, tokens_per_step=8) < 2 * ceiling
+
+
+def test_the_fp8_floor_of_a_batch_1_step_reads_one_byte_per_projection_weight():
+    cfg = model_config("llada-8b")
+    projections = cfg.num_layers * (4 * cfg.hidden_size**2 + 3 * cfg.hidden_size * cfg.intermediate_size)
+    bf16, _ = step_floor(cfg, 1, 32, 384, 2)
+    fp8, _ = step_floor(cfg, 1, 32, 384, 2, quantization="fp8")
+    assert bf16 - fp8 == pytest.approx(projections / BANDWIDTH)  # weight-bound: one byte less per weight
+
+
+def test_the_fp8_floor_of_a_compute_bound_step_runs_the_projections_at_the_fp8_rate():
+    cfg = model_config("llada-8b")
+    bf16, flops = step_floor(cfg, 64, 384, 384, 2)
+    fp8, fp8_flops = step_floor(cfg, 64, 384, 384, 2, quantization="fp8")
+    projection_flops = 2 * 64 * 384 * cfg.num_layers * (4 * cfg.hidden_size**2 + 3 * cfg.hidden_size * cfg.intermediate_size)
+    assert fp8_flops == flops  # the same work, done faster
+    assert bf16 - fp8 == pytest.approx(projection_flops / MATMUL_RATE * (1 - 1 / FP8_SPEEDUP))
+
+
+def _row(cache: str, refresh_ms: float, cached_ms: float, tokens_per_s: float) -> Row:
+    return Row(1, 128, 1, cache, refresh_ms, cached_ms, tokens_per_s, 0.0, 0.0, 0.0, 0.0)
+
+
+def test_two_quantizations_end_with_the_ratios_of_their_step_times_and_tokens_per_s():
+    tables = {
+        "none": [_row("none", 10.0, 10.0, 100.0), _row("dual", 10.0, 4.0, 400.0)],
+        "fp8": [_row("dual", 6.0, 2.0, 700.0)],
+    }
+    lines = ratio_lines(tables)
+    assert lines[0] == "# fp8 / none"
+    assert lines[-1] == "1 | 128 | 1 | dual | 0.60x | 0.50x | 1.75x"
+    assert len(lines) == 3  # the header, then only the configuration both measured
+    assert ratio_lines({"none": tables["none"]}) == []
 
 
 @pytest.mark.slow

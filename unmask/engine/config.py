@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 DEFAULT_CPU_KV_BYTES = 512 * 2**20
 DEFAULT_GPU_MEMORY_FRACTION = 0.85
 LOAD_FORMATS = ("auto", "dummy")
+QUANTIZATIONS = ("none", "fp8")
 DUMMY_NEEDS = (
     "load format dummy reads the model's shapes from config.json and needs the tokenizer files beside it; "
     "write such a directory with `python -m unmask.engine.models.make_random OUT --preset llada-8b --config-only`"
@@ -39,6 +40,11 @@ class EngineConfig:
     only `config.json` and the tokenizer and draws random weights (N(0, 0.02))
     on the device, on every rank its own shard: a load test of the model's
     shapes without its weights (the text it writes is meaningless).
+    `quantization` "fp8" stores the projections' weights in FP8 (e4m3, a scale
+    per output channel) and multiplies them with per-token FP8 activations on
+    the GPU's FP8 tensor cores (`engine.models.fp8`): a CUDA GPU of compute
+    capability 8.9 or newer and a bf16/fp16 model; with tensor parallelism each
+    rank quantizes its own shard.
     `max_score_tokens` caps the prompts scored for prompt logprobs (`echo` +
     `logprobs`): scoring a prompt of L tokens costs L - 1 passes over L positions
     (see `engine.scoring`).
@@ -58,6 +64,7 @@ class EngineConfig:
     guide_model: str | None = None
     tensor_parallel_size: int = 1
     load_format: str = "auto"
+    quantization: str = "none"
     max_score_tokens: int = 1024
     defaults: EngineDefaults = field(default_factory=EngineDefaults)
 
@@ -69,6 +76,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.tensor_parallel_size > 1 and self.feature_cache:

@@ -30,7 +30,7 @@ from unmask.engine.errors import EngineDeadError
 from unmask.engine.infill import CanvasLayout, Infill, cannot_infill, lay_out
 from unmask.engine.kv_pool import KVPool
 from unmask.engine.logprobs import chosen_logprobs, output_logprobs
-from unmask.engine.models.loader import LoadedModel, load_model
+from unmask.engine.models.loader import LoadedModel, check_engine_quantization, load_model
 from unmask.engine.outputs import BlockView, FinishReason, RequestOutput, StepStats
 from unmask.engine.pages import PageAllocator
 from unmask.engine.parallel import ShardLoader, TensorParallelGroup
@@ -80,13 +80,16 @@ def build_kv_tensors(loaded: LoadedModel, config: EngineConfig) -> KVPool:
 class LLMEngine:
     """The engine; with `tensor_parallel_size` > 1 it is rank 0 of a tensor-parallel group.
 
-    `loaded` is a model already in memory (one device only); `shards` gives each
+    `loaded` is a model already in memory (one device only), used as it is
+    (`config.quantization` applies to the models the engine loads itself); `shards` gives each
     tensor-parallel rank its shard (default: slices of `config.model_dir`).
     Call `close()` when done with a tensor-parallel engine: it stops the workers.
     """
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, shards: ShardLoader | None = None):
         self.config = config
+        if loaded is None and shards is None:
+            check_engine_quantization(config)  # before tensor-parallel workers start (given shards check their own)
         self.parallel = TensorParallelGroup(config, shards) if config.tensor_parallel_size > 1 else None
         try:
             self._load(loaded)
@@ -105,7 +108,9 @@ class LLMEngine:
         config = self.config
         if self.parallel is not None:
             loaded = self.parallel.loaded
-        self.loaded = loaded or load_model(config.model_dir, config.dtype, config.device, config.load_format)
+        self.loaded = loaded or load_model(
+            config.model_dir, config.dtype, config.device, config.load_format, config.quantization
+        )
         self.model_config = self.loaded.config
         # The server's defaults completed by the checkpoint's own (its family's schedule, its generation
         # config) and, for a block-causal model, its attention pattern's (its blocks, cache and rules).

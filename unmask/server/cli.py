@@ -18,7 +18,7 @@ import socket
 import sys
 from dataclasses import fields
 
-from unmask.engine.config import DUMMY_NEEDS, LOAD_FORMATS
+from unmask.engine.config import DUMMY_NEEDS, LOAD_FORMATS, QUANTIZATIONS
 from unmask.engine.method_params import METHOD_PARAMS_BY_NAME
 from unmask.engine.params import (
     BLOCK_START_RULES,
@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(the text is meaningless)",
     )
     eng.add_argument(
+        "--quantization",
+        default="none",
+        choices=QUANTIZATIONS,
+        help="fp8: the projections' weights in FP8 (e4m3, a scale per output channel) and FP8 products with "
+        "per-token activation scales; needs a bf16/fp16 model on a GPU of compute capability 8.9+ (Ada, Hopper)",
+    )
+    eng.add_argument(
         "--feature-cache", action="store_true", help="add feature pages to the KV pool (needed by cache=dllm-cache)"
     )
     eng.add_argument(
@@ -199,6 +206,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # Imported late so `unmask --help` stays fast (the engine pulls in torch).
     from unmask.engine.async_engine import AsyncEngine
     from unmask.engine.config import EngineConfig
+    from unmask.engine.models.loader import check_engine_quantization
     from unmask.server.app import create_app
 
     try:
@@ -216,8 +224,10 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             guide_model=args.guide_model,
             tensor_parallel_size=args.tensor_parallel_size,
             load_format=args.load_format,
+            quantization=args.quantization,
             defaults=defaults,
         )
+        check_engine_quantization(config)  # a one-line refusal now, not a failed startup later
     except ValueError as exc:
         parser.error(str(exc))
     settings = ServerSettings(

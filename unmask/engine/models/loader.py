@@ -10,10 +10,11 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from unmask.engine.config import DUMMY_NEEDS
+from unmask.engine.config import DUMMY_NEEDS, EngineConfig
 from unmask.engine.models.arch import CheckpointError
 from unmask.engine.models.checkpoint import load_weights, random_weights, read_config
 from unmask.engine.models.config import ModelConfig
+from unmask.engine.models.fp8 import Reduce, check_fp8_shapes, check_fp8_support, quantize_fp8
 from unmask.engine.models.transformer import DiffusionTransformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,18 +65,52 @@ def read_dummy_config(model_dir: str | Path) -> ModelConfig:
     return read_config(model_dir)
 
 
-def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "auto", load_format: str = "auto") -> LoadedModel:
+def read_model_config(model_dir: str | Path, load_format: str) -> ModelConfig:
+    """`config.json` of `model_dir`, with the dummy format's explanation when it is missing."""
+    return read_dummy_config(model_dir) if load_format == "dummy" else read_config(model_dir)
+
+
+def check_quantization(quantization: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a quantization the device or dtype cannot run (before any weight is read)."""
+    if quantization == "fp8":
+        check_fp8_support(device, dtype)
+
+
+def check_engine_quantization(config: EngineConfig) -> None:
+    """A startup check, before anything loads: `check_quantization` for the device and dtype `config` asks
+    for, and the model's shapes (one tensor-parallel shard's) against what the quantized products need."""
+    if config.quantization == "fp8":
+        device = resolve_device(config.device)
+        check_fp8_support(device, resolve_dtype(config.dtype, device))
+        check_fp8_shapes(read_model_config(config.model_dir, config.load_format), config.tensor_parallel_size)
+
+
+def quantize(model: DiffusionTransformer, quantization: str, reduce: Reduce | None = None) -> None:
+    """Apply `quantization` to a loaded model in place ("none" leaves it as it is).
+
+    `reduce` is a tensor-parallel shard's all-reduce (see `models.fp8.quantize_fp8`).
+    """
+    if quantization == "fp8":
+        quantize_fp8(model, reduce)
+
+
+def load_model(
+    model_dir: str | Path, dtype: str = "auto", device: str = "auto", load_format: str = "auto", quantization: str = "none"
+) -> LoadedModel:
     """Load config, weights and tokenizer of a local LLaDA/Dream checkpoint directory.
 
     `load_format="dummy"` reads only `config.json` and the tokenizer and draws
     the weights at random (N(0, 0.02)) on the device, for load tests.
+    `quantization="fp8"` quantizes the projections after loading (`models.fp8`).
     """
-    config = read_dummy_config(model_dir) if load_format == "dummy" else read_config(model_dir)
+    config = read_model_config(model_dir, load_format)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    check_quantization(quantization, dev, torch_dtype)
     tokenizer = load_tokenizer(model_dir)
     if load_format == "dummy":
         model = random_weights(config, torch_dtype, dev)
     else:
         model = load_weights(model_dir, torch_dtype, dev)
+    quantize(model, quantization)
     return LoadedModel(model, config, tokenizer, dev, torch_dtype)

@@ -19,7 +19,14 @@ from unmask.engine.config import EngineConfig
 from unmask.engine.models.arch import CheckpointError
 from unmask.engine.models.checkpoint import load_weights, random_weights, read_config
 from unmask.engine.models.config import ModelConfig
-from unmask.engine.models.loader import LoadedModel, load_tokenizer, read_dummy_config, resolve_dtype
+from unmask.engine.models.loader import (
+    LoadedModel,
+    check_quantization,
+    load_tokenizer,
+    quantize,
+    read_dummy_config,
+    resolve_dtype,
+)
 from unmask.engine.models.transformer import DiffusionTransformer
 from unmask.engine.parallel.layers import shard_model
 from unmask.engine.parallel.state import ParallelState
@@ -73,11 +80,14 @@ class CheckpointShards:
 
     model_dir: str
     dtype: str = "auto"
+    quantization: str = "none"
 
     def load(self, state: ParallelState) -> LoadedModel:
         cfg = read_config(self.model_dir)
         dtype = resolve_dtype(self.dtype, state.device)
+        check_quantization(self.quantization, state.device, dtype)
         model = load_weights(self.model_dir, dtype, state.device, RankSlicer(state))
+        quantize(model, self.quantization, state.all_reduce)
         tokenizer = load_tokenizer(self.model_dir) if state.rank == 0 else None
         return LoadedModel(model, cfg, tokenizer, state.device, dtype)
 
@@ -95,11 +105,14 @@ class RandomShards:
     dtype: str = "auto"
     std: float = 0.02
     seed: int = 0
+    quantization: str = "none"
 
     def load(self, state: ParallelState) -> LoadedModel:
         dtype = resolve_dtype(self.dtype, state.device)
+        check_quantization(self.quantization, state.device, dtype)
         seed = self.seed * 1009 + state.rank
         model = random_weights(self.config, dtype, state.device, RankSlicer(state), self.std, seed)
+        quantize(model, self.quantization, state.all_reduce)
         tokenizer = load_tokenizer(self.tokenizer_dir) if state.rank == 0 else None
         return LoadedModel(model, self.config, tokenizer, state.device, dtype)
 
@@ -108,5 +121,7 @@ def shard_loader(config: EngineConfig) -> ShardLoader:
     """How the ranks load `config.model_dir`: slices of its weights, or (`load_format="dummy"`)
     random weights of its `config.json`'s shapes."""
     if config.load_format == "dummy":
-        return RandomShards(read_dummy_config(config.model_dir), tokenizer_dir=config.model_dir, dtype=config.dtype)
-    return CheckpointShards(config.model_dir, config.dtype)
+        return RandomShards(
+            read_dummy_config(config.model_dir), config.model_dir, config.dtype, quantization=config.quantization
+        )
+    return CheckpointShards(config.model_dir, config.dtype, config.quantization)
