@@ -228,3 +228,15 @@ def test_a_scaled_down_dummy_moe_directory_generates(tmp_path, preset):
     llm = LLM(str(tmp_path), load_format="dummy", kv_cache_memory=32 * 2**20)
     out = llm.generate("Hello", SamplingParams(max_tokens=10, ignore_eos=True))[0]
     assert len(out.token_ids) == 10
+
+
+def test_llada2_commits_by_its_references_threshold_of_0_95_by_default(tmp_path_factory):
+    engine = _engine(_llada2_dir(tmp_path_factory))
+    seq = engine.make_sequence("r", _prompt(5), SamplingParams(max_tokens=8))
+    assert (seq.params.unmask, seq.params.threshold, seq.params.cache, seq.params.block_length) == ("threshold", 0.95, "block", 32)
+
+
+def test_a_request_choosing_its_unmask_policy_overrides_llada2s_default(tmp_path_factory):
+    engine = _engine(_llada2_dir(tmp_path_factory))
+    seq = engine.make_sequence("r", _prompt(5), SamplingParams(max_tokens=8, unmask="low_confidence"))
+    assert seq.params.unmask == "low_confidence"

@@ -189,7 +189,7 @@ def _block_diffusion_fields(arch: str, hidden: int, heads: int) -> dict:
 def _moe_fields(arch: str, hidden: int, heads: int) -> dict:
     """Small mixture-of-experts geometry exercising each family's router: LLaDA-MoE 8 experts, 2 per token,
     softmax, every layer routed, per-head q/k norms; LLaDA2 8 experts in 4 groups (2 kept), 2 per token,
-    a shared expert, its first layer dense, half of each head rotated, blocks of 8."""
+    a shared expert, its first layer dense, half of each head rotated, its trained blocks of 32."""
     if arch == "llada-moe":
         return dict(qk_norm=True, moe=MoEConfig(num_experts=8, top_k=2, expert_intermediate_size=hidden // 2))
     if arch == "llada2":
@@ -198,7 +198,7 @@ def _moe_fields(arch: str, hidden: int, heads: int) -> dict:
             dense_layers=(0,), scoring="sigmoid", expert_bias="selection", num_groups=4, top_groups=2,
             normalize=True, routed_scaling_factor=2.5, router_float32=True,
         )
-        return dict(qk_norm=True, attention_block_size=8, explicit_rotary_dim=hidden // heads // 2, moe=moe)
+        return dict(qk_norm=True, attention_block_size=32, explicit_rotary_dim=hidden // heads // 2, moe=moe)
     return {}
 
 
