@@ -111,7 +111,8 @@ class MoEFeedForward(nn.Module):
     def fuse_projections(self) -> None:
         """Stack the experts' weights for the kernel; their parameters become views of the stacks."""
         self.gate.keep_float32()
-        self.gate_up, self.down = self.stacked_weights()
+        with torch.no_grad():
+            self.gate_up, self.down = self.stacked_weights()
         width = self.gate_up.shape[1] // 2
         for i, expert in enumerate(self.experts):
             expert.gate_proj.weight = nn.Parameter(self.gate_up[i, :width], requires_grad=False)
@@ -122,9 +123,8 @@ class MoEFeedForward(nn.Module):
         """(gate_up, down): the fused stacks, or stacked now from unfused experts (training, references)."""
         if self.gate_up is not None and self.down is not None:
             return self.gate_up, self.down
-        with torch.no_grad():
-            gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
-            return gate_up, torch.stack([e.down_proj.weight for e in self.experts])
+        gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
+        return gate_up, torch.stack([e.down_proj.weight for e in self.experts])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.gate(x)
