@@ -1,4 +1,4 @@
-"""An independent dense reference for the mixture-of-experts families (LLaDA-MoE, LLaDA2), for the tests.
+"""An independent dense reference for the mixture-of-experts families (LLaDA-MoE, LLaDA2, SDAR-MoE), for the tests.
 
 It reads a checkpoint directory's `config.json` and safetensors by their
 Hugging Face names and computes the forward in plain fp32 PyTorch, with no
@@ -9,14 +9,15 @@ families' reference code routes:
 
 - LLaDA-MoE: softmax of the router's logits (plus the expert bias when the
   config enables it), the top k as they are, never renormalised;
+- SDAR-MoE (Qwen3-MoE): softmax, the top k over their sum when `norm_topk_prob`;
 - LLaDA2: sigmoid scores; the bias added for choosing only; experts in
   `n_group` groups scored by their two best biased scores, the best `topk_group`
   groups eligible; the chosen unbiased scores over their sum, times
   `routed_scaling_factor`.
 
 Attention is bidirectional (LLaDA-MoE) or block-causal in LLaDA2's blocks of
-32; RoPE rotates each head's leading `partial_rotary_factor` part. Decoding
-reuses `QwenReference`'s block loop (LLaDA2) or `dense_decode` (LLaDA-MoE,
+32 or SDAR-MoE's `block_size`; RoPE rotates each head's leading `partial_rotary_factor` part. Decoding
+reuses `QwenReference`'s block loop (LLaDA2, SDAR-MoE) or `dense_decode` (LLaDA-MoE,
 through `as_loaded`).
 """
 
@@ -43,7 +44,8 @@ class MoEReference(QwenReference):
                 self.w.update({k: f.get_tensor(k).float() for k in f.keys()})
         self.llada2 = hf["model_type"] == "llada2_moe"
         self.shifted, self.sub_block = False, None
-        self.block = LLADA2_BLOCK if self.llada2 else None
+        self.sdar = hf["model_type"] == "sdar_moe"
+        self.block = LLADA2_BLOCK if self.llada2 else hf["block_size"] if self.sdar else None
         self.heads, self.kv_heads = hf["num_attention_heads"], hf["num_key_value_heads"]
         self.head_dim = hf.get("head_dim") or hf["hidden_size"] // self.heads
         self.rotary_dim = int(self.head_dim * hf.get("partial_rotary_factor", 1.0))
@@ -85,6 +87,8 @@ class MoEReference(QwenReference):
             if f"{p}.mlp.expert_bias" in self.w:
                 probs = probs + self.w[f"{p}.mlp.expert_bias"]
             top, ids = probs.topk(k, dim=-1)
+            if self.sdar and hf["norm_topk_prob"]:
+                top = top / top.sum(-1, keepdim=True)
             return dense.scatter(1, ids, top)
         scores = logits.sigmoid()
         biased = scores + self.w[f"{p}.mlp.gate.expert_bias"]
@@ -99,7 +103,10 @@ class MoEReference(QwenReference):
 
     def _feed_forward(self, h: torch.Tensor, i: int, p: str) -> torch.Tensor:
         hf = self.hf
-        dense_layer = i < hf.get("first_k_dense_replace", 0) if self.llada2 else not hf["moe_layer_freq"][i]
+        if self.llada2:
+            dense_layer = i < hf.get("first_k_dense_replace", 0)
+        else:
+            dense_layer = i in hf["mlp_only_layers"] if self.sdar else not hf["moe_layer_freq"][i]
         if dense_layer:
             return self._swiglu(h, f"{p}.mlp")
         routing = self.routing_matrix(h, p)

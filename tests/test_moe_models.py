@@ -1,4 +1,4 @@
-"""Mixture-of-experts families (LLaDA-MoE, LLaDA2): the native forward and decoding against a dense reference,
+"""Mixture-of-experts families (LLaDA-MoE, LLaDA2, SDAR-MoE): the native forward and decoding against a dense reference,
 their public checkpoint layouts and configs, and their presets.
 
 The reference (`moe_reference.py`) is independent of the engine's model: it
@@ -33,7 +33,7 @@ from unmask.engine.policies import CACHE_POLICIES
 from unmask.engine.runner import SequenceWork
 
 FORWARD_TOLERANCE = 1e-4  # fp32 logits of two layers: the routed forward and the all-experts reference differ by rounding
-FAMILIES = ("llada-moe", "llada2")
+FAMILIES = ("llada-moe", "llada2", "sdar-moe")
 
 # The fields of inclusionAI/LLaDA2.0-mini's config.json that matter here.
 LLADA2_MINI_CONFIG = {
@@ -55,6 +55,16 @@ LLADA_MOE_7B_CONFIG = {
     "moe_router_score_function": "softmax", "qk_layernorm": True, "attention_bias": False, "clip_qkv": None,
     "rope_theta": 50000, "rope_scaling": None, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
     "vocab_size": 157184, "hidden_act": "silu", "tie_word_embeddings": False,
+}
+
+# JetLM/SDAR-30B-A3B-Chat's: Qwen3-30B-A3B's shapes and router fields (no block_size, no mask_token_id).
+SDAR_30B_A3B_CONFIG = {
+    "architectures": ["SDARMoeForCausalLM"], "model_type": "sdar_moe", "hidden_size": 2048, "num_hidden_layers": 48,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144,
+    "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+    "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936, "rope_theta": 1000000, "rope_scaling": None,
+    "rms_norm_eps": 1e-6, "attention_bias": False, "tie_word_embeddings": False, "max_position_embeddings": 32768,
+    "eos_token_id": 151643, "hidden_act": "silu",
 }
 
 
@@ -132,6 +142,19 @@ def test_llada2_decodes_token_for_token_like_the_dense_reference(tmp_path_factor
     assert out.token_ids == expected
 
 
+@pytest.mark.parametrize("cache", ["block", "none"])
+@pytest.mark.parametrize("rule", ["one_per_step", "threshold"])
+def test_sdar_moe_decodes_token_for_token_like_the_dense_reference(tmp_path_factory, cache, rule):
+    model_dir = tmp_path_factory.getbasetemp() / "sdar-moe-decode"
+    if not (model_dir / "config.json").is_file():
+        make_random_checkpoint(model_dir, arch="sdar-moe", layers=2, hidden=64, heads=4, layer_std=0.2)
+    prompt = _prompt(6)
+    expected = MoEReference(model_dir).reference_decode(prompt, 14, rule, threshold=0.3)
+    unmask = {"one_per_step": {"unmask": "low_confidence"}, "threshold": {"unmask": "threshold", "threshold": 0.3}}[rule]
+    out = LLM(str(model_dir)).generate(prompt, SamplingParams(max_tokens=14, cache=cache, ignore_eos=True, **unmask))[0]
+    assert out.token_ids == expected
+
+
 def _llada2_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.getbasetemp() / "llada2-decode"
     if not (root / "config.json").is_file():
@@ -184,6 +207,14 @@ def test_llada_moe_checkpoint_has_per_expert_names_and_the_shared_expert_at_the_
             "model.layers.0.mlp.gate.weight"} <= _tensor_names(model_dir)
 
 
+def test_sdar_moe_checkpoint_has_qwen3_moe_names(tmp_path):
+    model_dir = make_random_checkpoint(tmp_path, arch="sdar-moe", layers=1, hidden=64, heads=4)
+    names = _tensor_names(model_dir)
+    assert {"model.layers.0.self_attn.q_norm.weight", "model.layers.0.mlp.gate.weight",
+            "model.layers.0.mlp.experts.7.down_proj.weight", "model.embed_tokens.weight"} <= names
+    assert "model.layers.0.mlp.gate_proj.weight" not in names
+
+
 def _config_dir(tmp_path, hf: dict) -> Path:
     (tmp_path / "config.json").write_text(json.dumps(hf))
     return tmp_path
@@ -204,6 +235,18 @@ def test_public_llada_moe_config_is_told_from_llada_8b_by_its_experts(tmp_path):
     assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.scoring, cfg.moe.normalize, cfg.moe.dense_layers) == (64, 8, "softmax", False, ())
 
 
+def test_public_sdar_moe_config_routes_every_layer_with_renormalised_softmax(tmp_path):
+    cfg = read_config(_config_dir(tmp_path, SDAR_30B_A3B_CONFIG))
+    assert (cfg.arch, cfg.attention_block_size, cfg.mask_token_id, cfg.head_dim, cfg.num_kv_heads) == ("sdar-moe", 4, 151669, 128, 4)
+    assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.expert_intermediate_size) == (128, 8, 768)
+    assert (cfg.moe.scoring, cfg.moe.normalize, cfg.moe.dense_layers, cfg.moe.router_float32) == ("softmax", True, (), False)
+
+
+def test_sdar_moe_mlp_only_layers_stay_dense(tmp_path):
+    cfg = read_config(_config_dir(tmp_path, SDAR_30B_A3B_CONFIG | {"mlp_only_layers": [0, 5]}))
+    assert cfg.moe.dense_layers == (0, 5) and not cfg.is_moe_layer(5) and cfg.is_moe_layer(1)
+
+
 @pytest.mark.parametrize("hf,field", [(LLADA2_MINI_CONFIG, "use_bias"), (LLADA_MOE_7B_CONFIG, "clip_qkv")])
 def test_unsupported_moe_config_fields_are_refused_naming_them(tmp_path, hf, field):
     with pytest.raises(CheckpointError, match=field):
@@ -212,7 +255,8 @@ def test_unsupported_moe_config_fields_are_refused_naming_them(tmp_path, hf, fie
 
 @pytest.mark.parametrize(
     "preset,shape",
-    [("llada-moe-7b", (2048, 16, 16, 64, 8, 1024, None)), ("llada2-mini", (2048, 20, 16, 256, 8, 512, 32))],
+    [("llada-moe-7b", (2048, 16, 16, 64, 8, 1024, None)), ("llada2-mini", (2048, 20, 16, 256, 8, 512, 32)),
+     ("sdar-30b-a3b", (2048, 48, 32, 128, 8, 768, 4))],
 )
 def test_moe_presets_write_the_real_shapes_for_dummy_loading(tmp_path, preset, shape):
     make_random([str(tmp_path), "--preset", preset, "--config-only"])
@@ -222,7 +266,7 @@ def test_moe_presets_write_the_real_shapes_for_dummy_loading(tmp_path, preset, s
     assert got == shape
 
 
-@pytest.mark.parametrize("preset", ["llada-moe-7b", "llada2-mini"])
+@pytest.mark.parametrize("preset", ["llada-moe-7b", "llada2-mini", "sdar-30b-a3b"])
 def test_a_scaled_down_dummy_moe_directory_generates(tmp_path, preset):
     make_random([str(tmp_path), "--preset", preset, "--config-only", "--layers", "2", "--hidden", "128", "--heads", "4"])
     llm = LLM(str(tmp_path), load_format="dummy", kv_cache_memory=32 * 2**20)

@@ -439,11 +439,11 @@ def test_each_rank_loads_its_slice_of_every_experts_ffn_and_the_whole_router(tmp
         assert torch.equal(params[1][name], full[name])
 
 
-@pytest.mark.parametrize("arch", ["llada-moe", "llada2"])
+@pytest.mark.parametrize("arch", ["llada-moe", "llada2", "sdar-moe"])
 def test_tp2_decodes_a_mixture_of_experts_model_like_one_process(tmp_path, arch):
     """Experts split by their FFN width, the router replicated, one all-reduce per routed layer."""
     model_dir = make_random_checkpoint(tmp_path, arch=arch, layers=2, hidden=64, heads=4, layer_std=0.2)
-    cache = "block" if arch == "llada2" else "dual"
+    cache = "dual" if arch == "llada-moe" else "block"
     requests = [
         ("Hello world", SamplingParams(max_tokens=20, cache=cache, unmask="threshold", threshold=0.5)),
         ("The quick brown fox", SamplingParams(max_tokens=24, cache="none", unmask="low_confidence", ignore_eos=True)),

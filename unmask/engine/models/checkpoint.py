@@ -24,9 +24,10 @@ from unmask.engine.models.llada import LLADA
 from unmask.engine.models.llada2 import LLADA2
 from unmask.engine.models.llada_moe import LLADA_MOE
 from unmask.engine.models.sdar import SDAR
+from unmask.engine.models.sdar_moe import SDAR_MOE
 from unmask.engine.models.transformer import DiffusionTransformer, Rotary
 
-ARCHITECTURES: tuple[Architecture, ...] = (LLADA, DREAM, SDAR, FASTDLLM_V2, LLADA_MOE, LLADA2)
+ARCHITECTURES: tuple[Architecture, ...] = (LLADA, DREAM, SDAR, FASTDLLM_V2, LLADA_MOE, LLADA2, SDAR_MOE)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from unmask.engine.models.arch import Architecture, CheckpointError, require
 from unmask.engine.models.config import ModelConfig, MoEConfig
+from unmask.engine.models.expert_names import routed_expert_names, swiglu_names
 from unmask.engine.models.qwen import first_id, reject_rope_scaling
 
 DEFAULT_MASK_TOKEN_ID = 156895
@@ -38,7 +39,6 @@ _LAYER_NAMES = {
     "mlp_norm.weight": "post_attention_layernorm.weight",
 }
 _QK_NORM_NAMES = {"attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"}
-_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def parse_config(hf: dict) -> ModelConfig:
@@ -139,15 +139,14 @@ def tensor_names(cfg: ModelConfig) -> dict[str, str]:
         ours, theirs = f"layers.{i}", f"model.layers.{i}"
         names.update({f"{ours}.{a}": f"{theirs}.{b}" for a, b in per_layer.items()})
         if not cfg.is_moe_layer(i):
-            names.update({f"{ours}.mlp.{p}.weight": f"{theirs}.mlp.{p}.weight" for p in _PROJECTIONS})
+            names.update(swiglu_names(f"{ours}.mlp", f"{theirs}.mlp"))
             continue
         names[f"{ours}.mlp.gate.weight"] = f"{theirs}.mlp.gate.weight"
         if moe.expert_bias:
             names[f"{ours}.mlp.gate.expert_bias"] = f"{theirs}.mlp.expert_bias"
-        for e in range(moe.num_experts):
-            names.update({f"{ours}.mlp.experts.{e}.{p}.weight": f"{theirs}.mlp.experts.{e}.{p}.weight" for p in _PROJECTIONS})
+        names.update(routed_expert_names(f"{ours}.mlp", f"{theirs}.mlp", moe.num_experts))
         if moe.shared_intermediate_size:
-            names.update({f"{ours}.mlp.shared_expert.{p}.weight": f"{theirs}.shared_expert.{p}.weight" for p in _PROJECTIONS})
+            names.update(swiglu_names(f"{ours}.mlp.shared_expert", f"{theirs}.shared_expert"))
     return names
 
 

@@ -1,6 +1,6 @@
 """Write a random model directory in the exact layout of a family Unmask serves, with a tokenizer.
 
-    python -m unmask.engine.models.make_random OUT_DIR --arch llada|dream|sdar|fastdllm-v2|llada-moe|llada2 [--layers N ...]
+    python -m unmask.engine.models.make_random OUT_DIR --arch llada|dream|sdar|fastdllm-v2|llada-moe|llada2|sdar-moe [--layers N ...]
     python -m unmask.engine.models.make_random OUT_DIR --preset llada-8b --config-only
 
 Tests use the first form to exercise the loader and the engine on both layouts
@@ -84,6 +84,13 @@ PRESETS: dict[str, ModelConfig] = {
             scoring="sigmoid", expert_bias="selection", num_groups=8, top_groups=4, normalize=True,
             routed_scaling_factor=2.5, router_float32=True,
         ),
+    ),
+    # JetLM/SDAR-30B-A3B-Chat (Qwen3-30B-A3B shapes: 128 experts of width 768, 8 per token; blocks of 4).
+    "sdar-30b-a3b": ModelConfig(
+        arch="sdar-moe", hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4, intermediate_size=6144,
+        vocab_size=151936, mask_token_id=151669, eos_token_id=151643, rope_theta=1e6, rms_norm_eps=1e-6,
+        max_position=32768, explicit_head_dim=128, qk_norm=True, attention_block_size=4,
+        moe=MoEConfig(num_experts=128, top_k=8, expert_intermediate_size=768, normalize=True),
     ),
     "tiny": ModelConfig(
         arch="llada", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=384,
@@ -189,9 +196,13 @@ def _block_diffusion_fields(arch: str, hidden: int, heads: int) -> dict:
 def _moe_fields(arch: str, hidden: int, heads: int) -> dict:
     """Small mixture-of-experts geometry exercising each family's router: LLaDA-MoE 8 experts, 2 per token,
     softmax, every layer routed, per-head q/k norms; LLaDA2 8 experts in 4 groups (2 kept), 2 per token,
-    a shared expert, its first layer dense, half of each head rotated, its trained blocks of 32."""
+    a shared expert, its first layer dense, half of each head rotated, its trained blocks of 32; SDAR-MoE
+    8 experts, 2 per token, renormalised, in SDAR's geometry."""
     if arch == "llada-moe":
         return dict(qk_norm=True, moe=MoEConfig(num_experts=8, top_k=2, expert_intermediate_size=hidden // 2))
+    if arch == "sdar-moe":
+        moe = MoEConfig(num_experts=8, top_k=2, expert_intermediate_size=hidden // 2, normalize=True)
+        return dict(explicit_head_dim=2 * hidden // heads, qk_norm=True, attention_block_size=4, moe=moe)
     if arch == "llada2":
         moe = MoEConfig(
             num_experts=8, top_k=2, expert_intermediate_size=hidden // 2, shared_intermediate_size=hidden // 2,
@@ -331,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir")
     shape = p.add_mutually_exclusive_group()
-    shape.add_argument("--arch", choices=["llada", "dream", "sdar", "fastdllm-v2", "llada-moe", "llada2"], default="llada")
+    shape.add_argument("--arch", choices=["llada", "dream", "sdar", "fastdllm-v2", "llada-moe", "llada2", "sdar-moe"], default="llada")
     shape.add_argument("--preset", choices=list(PRESETS), help="a named model's shapes (the options below override them)")
     p.add_argument("--layers", type=int, default=None, help="default 2, or the preset's")
     p.add_argument("--hidden", type=int, default=None, help="default 64, or the preset's")
