@@ -284,3 +284,24 @@ def test_a_request_choosing_its_unmask_policy_overrides_llada2s_default(tmp_path
     engine = _engine(_llada2_dir(tmp_path_factory))
     seq = engine.make_sequence("r", _prompt(5), SamplingParams(max_tokens=8, unmask="low_confidence"))
     assert seq.params.unmask == "low_confidence"
+
+
+@pytest.mark.gpu
+def test_cuda_moe_decoding_matches_the_cpu_engine(moe_dir):
+    """`kernels.moe.moe_experts` on CUDA (Triton), the block-causal or full attention kernels and CUDA graphs,
+    in fp32, against the CPU engine's PyTorch references."""
+    params = SamplingParams(max_tokens=21, unmask="threshold", threshold=0.3, ignore_eos=True)
+    prompts = [_prompt(6), _prompt(30), _prompt(9, first=11)]
+    cpu = LLM(str(moe_dir)).generate(prompts, [params] * 3)
+    cuda = LLM(str(moe_dir), device="cuda", dtype="float32", kv_cache_memory=64 * 2**20).generate(prompts, [params] * 3)
+    assert [o.token_ids for o in cuda] == [o.token_ids for o in cpu]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["llada-moe-7b", "llada2-mini"])
+def test_dummy_moe_models_of_the_real_shapes_generate_on_the_gpu(tmp_path, preset):
+    make_random([str(tmp_path), "--preset", preset, "--config-only"])
+    llm = LLM(str(tmp_path), device="cuda", load_format="dummy", kv_cache_memory=2 * 2**30)
+    outs = llm.generate(["Hello"] * 4, SamplingParams(max_tokens=64, ignore_eos=True))
+    assert all(len(o.token_ids) == 64 for o in outs)
+    assert llm.engine.pool.num_free == llm.engine.pool.num_pages

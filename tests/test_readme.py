@@ -159,3 +159,13 @@ def test_the_block_diffusion_presets_example_writes_block_causal_configs(tmp_pat
         out = tmp_path / Path(argv[3]).name  # the example writes to /tmp/<name>
         make_random([str(out), *argv[4:]])
         assert read_dummy_config(out).block_causal
+
+
+def test_the_mixture_of_experts_presets_example_writes_routed_configs(tmp_path):
+    block = _block_after("### Mixture-of-experts models", "bash")
+    commands = [line.split() for line in block.splitlines() if "make_random" in line]
+    assert len(commands) == 3
+    for argv in commands:
+        out = tmp_path / Path(argv[3]).name  # the example writes to /tmp/<name>
+        make_random([str(out), *argv[4:]])
+        assert read_dummy_config(out).moe is not None
