@@ -24,7 +24,8 @@ class MoEConfig:
     - `normalize`: the chosen weights are divided by their sum;
     - `routed_scaling_factor` multiplies the chosen weights;
     - `router_float32`: the router's logits are computed in float32 from float32
-      weights (LLaDA2.x), rather than in the model's dtype.
+      weights (LLaDA2.x); otherwise in the model's dtype, and the chosen weights
+      are rounded to it before weighting the experts (LLaDA-MoE, Qwen3-MoE).
     """
 
     num_experts: int
