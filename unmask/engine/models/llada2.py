@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from unmask.engine.models.arch import Architecture, CheckpointError, Rows, require
 from unmask.engine.models.config import ModelConfig, MoEConfig
-from unmask.engine.models.expert_names import routed_expert_names, swiglu_names
-from unmask.engine.models.qwen import first_id, reject_rope_scaling
+from unmask.engine.models.expert_names import feed_forward_names
+from unmask.engine.models.qwen import qwen_hf_config, qwen_shapes, reject_rope_scaling
 
 DEFAULT_MASK_TOKEN_ID = 156895
 DEFAULT_EOS_TOKEN_ID = 156892
@@ -51,19 +51,8 @@ def parse_config(hf: dict) -> ModelConfig:
     expert_width = require(hf, "moe_intermediate_size")
     return ModelConfig(
         arch="llada2",
-        hidden_size=hidden,
-        num_layers=require(hf, "num_hidden_layers"),
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        intermediate_size=require(hf, "intermediate_size"),
-        vocab_size=require(hf, "vocab_size"),
         mask_token_id=hf.get("mask_token_id", DEFAULT_MASK_TOKEN_ID),
-        eos_token_id=first_id(hf.get("eos_token_id", DEFAULT_EOS_TOKEN_ID)),
-        rope_theta=float(hf.get("rope_theta", 600000.0)),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        max_position=hf.get("max_position_embeddings", 32768),
         qkv_bias=bool(hf.get("use_qkv_bias", False)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         explicit_head_dim=head_dim,
         qk_norm=True,
         attention_block_size=TRAINED_BLOCK_SIZE,
@@ -82,6 +71,7 @@ def parse_config(hf: dict) -> ModelConfig:
             routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
             router_float32=True,
         ),
+        **qwen_shapes({"eos_token_id": DEFAULT_EOS_TOKEN_ID} | hf, default_rope_theta=600000.0),
     )
 
 
@@ -98,16 +88,8 @@ def _reject_unsupported(hf: dict) -> None:
 def to_hf_config(cfg: ModelConfig) -> dict:
     moe = cfg.moe
     assert moe is not None
-    return {
-        "architectures": ["LLaDA2MoeModelLM"],
-        "model_type": "llada2_moe",
-        "hidden_act": "silu",
-        "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
+    return {"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe"} | qwen_hf_config(cfg) | {
         "head_dim": cfg.head_dim,
-        "intermediate_size": cfg.intermediate_size,
         "moe_intermediate_size": moe.expert_intermediate_size,
         "num_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
@@ -124,21 +106,10 @@ def to_hf_config(cfg: ModelConfig) -> dict:
         "use_bias": False,
         "use_qk_norm": True,
         "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim,
-        "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_position,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "mask_token_id": cfg.mask_token_id,
-        "eos_token_id": cfg.eos_token_id,
-        "pad_token_id": cfg.eos_token_id,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
     }
 
 
 def tensor_names(cfg: ModelConfig) -> dict[str, str | Rows]:
-    moe = cfg.moe
-    assert moe is not None
     names: dict[str, str | Rows] = {"embed.weight": "model.word_embeddings.weight", "final_norm.weight": "model.norm.weight"}
     if not cfg.tie_word_embeddings:
         names["lm_head.weight"] = "lm_head.weight"
@@ -150,15 +121,7 @@ def tensor_names(cfg: ModelConfig) -> dict[str, str | Rows]:
         for part in ("weight", "bias") if cfg.qkv_bias else ("weight",):
             key = f"{theirs}.attention.query_key_value.{part}"
             names.update({f"{ours}.attn.{proj}.{part}": Rows(key, *rows) for proj, rows in fused_rows.items()})
-        if not cfg.is_moe_layer(i):
-            names.update(swiglu_names(f"{ours}.mlp", f"{theirs}.mlp"))
-            continue
-        names[f"{ours}.mlp.gate.weight"] = f"{theirs}.mlp.gate.weight"
-        if moe.expert_bias:
-            names[f"{ours}.mlp.gate.expert_bias"] = f"{theirs}.mlp.gate.expert_bias"
-        names.update(routed_expert_names(f"{ours}.mlp", f"{theirs}.mlp", moe.num_experts))
-        if moe.shared_intermediate_size:
-            names.update(swiglu_names(f"{ours}.mlp.shared_expert", f"{theirs}.mlp.shared_experts"))
+        names.update(feed_forward_names(cfg, i, bias="mlp.gate.expert_bias", shared="mlp.shared_experts"))
     return names
 
 

@@ -24,41 +24,20 @@ from __future__ import annotations
 
 from unmask.engine.models.arch import Architecture, CheckpointError, require
 from unmask.engine.models.config import ModelConfig, MoEConfig
-from unmask.engine.models.expert_names import routed_expert_names, swiglu_names
-from unmask.engine.models.qwen import first_id, reject_rope_scaling
+from unmask.engine.models.expert_names import feed_forward_names
+from unmask.engine.models.qwen import qwen_hf_config, qwen_shapes, qwen_tensor_names, reject_rope_scaling
 
 DEFAULT_MASK_TOKEN_ID = 156895
 DEFAULT_EOS_TOKEN_ID = 156892
 
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn.q_proj.weight": "self_attn.q_proj.weight",
-    "attn.k_proj.weight": "self_attn.k_proj.weight",
-    "attn.v_proj.weight": "self_attn.v_proj.weight",
-    "attn.o_proj.weight": "self_attn.o_proj.weight",
-    "mlp_norm.weight": "post_attention_layernorm.weight",
-}
-_QK_NORM_NAMES = {"attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"}
-
 
 def parse_config(hf: dict) -> ModelConfig:
     _reject_unsupported(hf)
-    heads = require(hf, "num_attention_heads")
     layers = require(hf, "num_hidden_layers")
+    dense_width = hf.get("dense_intermediate_size") or require(hf, "intermediate_size")
     return ModelConfig(
         arch="llada-moe",
-        hidden_size=require(hf, "hidden_size"),
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        intermediate_size=hf.get("dense_intermediate_size") or require(hf, "intermediate_size"),
-        vocab_size=require(hf, "vocab_size"),
         mask_token_id=hf.get("mask_token_id", DEFAULT_MASK_TOKEN_ID),
-        eos_token_id=first_id(hf.get("eos_token_id", DEFAULT_EOS_TOKEN_ID)),
-        rope_theta=float(hf.get("rope_theta", 50000.0)),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-        max_position=hf.get("max_position_embeddings", 8192),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qk_norm=bool(hf.get("qk_layernorm", False)),
         explicit_rotary_dim=_rotary_dim(hf),
         moe=MoEConfig(
@@ -69,6 +48,11 @@ def parse_config(hf: dict) -> ModelConfig:
             dense_layers=tuple(i for i, moe in enumerate(hf.get("moe_layer_freq") or [1] * layers) if not moe),
             scoring="softmax",
             expert_bias="weights" if hf.get("moe_router_enable_expert_bias") else None,
+        ),
+        **qwen_shapes(
+            {"eos_token_id": DEFAULT_EOS_TOKEN_ID, "rms_norm_eps": 1e-5, "max_position_embeddings": 8192} | hf
+            | {"intermediate_size": dense_width},
+            default_rope_theta=50000.0,
         ),
     )
 
@@ -93,14 +77,7 @@ def _reject_unsupported(hf: dict) -> None:
 def to_hf_config(cfg: ModelConfig) -> dict:
     moe = cfg.moe
     assert moe is not None
-    hf = {
-        "architectures": ["LLaDAMoEModelLM"],
-        "model_type": "lladamoe",
-        "hidden_act": "silu",
-        "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
+    hf = {"architectures": ["LLaDAMoEModelLM"], "model_type": "lladamoe"} | qwen_hf_config(cfg) | {
         "dense_intermediate_size": cfg.intermediate_size,
         "expert_intermediate_size": moe.expert_intermediate_size,
         "shared_expert_intermediate_size": moe.shared_intermediate_size or None,
@@ -113,15 +90,6 @@ def to_hf_config(cfg: ModelConfig) -> dict:
         "qk_layernorm": cfg.qk_norm,
         "attention_bias": False,
         "clip_qkv": None,
-        "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_position,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "mask_token_id": cfg.mask_token_id,
-        "eos_token_id": cfg.eos_token_id,
-        "pad_token_id": cfg.eos_token_id,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
     }
     if cfg.explicit_rotary_dim:
         hf["partial_rotary_factor"] = cfg.explicit_rotary_dim / cfg.head_dim
@@ -129,24 +97,10 @@ def to_hf_config(cfg: ModelConfig) -> dict:
 
 
 def tensor_names(cfg: ModelConfig) -> dict[str, str]:
-    moe = cfg.moe
-    assert moe is not None
-    names = {"embed.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight"}
-    if not cfg.tie_word_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
-    per_layer = dict(_LAYER_NAMES, **(_QK_NORM_NAMES if cfg.qk_norm else {}))
+    """Qwen3's names for everything but the feed-forward (LLaDA-MoE's attention is named as Qwen3's)."""
+    names = {ours: theirs for ours, theirs in qwen_tensor_names(cfg).items() if ".mlp." not in ours}
     for i in range(cfg.num_layers):
-        ours, theirs = f"layers.{i}", f"model.layers.{i}"
-        names.update({f"{ours}.{a}": f"{theirs}.{b}" for a, b in per_layer.items()})
-        if not cfg.is_moe_layer(i):
-            names.update(swiglu_names(f"{ours}.mlp", f"{theirs}.mlp"))
-            continue
-        names[f"{ours}.mlp.gate.weight"] = f"{theirs}.mlp.gate.weight"
-        if moe.expert_bias:
-            names[f"{ours}.mlp.gate.expert_bias"] = f"{theirs}.mlp.expert_bias"
-        names.update(routed_expert_names(f"{ours}.mlp", f"{theirs}.mlp", moe.num_experts))
-        if moe.shared_intermediate_size:
-            names.update(swiglu_names(f"{ours}.mlp.shared_expert", f"{theirs}.shared_expert"))
+        names |= feed_forward_names(cfg, i, bias="mlp.expert_bias", shared="shared_expert")
     return names
 
 

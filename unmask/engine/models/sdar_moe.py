@@ -13,43 +13,36 @@ them to the model's dtype. There is no shared expert.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from unmask.engine.models import sdar
 from unmask.engine.models.arch import Architecture, require
 from unmask.engine.models.config import ModelConfig, MoEConfig
-from unmask.engine.models.expert_names import routed_expert_names
-from unmask.engine.models.qwen import qwen_hf_config, qwen_shapes, qwen_tensor_names, reject_rope_scaling
-from unmask.engine.models.sdar import DEFAULT_BLOCK_SIZE, DEFAULT_MASK_TOKEN_ID
+from unmask.engine.models.expert_names import feed_forward_names
+from unmask.engine.models.qwen import qwen_tensor_names
 
 
 def parse_config(hf: dict) -> ModelConfig:
-    reject_rope_scaling(hf, "SDAR-MoE")
+    """SDAR's fields (`sdar.parse_config`) with Qwen3-MoE's experts."""
     layers = require(hf, "num_hidden_layers")
     step = hf.get("decoder_sparse_step") or 1
     dense = set(hf.get("mlp_only_layers") or []) | {i for i in range(layers) if (i + 1) % step}
-    return ModelConfig(
-        arch="sdar-moe",
-        mask_token_id=hf.get("mask_token_id", DEFAULT_MASK_TOKEN_ID),
-        qkv_bias=bool(hf.get("attention_bias", False)),
-        explicit_head_dim=hf.get("head_dim"),
-        qk_norm=True,
-        attention_block_size=int(hf.get("block_size") or DEFAULT_BLOCK_SIZE),
-        moe=MoEConfig(
-            num_experts=require(hf, "num_experts"),
-            top_k=require(hf, "num_experts_per_tok"),
-            expert_intermediate_size=require(hf, "moe_intermediate_size"),
-            dense_layers=tuple(sorted(dense)),
-            normalize=bool(hf.get("norm_topk_prob", False)),
-        ),
-        **qwen_shapes(hf),
+    moe = MoEConfig(
+        num_experts=require(hf, "num_experts"),
+        top_k=require(hf, "num_experts_per_tok"),
+        expert_intermediate_size=require(hf, "moe_intermediate_size"),
+        dense_layers=tuple(sorted(dense)),
+        normalize=bool(hf.get("norm_topk_prob", False)),
     )
+    return replace(sdar.parse_config(hf), arch="sdar-moe", moe=moe)
 
 
 def to_hf_config(cfg: ModelConfig) -> dict:
     moe = cfg.moe
     assert moe is not None
-    return {"architectures": ["SDARMoeForCausalLM"], "model_type": "sdar_moe"} | qwen_hf_config(cfg) | {
-        "head_dim": cfg.head_dim,
-        "attention_bias": cfg.qkv_bias,
-        "block_size": cfg.attention_block_size,
+    return sdar.to_hf_config(cfg) | {
+        "architectures": ["SDARMoeForCausalLM"],
+        "model_type": "sdar_moe",
         "moe_intermediate_size": moe.expert_intermediate_size,
         "num_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
@@ -60,15 +53,9 @@ def to_hf_config(cfg: ModelConfig) -> dict:
 
 
 def tensor_names(cfg: ModelConfig) -> dict[str, str]:
-    moe = cfg.moe
-    assert moe is not None
-    names = qwen_tensor_names(cfg)
+    names = {ours: theirs for ours, theirs in qwen_tensor_names(cfg).items() if ".mlp." not in ours}
     for i in range(cfg.num_layers):
-        if cfg.is_moe_layer(i):
-            ours, theirs = f"layers.{i}.mlp", f"model.layers.{i}.mlp"
-            names = {k: v for k, v in names.items() if not k.startswith(f"{ours}.")}
-            names[f"{ours}.gate.weight"] = f"{theirs}.gate.weight"
-            names |= routed_expert_names(ours, theirs, moe.num_experts)
+        names |= feed_forward_names(cfg, i)
     return names
 
 
