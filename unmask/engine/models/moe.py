@@ -1,4 +1,4 @@
-"""The mixture-of-experts feed-forward (LLaDA-MoE, LLaDA2.x): a router, routed experts, a shared expert.
+"""The mixture-of-experts feed-forward (LLaDA-MoE, LLaDA2.x, SDAR-MoE): a router, routed experts, a shared expert.
 
 The router picks each token's `top_k` experts and their weights as the
 checkpoint's `MoEConfig` says (`route`); the experts' computation is one call
