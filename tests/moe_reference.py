@@ -18,7 +18,7 @@ families' reference code routes:
 Attention is bidirectional (LLaDA-MoE) or block-causal in LLaDA2's blocks of
 32 or SDAR-MoE's `block_size`; RoPE rotates each head's leading `partial_rotary_factor` part. Decoding
 reuses `QwenReference`'s block loop (LLaDA2, SDAR-MoE) or `dense_decode` (LLaDA-MoE,
-through `as_loaded`).
+through `as_loaded`); `dual_decode` is Fast-dLLM's dual cache over this forward.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from block_reference import QwenReference
+from block_reference import QwenReference, StaleKV
 from safetensors import safe_open
 
 LLADA2_BLOCK = 32
@@ -115,8 +115,13 @@ class MoEReference(QwenReference):
         shared = f"{p}.mlp.shared_experts" if self.llada2 else f"{p}.shared_expert"
         return out + self._swiglu(h, shared) if f"{shared}.gate_proj.weight" in self.w else out
 
-    def logits(self, ids: list[int], stale=None, record=None) -> torch.Tensor:
-        """[L, V] fp32 logits of one sequence (the engine's model is not involved)."""
+    def logits(self, ids: list[int], stale: StaleKV | None = None, record: list | None = None) -> torch.Tensor:
+        """[L, V] fp32 logits of one sequence (the engine's model is not involved).
+
+        `stale`: at its positions, every layer's keys and values are the given ones
+        instead of this forward's (a cache holding older K/V). `record`: every
+        layer's (k, v) [L, kv_heads, D] is appended to it.
+        """
         n = len(ids)
         if self.block is None:
             visible = torch.ones(n, n, dtype=torch.bool)
@@ -130,6 +135,11 @@ class MoEReference(QwenReference):
             h = self._norm(x, f"{p}.input_layernorm.weight")
             q, k, v = self._qkv(h, p)
             q, k = self._rope(q), self._rope(k)
+            if stale is not None:
+                k, v = k.clone(), v.clone()
+                k[stale.positions], v[stale.positions] = stale.kv[i][0][stale.positions], stale.kv[i][1][stale.positions]
+            if record is not None:
+                record.append((k, v))
             group = self.heads // self.kv_heads
             k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
             scores = torch.einsum("qhd,khd->hqk", q, k) / self.head_dim**0.5
@@ -139,6 +149,27 @@ class MoEReference(QwenReference):
             x = x + self._feed_forward(self._norm(x, f"{p}.post_attention_layernorm.weight"), i, p)
         x = self._norm(x, "model.norm.weight")
         return x @ self.w.get("lm_head.weight", embed).T
+
+    def dual_decode(self, prompt: list[int], max_tokens: int, block_length: int, threshold: float) -> list[int]:
+        """Fast-dLLM's dual cache with its threshold rule, for a full-attention model: each block's first step
+        runs everything and keeps every layer's K/V; its later steps give every position outside the block
+        those kept K/V. Per step, the block's masked positions with confidence >= `threshold` are committed,
+        at least the most confident one; the mask token is never proposed."""
+        x = prompt + [self.mask_id] * max_tokens
+        for start in range(len(prompt), len(x), block_length):
+            end = min(start + block_length, len(x))
+            outside = torch.tensor([i for i in range(len(x)) if not start <= i < end])
+            kept: list = []
+            while self.mask_id in x[start:end]:
+                stale = StaleKV(outside, kept) if kept else None
+                logits = self.logits(x, stale=stale, record=None if kept else kept)
+                logits[:, self.mask_id] = float("-inf")
+                confidence, tokens = logits.softmax(-1).max(-1)
+                masked = [i for i in range(start, end) if x[i] == self.mask_id]
+                best = max(masked, key=lambda i: float(confidence[i]))
+                for i in {best} | {i for i in masked if confidence[i] >= threshold}:
+                    x[i] = int(tokens[i])
+        return x[len(prompt) :]
 
     def as_loaded(self) -> SimpleNamespace:
         """This reference in the shape `decoding_reference.dense_decode` takes (a config and a dense forward)."""

@@ -130,6 +130,15 @@ def test_llada_moe_decodes_token_for_token_like_the_dense_reference(tmp_path_fac
     assert LLM(str(model_dir)).generate(prompt, params)[0].token_ids == expected.canvas
 
 
+def test_llada_moe_under_the_dual_cache_decodes_like_the_reference_dual_cache(tmp_path):
+    """Each block refreshed at its first step, then only the block recomputed over the refresh's K/V."""
+    model_dir = make_random_checkpoint(tmp_path, arch="llada-moe", layers=2, hidden=64, heads=4, layer_std=0.2)
+    prompt = _prompt(7)
+    expected = MoEReference(model_dir).dual_decode(prompt, 24, block_length=8, threshold=0.3)
+    params = SamplingParams(max_tokens=24, block_length=8, cache="dual", unmask="threshold", threshold=0.3, ignore_eos=True)
+    assert LLM(str(model_dir)).generate(prompt, params)[0].token_ids == expected
+
+
 @pytest.mark.parametrize("cache", ["block", "none"])
 @pytest.mark.parametrize("prompt_len", [6, 30])  # the canvas inside the first block of 32, and across its edge
 @pytest.mark.parametrize("rule", ["one_per_step", "threshold"])
