@@ -2,7 +2,9 @@
 
 A directory holds `config.json` and either `model.safetensors` or shards named
 by `model.safetensors.index.json` — exactly the layout of the public LLaDA-8B,
-Dream-7B, SDAR and Fast-dLLM v2 checkpoints, so they load unchanged.
+Dream-7B, SDAR, Fast-dLLM v2, LLaDA-MoE, LLaDA2.x and SDAR-MoE checkpoints, so
+they load unchanged. Where a checkpoint stores several of our parameters in one
+tensor (LLaDA2's `query_key_value`), each is read as `Rows` of it (`RowsOf`).
 """
 
 from __future__ import annotations
