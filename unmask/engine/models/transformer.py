@@ -202,7 +202,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = SelfAttention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # A mixture-of-experts model's layers (but its leading dense ones) route each token to experts.
+        # A mixture-of-experts model's layers route each token to experts, but those its config keeps dense.
         self.mlp: SwiGLU | MoEFeedForward = MoEFeedForward(cfg) if cfg.is_moe_layer(layer) else SwiGLU(cfg)
 
     def forward(
