@@ -135,11 +135,7 @@ class MoEReference(QwenReference):
             h = self._norm(x, f"{p}.input_layernorm.weight")
             q, k, v = self._qkv(h, p)
             q, k = self._rope(q), self._rope(k)
-            if stale is not None:
-                k, v = k.clone(), v.clone()
-                k[stale.positions], v[stale.positions] = stale.kv[i][0][stale.positions], stale.kv[i][1][stale.positions]
-            if record is not None:
-                record.append((k, v))
+            k, v = self._through_cache(i, k, v, stale, record)
             group = self.heads // self.kv_heads
             k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
             scores = torch.einsum("qhd,khd->hqk", q, k) / self.head_dim**0.5
