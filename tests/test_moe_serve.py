@@ -3,12 +3,11 @@ directories (their presets scaled down to run on a CPU) answering the OpenAI API
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Iterator
 
 import httpx
 import pytest
-from test_server_cli import unmask, wait_for_url
+from test_server_cli import serving
 
 from unmask.engine.models.make_random import main as make_random
 from unmask.engine.models.make_random import make_random_checkpoint
@@ -16,23 +15,11 @@ from unmask.engine.models.make_random import make_random_checkpoint
 CHAT = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "ignore_eos": True}
 
 
-@contextmanager
-def _serve(*args: str) -> Iterator[str]:
-    proc = unmask("serve", *args, "--port", "0", "--kv-cache-memory", "64MiB")
-    try:
-        _, url = wait_for_url(proc)
-        yield url
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=60)
-        print(f"server stderr:\n{err}")
-
-
 @pytest.fixture(scope="module")
 def llada2_url(tmp_path_factory) -> Iterator[str]:
     model_dir = make_random_checkpoint(tmp_path_factory.mktemp("llada2-serve"), arch="llada2", layers=2, hidden=64,
                                        heads=4, layer_std=0.2)
-    with _serve(str(model_dir)) as url:
+    with serving(str(model_dir), "--kv-cache-memory", "64MiB") as url:
         yield url
 
 
@@ -49,7 +36,7 @@ def test_llada2_refuses_a_block_length_other_than_its_trained_32_naming_the_fiel
 @pytest.mark.parametrize("preset", ["llada-moe-7b", "llada2-mini"])
 def test_a_dummy_moe_preset_directory_answers_completions_and_chat(tmp_path, preset):
     make_random([str(tmp_path), "--preset", preset, "--config-only", "--layers", "2", "--hidden", "128", "--heads", "4"])
-    with _serve(str(tmp_path), "--load-format", "dummy") as url:
+    with serving(str(tmp_path), "--load-format", "dummy", "--kv-cache-memory", "64MiB") as url:
         completion = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 6, "ignore_eos": True},
                                 timeout=120).json()
         chat = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=120).json()
