@@ -73,6 +73,18 @@ class QwenReference:
         half = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1)
         return x * cos + half * sin
 
+    @staticmethod
+    def _through_cache(
+        layer: int, k: torch.Tensor, v: torch.Tensor, stale: StaleKV | None, record: list | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s k/v with `stale`'s positions given their kept K/V; appended to `record` if given."""
+        if stale is not None:
+            k, v = k.clone(), v.clone()
+            k[stale.positions], v[stale.positions] = stale.kv[layer][0][stale.positions], stale.kv[layer][1][stale.positions]
+        if record is not None:
+            record.append((k, v))
+        return k, v
+
     def logits(self, ids: list[int], stale: StaleKV | None = None, record: list | None = None) -> torch.Tensor:
         """[L, V] fp32 logits of one sequence, unshifted, block-causal attention.
 
@@ -93,11 +105,7 @@ class QwenReference:
             if f"{p}.self_attn.q_norm.weight" in self.w:
                 q, k = self._norm(q, f"{p}.self_attn.q_norm.weight"), self._norm(k, f"{p}.self_attn.k_norm.weight")
             q, k = self._rope(q), self._rope(k)
-            if stale is not None:
-                k, v = k.clone(), v.clone()
-                k[stale.positions], v[stale.positions] = stale.kv[i][0][stale.positions], stale.kv[i][1][stale.positions]
-            if record is not None:
-                record.append((k, v))
+            k, v = self._through_cache(i, k, v, stale, record)
             group = self.heads // self.kv_heads
             k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
             scores = torch.einsum("qhd,khd->hqk", q, k) / self.head_dim**0.5

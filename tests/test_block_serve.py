@@ -8,7 +8,7 @@ from typing import Iterator
 
 import httpx
 import pytest
-from test_server_cli import unmask, wait_for_url
+from test_server_cli import serving
 
 from unmask.engine.llm import LLM
 from unmask.engine.models.make_random import make_random_checkpoint
@@ -22,14 +22,8 @@ def sdar_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sdar_url(sdar_dir) -> Iterator[str]:
-    proc = unmask("serve", str(sdar_dir), "--port", "0", "--kv-cache-memory", "64MiB")
-    try:
-        _, url = wait_for_url(proc)
+    with serving(str(sdar_dir), "--kv-cache-memory", "64MiB") as url:
         yield url
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=60)
-        print(f"server stderr:\n{err}")
 
 
 def test_sdar_answers_completions_in_its_blocks(sdar_url):

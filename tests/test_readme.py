@@ -156,14 +156,19 @@ def _normalized(line: str) -> str:
     return re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", line)
 
 
-def test_the_block_diffusion_presets_example_writes_block_causal_configs(tmp_path):
-    block = _block_after("### Block-diffusion models", "bash")
+@pytest.mark.parametrize(
+    "heading,count,kind",
+    [("### Block-diffusion models", 4, lambda cfg: cfg.block_causal), ("### Mixture-of-experts models", 3, lambda cfg: cfg.moe)],
+    ids=["block-diffusion", "mixture-of-experts"],
+)
+def test_the_presets_examples_write_configs_of_their_kind(tmp_path, heading, count, kind):
+    block = _block_after(heading, "bash")
     commands = [line.split() for line in block.splitlines() if "make_random" in line]
-    assert len(commands) == 4
+    assert len(commands) == count
     for argv in commands:
         out = tmp_path / Path(argv[3]).name  # the example writes to /tmp/<name>
         make_random([str(out), *argv[4:]])
-        assert read_dummy_config(out).block_causal
+        assert kind(read_dummy_config(out))
 
 
 def _fp8_gpu() -> bool:

@@ -9,8 +9,10 @@ import signal
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -56,6 +58,19 @@ def wait_for_url(proc: subprocess.Popen, timeout: float = 180) -> tuple[str, str
         proc.kill()
         raise AssertionError(f"no startup line; stderr:\n{proc.stderr.read()}")
     return found[0]
+
+
+@contextmanager
+def serving(*args: str) -> Iterator[str]:
+    """`unmask serve ARGS` on a free port: its base URL; stopped (its stderr printed) on the way out."""
+    proc = unmask("serve", *args, "--port", "0")
+    try:
+        _, url = wait_for_url(proc)
+        yield url
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+        print(f"server stderr:\n{err}")
 
 
 def refuses_connections(url: str) -> bool:

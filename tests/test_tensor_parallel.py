@@ -422,3 +422,32 @@ def test_tp2_decodes_a_block_causal_model_like_one_process(tmp_path, arch):
     want = generate(single_engine(model_dir), requests)
     with tp_engine(model_dir) as engine:
         assert generate(engine, requests) == want
+
+
+def test_each_rank_loads_its_slice_of_every_experts_ffn_and_the_whole_router(tmp_path):
+    model_dir = make_random_checkpoint(tmp_path, arch="llada2", layers=2, hidden=64, heads=4)
+    full = single_engine(model_dir).loaded.model.state_dict()
+    shards = [CheckpointShards(str(model_dir)).load(ParallelState(r, 2, torch.device("cpu"))) for r in (0, 1)]
+    params = [dict(s.model.named_parameters()) for s in shards]
+    mlp = "layers.1.mlp"
+    for name, dim in [(f"{mlp}.experts.5.gate_proj.weight", 0), (f"{mlp}.experts.5.down_proj.weight", 1),
+                      (f"{mlp}.shared_expert.up_proj.weight", 0), (f"{mlp}.shared_expert.down_proj.weight", 1),
+                      ("layers.1.attn.k_proj.weight", 0)]:
+        torch.testing.assert_close(torch.cat([p[name] for p in params], dim), full[name])
+        assert params[0][name].shape[dim] * 2 == full[name].shape[dim]
+    for name in (f"{mlp}.gate.weight", f"{mlp}.gate.expert_bias"):
+        assert torch.equal(params[1][name], full[name])
+
+
+@pytest.mark.parametrize("arch", ["llada-moe", "llada2", "sdar-moe"])
+def test_tp2_decodes_a_mixture_of_experts_model_like_one_process(tmp_path, arch):
+    """Experts split by their FFN width, the router replicated, one all-reduce per routed layer."""
+    model_dir = make_random_checkpoint(tmp_path, arch=arch, layers=2, hidden=64, heads=4, layer_std=0.2)
+    cache = "dual" if arch == "llada-moe" else "block"
+    requests = [
+        ("Hello world", SamplingParams(max_tokens=20, cache=cache, unmask="threshold", threshold=0.5)),
+        ("The quick brown fox", SamplingParams(max_tokens=24, cache="none", unmask="low_confidence", ignore_eos=True)),
+    ]
+    want = generate(single_engine(model_dir), requests)
+    with tp_engine(model_dir) as engine:
+        assert generate(engine, requests) == want

@@ -12,7 +12,9 @@ checkpoint's `generation_config.json` (read when present) the fields
 A server option changes these only when it differs from the built-in default
 (`EngineDefaults()`), so an explicit `--confidence` wins over the checkpoint.
 LLaDA checkpoints keep LLaDA's even schedule; their reference reads no
-generation config. Under Fast-dLLM's caches (`prefix`, `dual`) with
+generation config. A LLaDA2 checkpoint commits as its reference generation
+does: `unmask=threshold` with `threshold=0.95` (every token of the block whose
+confidence reaches it, at least the most confident one per step). Under Fast-dLLM's caches (`prefix`, `dual`) with
 `unmask=threshold`, a Dream request commits each block's first position as
 Fast-dLLM's Dream code does (`block_start=first`, see `policies.block_start`).
 """
@@ -30,6 +32,7 @@ log = logging.getLogger("unmask.engine")
 
 DREAM_ALGS = {"maskgit_plus": "prob", "topk_margin": "margin", "entropy": "entropy"}
 FAST_DLLM_CACHES = ("prefix", "dual")
+LLADA2_DEFAULTS = {"unmask": "threshold", "threshold": 0.95}  # LLaDA2's reference generate()
 
 
 def read_generation_config(model_dir: str | Path) -> dict:
@@ -49,14 +52,21 @@ def checkpoint_defaults(defaults: EngineDefaults, arch: str, generation_config: 
     """`defaults` with the checkpoint family's schedule and, for Dream, its generation config applied."""
     if defaults.schedule == "auto":
         defaults = replace(defaults, schedule="dream" if arch == "dream" else "llada")
+    if arch == "llada2":
+        return _where_unset(defaults, LLADA2_DEFAULTS)
     if arch != "dream":
         return defaults
-    builtin = EngineDefaults()
     found = {
         "confidence": DREAM_ALGS.get(generation_config.get("alg")),
         "alg_temp": _number(generation_config.get("alg_temp")),
         "schedule_eps": _number(generation_config.get("eps")),
     }
+    return _where_unset(defaults, found)
+
+
+def _where_unset(defaults: EngineDefaults, found: dict) -> EngineDefaults:
+    """`defaults` with each found value (not None) for the fields the server left at their built-in value."""
+    builtin = EngineDefaults()
     unset = {
         name: value
         for name, value in found.items()

@@ -2,35 +2,42 @@
 
 A directory holds `config.json` and either `model.safetensors` or shards named
 by `model.safetensors.index.json` — exactly the layout of the public LLaDA-8B,
-Dream-7B, SDAR and Fast-dLLM v2 checkpoints, so they load unchanged.
+Dream-7B, SDAR, Fast-dLLM v2, LLaDA-MoE, LLaDA2.x and SDAR-MoE checkpoints, so
+they load unchanged. Where a checkpoint stores several of our parameters in one
+tensor (LLaDA2's `query_key_value`), each is read as `Rows` of it (`RowsOf`).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from unmask.engine.models.arch import Architecture, CheckpointError
+from unmask.engine.models.arch import Architecture, CheckpointError, Rows
 from unmask.engine.models.config import ModelConfig
 from unmask.engine.models.dream import DREAM
 from unmask.engine.models.fastdllm_v2 import FASTDLLM_V2
 from unmask.engine.models.llada import LLADA
+from unmask.engine.models.llada2 import LLADA2
+from unmask.engine.models.llada_moe import LLADA_MOE
 from unmask.engine.models.sdar import SDAR
+from unmask.engine.models.sdar_moe import SDAR_MOE
 from unmask.engine.models.transformer import DiffusionTransformer, Rotary
 
-ARCHITECTURES: tuple[Architecture, ...] = (LLADA, DREAM, SDAR, FASTDLLM_V2)
+ARCHITECTURES: tuple[Architecture, ...] = (LLADA, DREAM, SDAR, FASTDLLM_V2, LLADA_MOE, LLADA2, SDAR_MOE)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
-def architecture_for(model_type: str) -> Architecture:
+def architecture_for(model_type: str, hf: dict | None = None) -> Architecture:
+    """The family of a `model_type` (or a `ModelConfig.arch`); with the config `hf`, the family that claims it."""
     for arch in ARCHITECTURES:
-        if model_type.lower() in arch.model_types:
+        if model_type.lower() in arch.model_types and (hf is None or arch.claims is None or arch.claims(hf)):
             return arch
     known = ", ".join(t for a in ARCHITECTURES for t in a.model_types)
     raise CheckpointError(f"unknown model_type {model_type!r}; Unmask implements: {known}")
@@ -50,7 +57,7 @@ def read_config(model_dir: str | Path) -> ModelConfig:
         raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
     if "model_type" not in hf:
         raise CheckpointError(f"{config_path} lacks 'model_type'")
-    return architecture_for(hf["model_type"]).parse_config(hf)
+    return architecture_for(hf["model_type"], hf).parse_config(hf)
 
 
 def _tensor_files(model_dir: Path) -> list[Path]:
@@ -94,7 +101,7 @@ def empty_model(
     model = model.to(dtype).to_empty(device=device)
     if cfg.tie_word_embeddings and model.lm_head.weight.shape == model.embed.weight.shape:
         model.lm_head.weight = model.embed.weight  # `to_empty` gives each module its own copy: tie them again
-    model.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position).to(device)  # a computed buffer, not a weight
+    model.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta, cfg.max_position).to(device)  # a computed buffer, not a weight
     model.fuse_projections()
     return model
 
@@ -133,14 +140,20 @@ def load_weights(
     names = architecture_for(cfg.arch).tensor_names(cfg)
     model = empty_model(cfg, dtype, device, sharding)
     params = dict(model.named_parameters())
-    wanted = {names[ours]: ours for ours in params if ours in names}
+    wanted: dict[str, list[tuple[str, Rows | None]]] = {}
+    for ours in params:
+        if ours in names:
+            theirs = names[ours]
+            key, rows = (theirs.key, theirs) if isinstance(theirs, Rows) else (theirs, None)
+            wanted.setdefault(key, []).append((ours, rows))
     loaded: set[str] = set()
     for file in _tensor_files(model_dir):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
-                if key in wanted:
-                    param = params[wanted[key]]
-                    tensor = f.get_tensor(key) if sharding is None else sharding.read(f.get_slice(key), param.shape)
+                for ours, rows in wanted.get(key, ()):
+                    param = params[ours]
+                    whole = f.get_slice(key) if rows is None else RowsOf(f.get_slice(key), rows)
+                    tensor = whole[:] if sharding is None else sharding.read(whole, param.shape)
                     _copy_into(param, tensor, key)
                     loaded.add(key)
     missing = sorted(set(wanted) - loaded)
@@ -148,6 +161,23 @@ def load_weights(
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint {str(model_dir)!r} is missing tensors: {shown}")
     return model.eval()
+
+
+@dataclass(frozen=True)
+class RowsOf:
+    """`rows` of a safetensors slice, read as a slice of its own (shape, indexing), so a rank's shard
+    of one fused part (`Sharding.read`) reads only that piece from the file."""
+
+    whole: Any
+    rows: Rows
+
+    def get_shape(self) -> list[int]:
+        return [self.rows.stop - self.rows.start, *self.whole.get_shape()[1:]]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        index = index if isinstance(index, tuple) else (index,)
+        first = range(self.rows.start, self.rows.stop)[index[0]]
+        return self.whole[(slice(first.start, first.stop), *index[1:])]
 
 
 def _copy_into(param: torch.nn.Parameter, tensor: torch.Tensor, key: str) -> None:
@@ -168,8 +198,7 @@ def save_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     arch = architecture_for(cfg.arch)
-    state = model.state_dict()
-    tensors = {theirs: state[ours].detach().to("cpu", dtype).contiguous() for ours, theirs in arch.tensor_names(cfg).items()}
+    tensors = _checkpoint_tensors(model.state_dict(), arch.tensor_names(cfg), dtype)
     shards = _split_shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         save_file(shards[0], str(out / SINGLE_FILE), metadata={"format": "pt"})
@@ -183,6 +212,23 @@ def save_checkpoint(
         (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     write_config(cfg, out, dtype)
     return out
+
+
+def _checkpoint_tensors(
+    state: dict[str, torch.Tensor], names: dict[str, str | Rows], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors by their names; parts stored as `Rows` of one tensor are concatenated in row order."""
+    tensors: dict[str, torch.Tensor] = {}
+    fused: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for ours, theirs in names.items():
+        tensor = state[ours].detach().to("cpu", dtype)
+        if isinstance(theirs, Rows):
+            fused.setdefault(theirs.key, []).append((theirs.start, tensor))
+        else:
+            tensors[theirs] = tensor.contiguous()
+    for key, parts in fused.items():
+        tensors[key] = torch.cat([tensor for _, tensor in sorted(parts, key=lambda part: part[0])])
+    return tensors
 
 
 def write_config(cfg: ModelConfig, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:

@@ -102,6 +102,9 @@ def tensor_names(cfg: ModelConfig) -> dict[str, str]:
     return names
 
 
-LLADA = Architecture(("llada",), parse_config, to_hf_config, tensor_names)
+LLADA = Architecture(
+    ("llada",), parse_config, to_hf_config, tensor_names,
+    claims=lambda hf: "num_experts" not in hf,  # LLaDA-MoE's released config says `llada` too
+)
 
 __all__ = ["LLADA", "CheckpointError"]

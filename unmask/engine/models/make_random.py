@@ -1,6 +1,6 @@
-"""Write a random model directory in the exact LLaDA, Dream, SDAR or Fast-dLLM v2 layout, with a tokenizer.
+"""Write a random model directory in the exact layout of a family Unmask serves, with a tokenizer.
 
-    python -m unmask.engine.models.make_random OUT_DIR --arch llada|dream|sdar|fastdllm-v2 [--layers N ...]
+    python -m unmask.engine.models.make_random OUT_DIR --arch llada|dream|sdar|fastdllm-v2|llada-moe|llada2|sdar-moe [--layers N ...]
     python -m unmask.engine.models.make_random OUT_DIR --preset llada-8b --config-only
 
 Tests use the first form to exercise the loader and the engine on both layouts
@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerFast
 from unmask.engine.models.arch import CheckpointError
 from unmask.engine.bundled import bundled_model_dir
 from unmask.engine.models.checkpoint import save_checkpoint, write_config
-from unmask.engine.models.config import ModelConfig
+from unmask.engine.models.config import ModelConfig, MoEConfig
 from unmask.engine.models.loader import load_tokenizer
 from unmask.engine.models.transformer import DiffusionTransformer
 
@@ -66,6 +66,31 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=151936, mask_token_id=151665, eos_token_id=151645, rope_theta=1e6, rms_norm_eps=1e-6,
         max_position=32768, qkv_bias=True, tie_word_embeddings=True, logits_shift=1, attention_block_size=32,
         sub_block_size=8,
+    ),
+    # inclusionAI/LLaDA-MoE-7B-A1B-Instruct: 64 experts of width 1024, 8 per token, every layer routed.
+    "llada-moe-7b": ModelConfig(
+        arch="llada-moe", hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=16, intermediate_size=8192,
+        vocab_size=157184, mask_token_id=156895, eos_token_id=156892, rope_theta=50000.0, max_position=8192,
+        qk_norm=True, moe=MoEConfig(num_experts=64, top_k=8, expert_intermediate_size=1024),
+    ),
+    # inclusionAI/LLaDA2.0-mini (and LLaDA2.1-mini): 256 experts of width 512 in 8 groups, 8 per token from the
+    # best 4 groups, a shared expert, the first layer dense; half of each head rotated; blocks of 32.
+    "llada2-mini": ModelConfig(
+        arch="llada2", hidden_size=2048, num_layers=20, num_heads=16, num_kv_heads=4, intermediate_size=5120,
+        vocab_size=157184, mask_token_id=156895, eos_token_id=156892, rope_theta=600000.0, rms_norm_eps=1e-6,
+        max_position=32768, explicit_head_dim=128, qk_norm=True, attention_block_size=32, explicit_rotary_dim=64,
+        moe=MoEConfig(
+            num_experts=256, top_k=8, expert_intermediate_size=512, shared_intermediate_size=512, dense_layers=(0,),
+            scoring="sigmoid", expert_bias="selection", num_groups=8, top_groups=4, normalize=True,
+            routed_scaling_factor=2.5, router_float32=True,
+        ),
+    ),
+    # JetLM/SDAR-30B-A3B-Chat (Qwen3-30B-A3B shapes: 128 experts of width 768, 8 per token; blocks of 4).
+    "sdar-30b-a3b": ModelConfig(
+        arch="sdar-moe", hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4, intermediate_size=6144,
+        vocab_size=151936, mask_token_id=151669, eos_token_id=151643, rope_theta=1e6, rms_norm_eps=1e-6,
+        max_position=32768, explicit_head_dim=128, qk_norm=True, attention_block_size=4,
+        moe=MoEConfig(num_experts=128, top_k=8, expert_intermediate_size=768, normalize=True),
     ),
     "tiny": ModelConfig(
         arch="llada", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=384,
@@ -154,6 +179,7 @@ def random_config(
         qkv_bias=arch in ("dream", "fastdllm-v2"),
         logits_shift=1 if arch in ("dream", "fastdllm-v2") else 0,
         **_block_diffusion_fields(arch, hidden, heads),
+        **_moe_fields(arch, hidden, heads),
     )
 
 
@@ -164,6 +190,26 @@ def _block_diffusion_fields(arch: str, hidden: int, heads: int) -> dict:
         return dict(explicit_head_dim=2 * hidden // heads, qk_norm=True, attention_block_size=4)
     if arch == "fastdllm-v2":
         return dict(attention_block_size=8, sub_block_size=4)
+    return {}
+
+
+def _moe_fields(arch: str, hidden: int, heads: int) -> dict:
+    """Small mixture-of-experts geometry exercising each family's router: LLaDA-MoE 8 experts, 2 per token,
+    softmax, every layer routed, per-head q/k norms; LLaDA2 8 experts in 4 groups (2 kept), 2 per token,
+    a shared expert, its first layer dense, half of each head rotated, its trained blocks of 32; SDAR-MoE
+    8 experts, 2 per token, renormalised, in SDAR's geometry."""
+    if arch == "llada-moe":
+        return dict(qk_norm=True, moe=MoEConfig(num_experts=8, top_k=2, expert_intermediate_size=hidden // 2))
+    if arch == "sdar-moe":
+        moe = MoEConfig(num_experts=8, top_k=2, expert_intermediate_size=hidden // 2, normalize=True)
+        return dict(explicit_head_dim=2 * hidden // heads, qk_norm=True, attention_block_size=4, moe=moe)
+    if arch == "llada2":
+        moe = MoEConfig(
+            num_experts=8, top_k=2, expert_intermediate_size=hidden // 2, shared_intermediate_size=hidden // 2,
+            dense_layers=(0,), scoring="sigmoid", expert_bias="selection", num_groups=4, top_groups=2,
+            normalize=True, routed_scaling_factor=2.5, router_float32=True,
+        )
+        return dict(qk_norm=True, attention_block_size=32, explicit_rotary_dim=hidden // heads // 2, moe=moe)
     return {}
 
 
@@ -179,14 +225,29 @@ def resize(
     """`base` with the given dimensions; the rest keep its ratios (FFN to hidden width, heads to KV heads)."""
     hidden = hidden or base.hidden_size
     heads = heads or base.num_heads
+    layers = layers or base.num_layers
     return replace(
         base,
-        num_layers=layers or base.num_layers,
+        num_layers=layers,
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=kv_heads or max(1, heads * base.num_kv_heads // base.num_heads),
         intermediate_size=intermediate or hidden * base.intermediate_size // base.hidden_size,
         vocab_size=vocab or base.vocab_size,
+        moe=_resize_experts(base, hidden, layers),
+    )
+
+
+def _resize_experts(base: ModelConfig, hidden: int, layers: int) -> MoEConfig | None:
+    """`base`'s experts with their widths in its ratio to the hidden width, its dense layers those that remain."""
+    moe = base.moe
+    if moe is None:
+        return None
+    return replace(
+        moe,
+        expert_intermediate_size=max(1, hidden * moe.expert_intermediate_size // base.hidden_size),
+        shared_intermediate_size=hidden * moe.shared_intermediate_size // base.hidden_size,
+        dense_layers=tuple(i for i in moe.dense_layers if i < layers),
     )
 
 
@@ -281,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir")
     shape = p.add_mutually_exclusive_group()
-    shape.add_argument("--arch", choices=["llada", "dream", "sdar", "fastdllm-v2"], default="llada")
+    shape.add_argument("--arch", choices=["llada", "dream", "sdar", "fastdllm-v2", "llada-moe", "llada2", "sdar-moe"], default="llada")
     shape.add_argument("--preset", choices=list(PRESETS), help="a named model's shapes (the options below override them)")
     p.add_argument("--layers", type=int, default=None, help="default 2, or the preset's")
     p.add_argument("--hidden", type=int, default=None, help="default 64, or the preset's")

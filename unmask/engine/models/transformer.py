@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unmask.engine.models.config import ModelConfig
+from unmask.engine.models.moe import MoEFeedForward
 from unmask.kernels.rms_norm import add_rms_norm, rms_norm
 from unmask.kernels.rotary import rotary, rotary_table
 from unmask.kernels.silu_mul import silu_mul
@@ -84,19 +85,25 @@ class Rotary(nn.Module):
     """Rotary position embedding, half-split ("rotate_half") layout as in Llama/LLaDA/Qwen2.
 
     The cos/sin of every position up to `max_position` are computed once here;
-    each call gathers the rows of its positions (`kernels.rotary`).
+    each call gathers the rows of its positions (`kernels.rotary`). `rotary_dim`
+    (LLaDA2's partial rotary) rotates only each head's leading `rotary_dim`
+    features, with frequencies of that width, and passes the rest through.
     """
 
-    def __init__(self, head_dim: int, theta: float, max_position: int):
+    def __init__(self, rotary_dim: int, theta: float, max_position: int):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        self.rotary_dim = rotary_dim
+        inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
         cos, sin = rotary_table(inv_freq.float(), max_position)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, D]; positions: [T] absolute positions within each sequence (< max_position)."""
-        return rotary(x, positions, self.cos, self.sin)
+        if x.shape[-1] == self.rotary_dim:
+            return rotary(x, positions, self.cos, self.sin)
+        rotated = rotary(x[..., : self.rotary_dim].contiguous(), positions, self.cos, self.sin)
+        return torch.cat([rotated, x[..., self.rotary_dim :]], dim=-1)
 
 
 @dataclass
@@ -190,12 +197,13 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = SelfAttention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SwiGLU(cfg)
+        # A mixture-of-experts model's layers route each token to experts, but those its config keeps dense.
+        self.mlp: SwiGLU | MoEFeedForward = MoEFeedForward(cfg) if cfg.is_moe_layer(layer) else SwiGLU(cfg)
 
     def forward(
         self,
@@ -223,8 +231,8 @@ class DiffusionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta, cfg.max_position)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:

@@ -5,6 +5,11 @@
   attention and the SwiGLU run on local data with no communication;
 - o_proj and down_proj are *row-parallel*: each rank holds the matching slice
   of the input features and the partial products are summed (all-reduce);
+- a mixture-of-experts layer splits every expert's FFN (and the shared
+  expert's) the same way, gate/up by output and down by input features, with
+  no communication inside; the router stays whole on every rank, so each rank
+  routes identically, and the layer's routed and shared partial sums are
+  all-reduced once (`MoEFeedForward.reduce`);
 - the embedding and the LM head are *vocabulary-parallel*: each rank holds a
   slice of the token rows. An embedding lookup is an all-reduce of the rows a
   rank owns; the logits stay split, and `engine.parallel.vocab` reduces them.
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unmask.engine.models.config import ModelConfig
+from unmask.engine.models.moe import MoEFeedForward
 from unmask.engine.models.transformer import DiffusionTransformer
 from unmask.engine.parallel.state import ParallelState
 
@@ -79,11 +85,12 @@ class VocabParallelEmbedding(nn.Module):
 
 def check_divisible(cfg: ModelConfig, world_size: int) -> None:
     """Refuse a model whose heads or FFN width do not split evenly over `world_size` ranks."""
-    for name in ("num_heads", "num_kv_heads", "intermediate_size"):
-        if getattr(cfg, name) % world_size:
-            raise ValueError(
-                f"tensor_parallel_size {world_size} does not divide the model's {name} ({getattr(cfg, name)})"
-            )
+    sizes = {name: getattr(cfg, name) for name in ("num_heads", "num_kv_heads", "intermediate_size")}
+    if cfg.moe is not None:
+        sizes |= {name: getattr(cfg.moe, name) for name in ("expert_intermediate_size", "shared_intermediate_size")}
+    for name, size in sizes.items():
+        if size % world_size:
+            raise ValueError(f"tensor_parallel_size {world_size} does not divide the model's {name} ({size})")
 
 
 def shard_model(model: DiffusionTransformer, state: ParallelState) -> VocabShard:
@@ -96,6 +103,9 @@ def shard_model(model: DiffusionTransformer, state: ParallelState) -> VocabShard
         attn.num_kv_heads //= tp
         attn.q_proj, attn.k_proj, attn.v_proj = (_column(p, tp) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         attn.o_proj = RowParallelLinear(attn.o_proj.in_features // tp, attn.o_proj.out_features, state)
+        if isinstance(mlp, MoEFeedForward):
+            _shard_experts(mlp, state)
+            continue
         mlp.gate_proj, mlp.up_proj = _column(mlp.gate_proj, tp), _column(mlp.up_proj, tp)
         mlp.down_proj = RowParallelLinear(mlp.down_proj.in_features // tp, mlp.down_proj.out_features, state)
     vocab = VocabShard.of(cfg.vocab_size, state.rank, tp)
@@ -105,6 +115,16 @@ def shard_model(model: DiffusionTransformer, state: ParallelState) -> VocabShard
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     return vocab
+
+
+def _shard_experts(mlp: MoEFeedForward, state: ParallelState) -> None:
+    """Each expert's (and the shared expert's) slice of the FFN width; one all-reduce for the whole layer."""
+    tp = state.world_size
+    for expert in [*mlp.experts, *([mlp.shared_expert] if mlp.shared_expert is not None else [])]:
+        expert.gate_proj, expert.up_proj = _column(expert.gate_proj, tp), _column(expert.up_proj, tp)
+        down = expert.down_proj
+        expert.down_proj = nn.Linear(down.in_features // tp, down.out_features, bias=False)  # summed by `reduce`
+    mlp.reduce = state.all_reduce
 
 
 def _column(linear: nn.Linear, tp: int) -> nn.Linear:
