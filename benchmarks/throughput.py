@@ -91,24 +91,69 @@ def build_model(arch: str, device: torch.device, dtype: torch.dtype, quantizatio
     return LoadedModel(model, cfg, tokenizer, device, dtype)
 
 
+@dataclass(frozen=True)
+class BodyWeights:
+    """The model body's weights at one step, split by what FP8 quantizes (attention and dense SwiGLUs)."""
+
+    read_quantizable: float  # weights the step reads that FP8 stores in one byte
+    read_kept: float  # weights the step reads that stay in the model's dtype (routers, experts)
+    per_position: float  # weights each computed position multiplies (2 FLOPs each)
+
+
+def body_weights(cfg: ModelConfig, positions: int) -> BodyWeights:
+    """The body's weights a step of `positions` computed positions reads and multiplies.
+
+    A dense model reads and multiplies every weight. A mixture-of-experts layer
+    reads its router, its shared expert and the routed experts its positions
+    choose: with routing spread evenly, E * (1 - (1 - top_k / E) ** positions)
+    of the E experts in expectation (the active-parameter floor); each position
+    multiplies the router, the shared expert and top_k experts.
+    """
+    hidden, head_dim = cfg.hidden_size, cfg.head_dim
+    attention = 2 * hidden * head_dim * (cfg.num_heads + cfg.num_kv_heads)
+    dense_ffn = 3 * hidden * cfg.intermediate_size
+    moe = cfg.moe
+    moe_layers = 0 if moe is None else sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    dense_layers = cfg.num_layers - moe_layers
+    quantizable = cfg.num_layers * attention + dense_layers * dense_ffn
+    if moe is None:
+        return BodyWeights(quantizable, 0.0, quantizable)
+    expert = 3 * hidden * moe.expert_intermediate_size
+    always = hidden * moe.num_experts + 3 * hidden * moe.shared_intermediate_size  # router + shared expert
+    touched = moe.num_experts * (1 - (1 - moe.top_k / moe.num_experts) ** positions)
+    return BodyWeights(
+        quantizable, moe_layers * (always + touched * expert), quantizable + moe_layers * (always + moe.top_k * expert)
+    )
+
+
 def step_floor(
     cfg: ModelConfig, batch: int, tokens: int, keys: int, dtype_bytes: int, quantization: str = "none"
 ) -> tuple[float, float]:
     """(seconds, FLOPs) floor of one step: each of `batch` sequences computes `tokens` positions over `keys` keys.
 
-    Bytes: every weight once (the LM head too: it runs on the block's rows) plus
-    every cached K/V once. FLOPs: 2 per weight per computed position (the LM
-    head only on the block's rows, ignored) plus 4 * layers * tokens * keys * hidden
-    for QK^T and PV. With `quantization="fp8"` the projections' weights take one
-    byte each and their products run at `FP8_SPEEDUP` times the matrix rate.
+    Bytes: the body's weights the step reads (`body_weights`: all of a dense
+    model's, the chosen experts of a mixture of experts) and the LM head once
+    (it runs on the block's rows), plus every cached K/V once. FLOPs: 2 per
+    multiplied weight per computed position (the LM head only on the block's
+    rows, ignored) plus 4 * layers * tokens * keys * heads * head_dim for QK^T
+    and PV. With `quantization="fp8"` the projections FP8 quantizes take one
+    byte per weight and their products run at `FP8_SPEEDUP` times the matrix rate.
     """
     fp8 = quantization == "fp8"
-    body = cfg.num_layers * (4 * cfg.hidden_size**2 + 3 * cfg.hidden_size * cfg.intermediate_size)
-    weight_bytes = body * (1 if fp8 else dtype_bytes) + 2 * cfg.vocab_size * cfg.hidden_size * dtype_bytes
+    body = body_weights(cfg, batch * tokens)
+    weight_bytes = (
+        body.read_quantizable * (1 if fp8 else dtype_bytes)
+        + body.read_kept * dtype_bytes
+        + 2 * cfg.vocab_size * cfg.hidden_size * dtype_bytes
+    )
     kv_bytes = 2 * cfg.num_layers * batch * keys * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
-    projection_flops = 2 * batch * tokens * body
-    attention_flops = 4 * cfg.num_layers * batch * tokens * keys * cfg.hidden_size
-    matmul_seconds = projection_flops / (MATMUL_RATE * (FP8_SPEEDUP if fp8 else 1.0)) + attention_flops / MATMUL_RATE
+    quantized_flops = 2 * batch * tokens * body.read_quantizable
+    projection_flops = 2 * batch * tokens * body.per_position
+    attention_flops = 4 * cfg.num_layers * batch * tokens * keys * cfg.num_heads * cfg.head_dim
+    kept_flops = projection_flops - quantized_flops
+    matmul_seconds = (
+        quantized_flops / (MATMUL_RATE * (FP8_SPEEDUP if fp8 else 1.0)) + (kept_flops + attention_flops) / MATMUL_RATE
+    )
     return max((weight_bytes + kv_bytes) / BANDWIDTH, matmul_seconds), projection_flops + attention_flops
 
 

@@ -17,6 +17,7 @@ from benchmarks.throughput import (
     FP8_SPEEDUP,
     MATMUL_RATE,
     Row,
+    body_weights,
     cycle_ceiling,
     make_engine,
     model_config,
@@ -62,6 +63,36 @@ def test_the_fp8_floor_of_a_compute_bound_step_runs_the_projections_at_the_fp8_r
     projection_flops = 2 * 64 * 384 * cfg.num_layers * (4 * cfg.hidden_size**2 + 3 * cfg.hidden_size * cfg.intermediate_size)
     assert fp8_flops == flops  # the same work, done faster
     assert bf16 - fp8 == pytest.approx(projection_flops / MATMUL_RATE * (1 - 1 / FP8_SPEEDUP))
+
+
+def test_a_moe_step_of_one_position_reads_only_its_top_k_experts():
+    cfg = model_config("llada2-mini")
+    moe = cfg.moe
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    expert = 3 * cfg.hidden_size * moe.expert_intermediate_size
+    always = cfg.hidden_size * moe.num_experts + 3 * cfg.hidden_size * moe.shared_intermediate_size
+    one = body_weights(cfg, 1)
+    assert one.read_kept == pytest.approx(moe_layers * (always + moe.top_k * expert))
+    assert one.per_position == pytest.approx(one.read_quantizable + one.read_kept)  # one position: all it reads
+
+
+def test_a_large_moe_step_reads_nearly_every_expert_but_each_position_multiplies_top_k():
+    cfg = model_config("llada2-mini")
+    moe = cfg.moe
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    expert = 3 * cfg.hidden_size * moe.expert_intermediate_size
+    small, large = body_weights(cfg, 32), body_weights(cfg, 64 * 32)
+    assert small.read_kept < large.read_kept
+    always = moe_layers * (cfg.hidden_size * moe.num_experts + 3 * cfg.hidden_size * moe.shared_intermediate_size)
+    assert large.read_kept - always == pytest.approx(moe_layers * moe.num_experts * expert, rel=1e-3)  # all of them
+    assert large.per_position == small.per_position  # top_k experts per position, whatever the batch
+
+
+def test_a_dense_model_reads_and_multiplies_every_body_weight():
+    cfg = model_config("llada-8b")
+    body = body_weights(cfg, 32)
+    everything = cfg.num_layers * (4 * cfg.hidden_size**2 + 3 * cfg.hidden_size * cfg.intermediate_size)
+    assert (body.read_quantizable, body.read_kept, body.per_position) == (everything, 0.0, everything)
 
 
 def _row(cache: str, refresh_ms: float, cached_ms: float, tokens_per_s: float) -> Row:
