@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from block_reference import QwenReference
+from engine_checks import assert_cuda_decodes_like_the_cpu, assert_dummy_preset_generates, assert_whole_forward_matches
 
 from unmask.engine.config import EngineConfig
 from unmask.engine.engine import LLMEngine
 from unmask.engine.infill import Infill
 from unmask.engine.llm import LLM
-from unmask.engine.models.make_random import main as make_random
 from unmask.engine.models.make_random import make_random_checkpoint
 from unmask.engine.params import EngineDefaults, ParamError, SamplingParams
 from unmask.engine.runner import SequenceWork
@@ -63,17 +63,8 @@ def test_random_checkpoints_predict_from_context(reference):
 
 def test_native_packed_paged_forward_matches_the_dense_block_causal_reference(block_dir, reference):
     engine = _engine(block_dir)
-    g = torch.Generator().manual_seed(0)
     seqs = [_admit(engine, f"r{n}", _prompt(n), m) for n, m in ((5, 16), (11, 21))]
-    for seq in seqs:  # half the canvas committed, as in a run in progress
-        canvas = torch.arange(seq.prompt_len, seq.length)
-        keep = canvas[torch.rand(canvas.numel(), generator=g) < 0.5]
-        seq.tokens[keep] = torch.randint(2, 500, (keep.numel(),), generator=g)
-    work = [SequenceWork(s, torch.arange(s.length), torch.arange(s.length)) for s in seqs]
-    packed = engine.runner.run(work).split([s.length for s in seqs])
-    for seq, logits in zip(seqs, packed):
-        expected = reference.logits(seq.tokens.tolist())
-        torch.testing.assert_close(logits.float(), expected, rtol=FORWARD_TOLERANCE, atol=FORWARD_TOLERANCE)
+    assert_whole_forward_matches(engine, seqs, reference, FORWARD_TOLERANCE)
 
 
 def test_a_block_step_over_cached_pages_matches_the_reference(block_dir, reference):
@@ -235,20 +226,13 @@ def test_end_of_text_ends_a_block_causal_request_mid_canvas(block_dir):
 def test_cuda_block_causal_decoding_matches_the_cpu_engine(block_dir, cache):
     """The Triton block-causal attention path and CUDA graphs (fp32) against the CPU engine's PyTorch references."""
     params = SamplingParams(max_tokens=21, cache=cache, unmask="threshold", threshold=0.3, ignore_eos=True)
-    prompts = [_prompt(6), _prompt(16), _prompt(9, first=11)]
-    cpu = LLM(str(block_dir)).generate(prompts, [params] * 3)
-    cuda = LLM(str(block_dir), device="cuda", dtype="float32", kv_cache_memory=64 * 2**20).generate(prompts, [params] * 3)
-    assert [o.token_ids for o in cuda] == [o.token_ids for o in cpu]
+    assert_cuda_decodes_like_the_cpu(block_dir, [_prompt(6), _prompt(16), _prompt(9, first=11)], params)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["sdar-8b", "fastdllm-v2-7b"])
 def test_dummy_block_diffusion_models_of_the_real_shapes_generate_on_the_gpu(tmp_path, preset):
-    make_random([str(tmp_path), "--preset", preset, "--config-only"])
-    llm = LLM(str(tmp_path), device="cuda", load_format="dummy", kv_cache_memory=2 * 2**30)
-    outs = llm.generate(["Hello"] * 4, SamplingParams(max_tokens=64, unmask="threshold", ignore_eos=True))
-    assert all(len(o.token_ids) == 64 for o in outs)
-    assert llm.engine.pool.num_free == llm.engine.pool.num_pages
+    assert_dummy_preset_generates(tmp_path, preset, SamplingParams(max_tokens=64, unmask="threshold", ignore_eos=True))
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from decoding_reference import dense_decode
+from engine_checks import assert_cuda_decodes_like_the_cpu, assert_dummy_preset_generates, assert_whole_forward_matches
 from moe_reference import MoEReference
 from test_models import _tensor_names
 
@@ -30,7 +31,6 @@ from unmask.engine.models.make_random import main as make_random
 from unmask.engine.models.make_random import make_random_checkpoint
 from unmask.engine.params import SamplingParams
 from unmask.engine.policies import CACHE_POLICIES
-from unmask.engine.runner import SequenceWork
 
 FORWARD_TOLERANCE = 1e-4  # fp32 logits of two layers: the routed forward and the all-experts reference differ by rounding
 FAMILIES = ("llada-moe", "llada2", "sdar-moe")
@@ -103,18 +103,9 @@ def test_tokens_of_one_sequence_go_to_different_experts(reference):
 
 def test_native_packed_paged_forward_matches_the_all_experts_reference(moe_dir, reference):
     engine = _engine(moe_dir)
-    g = torch.Generator().manual_seed(0)
     seqs = [engine.add_request(f"r{n}", _prompt(n), SamplingParams(max_tokens=m)) for n, m in ((5, 16), (30, 21))]
     engine.scheduler.admit()
-    for seq in seqs:  # half the canvas committed, as in a run in progress
-        canvas = torch.arange(seq.prompt_len, seq.length)
-        keep = canvas[torch.rand(canvas.numel(), generator=g) < 0.5]
-        seq.tokens[keep] = torch.randint(2, 500, (keep.numel(),), generator=g)
-    work = [SequenceWork(s, torch.arange(s.length), torch.arange(s.length)) for s in seqs]
-    packed = engine.runner.run(work).split([s.length for s in seqs])
-    for seq, logits in zip(seqs, packed):
-        expected = reference.logits(seq.tokens.tolist())
-        torch.testing.assert_close(logits.float(), expected, rtol=FORWARD_TOLERANCE, atol=FORWARD_TOLERANCE)
+    assert_whole_forward_matches(engine, seqs, reference, FORWARD_TOLERANCE)
 
 
 @pytest.mark.parametrize("rule", ["one_per_step", "threshold"])
@@ -300,17 +291,10 @@ def test_cuda_moe_decoding_matches_the_cpu_engine(moe_dir):
     """`kernels.moe.moe_experts` on CUDA (Triton), the block-causal or full attention kernels and CUDA graphs,
     in fp32, against the CPU engine's PyTorch references."""
     params = SamplingParams(max_tokens=21, unmask="threshold", threshold=0.3, ignore_eos=True)
-    prompts = [_prompt(6), _prompt(30), _prompt(9, first=11)]
-    cpu = LLM(str(moe_dir)).generate(prompts, [params] * 3)
-    cuda = LLM(str(moe_dir), device="cuda", dtype="float32", kv_cache_memory=64 * 2**20).generate(prompts, [params] * 3)
-    assert [o.token_ids for o in cuda] == [o.token_ids for o in cpu]
+    assert_cuda_decodes_like_the_cpu(moe_dir, [_prompt(6), _prompt(30), _prompt(9, first=11)], params)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["llada-moe-7b", "llada2-mini"])
 def test_dummy_moe_models_of_the_real_shapes_generate_on_the_gpu(tmp_path, preset):
-    make_random([str(tmp_path), "--preset", preset, "--config-only"])
-    llm = LLM(str(tmp_path), device="cuda", load_format="dummy", kv_cache_memory=2 * 2**30)
-    outs = llm.generate(["Hello"] * 4, SamplingParams(max_tokens=64, ignore_eos=True))
-    assert all(len(o.token_ids) == 64 for o in outs)
-    assert llm.engine.pool.num_free == llm.engine.pool.num_pages
+    assert_dummy_preset_generates(tmp_path, preset, SamplingParams(max_tokens=64, ignore_eos=True))
