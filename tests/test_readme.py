@@ -159,3 +159,13 @@ def test_the_block_diffusion_presets_example_writes_block_causal_configs(tmp_pat
         out = tmp_path / Path(argv[3]).name  # the example writes to /tmp/<name>
         make_random([str(out), *argv[4:]])
         assert read_dummy_config(out).block_causal
+
+
+def test_the_suffix_window_example_prints_what_its_comments_show(monkeypatch):
+    monkeypatch.chdir(REPO)
+    code = _block_after("**The suffix window.**", "python")
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        exec(compile(code, "README.md (The suffix window)", "exec"), {})
+    shown = [line.removeprefix("# ") for line in code.splitlines() if line.startswith("# ")]
+    assert printed.getvalue().splitlines() == shown
