@@ -199,3 +199,29 @@ def test_a_window_is_a_400_naming_the_field_over_http(live_server):
         response = client.post("/v1/completions", json=body)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "suffix_window"
+
+
+# --- on a GPU (skipped without CUDA) ---------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_cuda_matches_cpu_greedy_tokens_with_a_window(llada_dir, cache):
+    """The Triton attention reads keys [0, key length) as the CPU reference does."""
+    params = SamplingParams(max_tokens=64, block_length=16, cache=cache, suffix_window=1, ignore_eos=True)
+    cpu = LLMEngine(EngineConfig(model_dir=str(llada_dir), device="cpu", kv_cache_memory=8 * 2**20))
+    gpu = LLMEngine(EngineConfig(model_dir=str(llada_dir), device="cuda", dtype="float32", kv_cache_memory=64 * 2**20))
+    cpu_tokens, gpu_tokens = (decode(e, params).tokens.tolist() for e in (cpu, gpu))
+    assert sum(a == b for a, b in zip(cpu_tokens, gpu_tokens)) >= 0.9 * len(cpu_tokens)
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_windowed_answer_costs_the_same_under_a_long_canvas():
+    from benchmarks.answer_cost import main as answer_cost
+
+    rows = answer_cost(["--arch", "tiny", "--device", "cuda", "--answer", "64", "--max-tokens", "128", "1024",
+                        "--cache", "none", "dual", "--window", "1"])
+    for row in rows:
+        if row.window is not None:
+            assert row.costs[128].positions == row.costs[1024].positions
+            assert row.ratio("seconds") <= 1.5, row
