@@ -111,22 +111,23 @@ def decode(engine: LLMEngine, params: SamplingParams) -> Sequence:
     return seq
 
 
+def decode_with_and_without(model_dir: Path, cache: str, window: int, max_tokens: int) -> tuple[Sequence, Sequence]:
+    """The same request (blocks of 8, 4 steps each, the whole canvas) decoded without a window, then with `window`."""
+    engine = make_engine(model_dir)
+    shape = dict(max_tokens=max_tokens, block_length=8, steps=4, ignore_eos=True, seed=3, cache=cache, **CACHE_PARAMS.get(cache, {}))
+    return decode(engine, SamplingParams(**shape)), decode(engine, SamplingParams(suffix_window=window, **shape))
+
+
 @pytest.mark.parametrize("cache", WINDOW_CACHES)
 def test_decoding_with_a_window_covering_the_canvas_equals_decoding_without_it(model_dir, cache):
-    engine = make_engine(model_dir)
-    shape = dict(max_tokens=40, block_length=8, steps=4, ignore_eos=True, seed=3, cache=cache, **CACHE_PARAMS.get(cache, {}))
-    plain = decode(engine, SamplingParams(**shape))
-    covered = decode(engine, SamplingParams(suffix_window=4, **shape))
+    plain, covered = decode_with_and_without(model_dir, cache, window=4, max_tokens=40)
     assert covered.tokens.tolist() == plain.tokens.tolist()
     assert covered.stats.active_positions == plain.stats.active_positions
 
 
 @pytest.mark.parametrize("cache", WINDOW_CACHES)
 def test_a_narrow_window_recomputes_fewer_positions(model_dir, cache):
-    engine = make_engine(model_dir)
-    shape = dict(max_tokens=64, block_length=8, steps=4, ignore_eos=True, seed=3, cache=cache, **CACHE_PARAMS.get(cache, {}))
-    plain = decode(engine, SamplingParams(**shape))
-    windowed = decode(engine, SamplingParams(suffix_window=1, **shape))
+    plain, windowed = decode_with_and_without(model_dir, cache, window=1, max_tokens=64)
     assert windowed.stats.active_positions < plain.stats.active_positions
     assert windowed.stats.forward_passes == plain.stats.forward_passes
 
