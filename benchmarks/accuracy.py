@@ -4,11 +4,14 @@
     python benchmarks/accuracy.py --n 20 --configs dual/lc4 dual/th0.9 --families arithmetic count
     python benchmarks/accuracy.py --quantization fp8                 # FP8 weights (a GPU of compute capability 8.9+)
 
-Each configuration (a cache policy and an unmask policy, named `cache/unmask`)
-decodes the first `--n` held-out problems of each task family through the
-real engine, all of them submitted at once so the engine batches them
-continuously: greedy (temperature 0), blocks of 32 (a block-causal model's
-own blocks), `--max-tokens` canvas.
+Each configuration (a cache policy and an unmask policy, named `cache/unmask`;
+`cache+wN/unmask` adds the suffix window `suffix_window=N`) decodes the
+first `--n` held-out problems of each task family through the real engine,
+all of them submitted at once so the engine batches them continuously:
+greedy (temperature 0), blocks of 32 (a block-causal model's own blocks),
+`--max-tokens` canvas. A window of N blocks drops nothing until the canvas
+is longer than N + 1 blocks: compare the windowed rows at a `--max-tokens`
+of several blocks (e.g. 256).
 Unmask rules: `lc1`/`lc4` low-confidence at 1 or 4 tokens per step (32 or 8
 steps per block of 32), `th0.7`/`th0.9` the confidence threshold, `factor` the
 Fast-dLLM factor rule at its default, `guided` the guide model's verdict.
@@ -70,14 +73,16 @@ UNMASK_RULES: dict[str, tuple[str, int | None, float | None]] = {
 
 @dataclass(frozen=True)
 class Config:
-    """One row of the table: a cache policy and an unmask rule of `UNMASK_RULES`."""
+    """One row of the table: a cache policy, an unmask rule of `UNMASK_RULES` and the cache's suffix window."""
 
     cache: str
     rule: str
+    window: int | None = None  # `suffix_window`; None: the whole canvas
 
     @property
     def name(self) -> str:
-        return f"{self.cache}/{self.rule}"
+        window = "" if self.window is None else f"+w{self.window}"
+        return f"{self.cache}{window}/{self.rule}"
 
     @property
     def needs_guide(self) -> bool:
@@ -87,7 +92,8 @@ class Config:
         unmask, tokens_per_step, threshold = UNMASK_RULES[self.rule]
         steps = max(1, block_length // tokens_per_step) if tokens_per_step else None
         return SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=0, block_length=block_length,
-                              steps=steps, cache=self.cache, unmask=unmask, threshold=threshold)
+                              steps=steps, cache=self.cache, unmask=unmask, threshold=threshold,
+                              suffix_window=self.window)
 
 
 FAST_DLLM_RULES = ("lc1", "lc4", "th0.7", "th0.9", "factor")
@@ -95,6 +101,9 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
     *(Config(cache, rule) for cache in ("none", "prefix", "dual") for rule in FAST_DLLM_RULES),
     *(Config(cache, rule) for cache in ("dkv", "dkv-greedy", "dllm-cache", "freecache") for rule in ("lc1", "th0.9")),
     Config("dual", "guided"),
+    # The suffix window beside the same cache without it (it matters once the canvas is longer than the window).
+    *(Config(cache, rule, window) for cache, rule in (("none", "lc1"), ("dual", "th0.9")) for window in (0, 1)),
+    Config("prefix", "th0.9", 1),
     Config("freecache", "guided"),
     *(Config("block", rule) for rule in FAST_DLLM_RULES),
     Config("block-dual", "th0.9"),

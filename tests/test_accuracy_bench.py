@@ -213,3 +213,13 @@ def test_a_block_causal_model_runs_the_block_cache_rows_in_its_own_blocks(tmp_pa
     assert "skipped dual/th0.9: the cache does not fit the model's block-causal attention" in capsys.readouterr().out
     assert json.loads(path.read_text())["block_length"] == 4
     assert rows[1].forward_passes < rows[0].forward_passes  # 4 tokens per step: one step per block of 4
+
+
+def test_a_windowed_row_whose_window_covers_the_canvas_scores_as_its_cache_without_it(random_model_dir):
+    """`dual+w1/th0.9` at a 64-token canvas (two blocks of 32): the window drops nothing, so the row matches `dual/th0.9`."""
+    rows = main(["--model", str(random_model_dir), "--n", "2", "--families", "count", "lists", "--configs", "dual/th0.9",
+                 "dual+w1/th0.9", "--max-tokens", "64", "--device", "cpu", "--kv-cache-mb", "16", "--no-warmup"])
+    plain, windowed = rows[1:]
+    assert (plain.config, windowed.config) == ("dual/th0.9", "dual+w1/th0.9")
+    assert windowed.accuracy == plain.accuracy and windowed.forward_passes == plain.forward_passes
+    assert BENCH_CONFIGS["dual+w1/th0.9"].params(64).suffix_window == 1

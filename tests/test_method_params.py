@@ -77,5 +77,25 @@ def test_each_parameter_is_a_cli_option_defaulting_to_the_engine_default(name):
     parser = build_parser()
     args = parser.parse_args(["serve"])
     assert getattr(args, name) == _param(name).default
-    value = _param(name).kind(_param(name).default) + (1 if _param(name).kind is int else 0.0)
+    p = _param(name)
+    start = p.low if p.default is None else p.default  # a parameter that is off by default starts from its lowest value
+    value = p.kind(start) + (1 if p.kind is int else 0.0)
     assert getattr(parser.parse_args(["serve", flag, str(value)]), name) == value
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual", "dkv", "dkv-greedy"])
+def test_a_parameter_several_methods_read_is_accepted_on_each_of_them(cache):
+    assert cache in _param("suffix_window").methods
+    resolved = SamplingParams(suffix_window=2, cache=cache).resolve(EngineDefaults())
+    assert resolved.suffix_window == 2
+
+
+def test_a_parameter_several_methods_read_is_refused_beside_any_other_naming_them_all():
+    with pytest.raises(ParamError) as err:
+        SamplingParams(suffix_window=1, cache="freecache").resolve(EngineDefaults())
+    assert err.value.param == "suffix_window"
+    assert all(repr(m) in err.value.message for m in _param("suffix_window").methods)
+
+
+def test_a_parameter_off_by_default_resolves_to_off():
+    assert SamplingParams(cache="dual").resolve(EngineDefaults()).suffix_window is None

@@ -242,7 +242,7 @@ def test_method_parameters_show_only_while_their_method_is_selected(open_server,
     open_playground(page, open_server)
     page.select_option("#unmask", "threshold")  # low_confidence has a parameter of its own (alg_temp)
     refresh = page.locator("#mf-dkv_refresh")
-    assert refresh.is_hidden() and page.is_hidden("#method-box")
+    assert refresh.is_hidden()
     page.select_option("#cache", "dkv")
     assert refresh.is_visible() and page.get_attribute("#mf-dkv_refresh", "placeholder").startswith("default ")
     page.fill("#mf-dkv_refresh", "2")
@@ -250,7 +250,16 @@ def test_method_parameters_show_only_while_their_method_is_selected(open_server,
     # The server refuses a method's field on a request using another method, so a done run shows only dkv's was sent.
     assert submit_and_wait(page, PROMPT) == "done", page.text_content("#error")
     page.select_option("#cache", "dual")
-    assert refresh.is_hidden() and page.is_hidden("#method-box")
+    assert refresh.is_hidden()
+
+
+def test_a_parameter_several_methods_read_shows_under_each_of_them(open_server, page):
+    open_playground(page, open_server)
+    window = page.locator("#mf-suffix_window")
+    for cache, shown in (("dual", True), ("freecache", False), ("dkv", True), ("dllm-cache", False), ("none", True)):
+        page.select_option("#cache", cache)
+        assert window.is_visible() == shown, cache
+    assert page.get_attribute("#mf-suffix_window", "placeholder") == "default"  # off unless set
 
 
 # The right answer to each example prompt the page offers (the bundled model's task formats).

@@ -188,3 +188,10 @@ def test_the_fp8_example_prints_the_answer_its_comment_promises(monkeypatch):
     monkeypatch.chdir(REPO)
     code, printed = _run_python_example("### FP8 weights")
     assert printed.strip() == _promised(code, "print(out.text")
+
+
+def test_the_suffix_window_example_prints_what_its_comments_show(monkeypatch):
+    monkeypatch.chdir(REPO)
+    code, printed = _run_python_example("**The suffix window.**")
+    shown = [line.removeprefix("# ") for line in code.splitlines() if line.startswith("# ")]
+    assert printed.splitlines() == shown

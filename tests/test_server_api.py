@@ -11,6 +11,7 @@ import pytest
 import torch
 from server_fixtures import live_server, sse_json  # noqa: F401  (pytest fixture)
 
+from unmask.engine.method_params import METHOD_PARAMS_BY_NAME
 from unmask.engine.params import CACHE_POLICIES, METHOD_FIELDS, UNMASK_POLICIES, EngineDefaults, ParamError, SamplingParams
 from unmask.engine.policies import CACHE_POLICIES as cache_policies
 from unmask.server.protocol import BOUNDS, ChatCompletionRequest, CompletionRequest
@@ -129,7 +130,7 @@ def test_every_engine_parameter_is_a_request_field():
 
 def _engine_accepts(name: str, value) -> bool:
     owner = METHOD_FIELDS.get(name)
-    params = SamplingParams(**{name: value, **({owner[0]: owner[1]} if owner else {})})
+    params = SamplingParams(**{name: value, **({owner[0]: owner[1][0]} if owner else {})})
     try:
         params.resolve(EngineDefaults())
     except ParamError as exc:
@@ -140,7 +141,11 @@ def _engine_accepts(name: str, value) -> bool:
 
 @pytest.mark.parametrize("name", sorted(BOUNDS))
 def test_schema_ranges_are_the_engine_ranges(name):
-    integer = name in ("seed", "steps", "top_k") or isinstance(getattr(EngineDefaults(), name, 0.0), int)
+    method_param = METHOD_PARAMS_BY_NAME.get(name)
+    if method_param is not None:
+        integer = method_param.kind is int  # its default may be None (off)
+    else:
+        integer = name in ("seed", "steps", "top_k") or isinstance(getattr(EngineDefaults(), name, 0.0), int)
     nudge = 1 if integer else 1e-6
     for kind, bound in BOUNDS[name].items():
         bound = int(bound) if integer else float(bound)

@@ -24,6 +24,7 @@ from dataclasses import replace
 from unmask.engine.models.config import ModelConfig
 from unmask.engine.params import EngineDefaults, ParamError, SamplingParams
 from unmask.engine.policies import CACHE_POLICIES
+from unmask.engine.policies.suffix_window import check_suffix_window
 from unmask.engine.sequence import BlockLayout
 
 BLOCK_CAUSAL_DEFAULT_CACHE = "block"
@@ -49,6 +50,7 @@ def model_defaults(defaults: EngineDefaults, cfg: ModelConfig) -> EngineDefaults
         cache=BLOCK_CAUSAL_DEFAULT_CACHE,
         schedule=BLOCK_CAUSAL_SCHEDULE,
         block_start=BLOCK_CAUSAL_BLOCK_START,
+        suffix_window=None,  # nothing past the current block is attended anyway
     )
 
 
@@ -61,6 +63,8 @@ def cache_fits(cache: str, cfg: ModelConfig) -> bool:
 def check_attention_fit(params: SamplingParams, cfg: ModelConfig, fixed_text: bool) -> None:
     """Refuse (naming the field) a cache, block length, commit rule or infill (`fixed_text`) the model's
     attention pattern cannot serve."""
+    if CACHE_POLICIES[params.cache].reads_suffix_window:
+        check_suffix_window(params, cfg.block_causal, fixed_text)
     if cfg.attention_block_size is None:
         if not cache_fits(params.cache, cfg):
             raise ParamError(

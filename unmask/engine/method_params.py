@@ -21,16 +21,19 @@ from unmask.engine.checks import check_float, check_int
 class MethodParam:
     name: str
     kind: type  # int or float
-    default: int | float  # the engine default (`EngineDefaults`)
+    default: int | float | None  # the engine default (`EngineDefaults`); None: off unless set
     owner: tuple[str, str]  # (the request field choosing the method, method): ("cache", "dkv"), ("schedule", "dream")
     help: str
     low: int | float | None = None
     high: int | float | None = None
     low_open: bool = False  # True: `low` itself is refused
     exclusive: bool = True  # refused on a request using another method (False: tolerated, as it always was)
+    also: tuple[str, ...] = ()  # further methods of the owner's kind that read it too
 
     def check(self, value: Any) -> None:
-        """Raise `ParamError` naming this parameter when `value` is not of its type and range."""
+        """Raise `ParamError` naming this parameter when `value` is not of its type and range (None: off, if the default is)."""
+        if value is None and self.default is None:
+            return
         if self.kind is int:
             check_int(self.name, value, self.low, self.high)
         else:
@@ -46,8 +49,13 @@ class MethodParam:
         return out
 
     @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods that read it: the owner's, then `also`."""
+        return (self.owner[1], *self.also)
+
+    @property
     def applies_to(self) -> str:
-        return f"{self.owner[0]}={self.owner[1]}"
+        return f"{self.owner[0]}={'/'.join(self.methods)}"
 
 
 METHOD_PARAMS: tuple[MethodParam, ...] = (
@@ -64,6 +72,9 @@ METHOD_PARAMS: tuple[MethodParam, ...] = (
                 "fraction of the response V-verify recomputes per layer between refreshes", low=0.0, high=1.0),
     MethodParam("freecache_window", int, 1, ("cache", "freecache"), "masked blocks after the current one kept in attention",
                 low=0),
+    MethodParam("suffix_window", int, None, ("cache", "none"),
+                "masked blocks after the current one that stay in attention; those beyond are neither computed nor "
+                "attended (off: the whole canvas)", low=0, also=("prefix", "dual", "dkv", "dkv-greedy")),
     MethodParam("guide_relative", float, 0.5, ("unmask", "guided"),
                 "accept a draft the guide gives at least this share of its top token's probability",
                 low=0.0, high=1.0, low_open=True),
@@ -74,8 +85,8 @@ METHOD_PARAMS: tuple[MethodParam, ...] = (
                 "Dream's eps, the last of the timesteps linspace(1, eps, steps + 1)", low=0.0, high=1.0, low_open=True),
 )
 METHOD_PARAMS_BY_NAME = {p.name: p for p in METHOD_PARAMS}
-# The parameters refused on a request that uses another method: name -> (policy kind, method).
-METHOD_FIELDS = {p.name: p.owner for p in METHOD_PARAMS if p.exclusive}
+# The parameters refused on a request that uses another method: name -> (policy kind, the methods that read it).
+METHOD_FIELDS = {p.name: (p.owner[0], p.methods) for p in METHOD_PARAMS if p.exclusive}
 
 C = TypeVar("C", bound=type)
 

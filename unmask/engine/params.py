@@ -167,10 +167,11 @@ def _check_method_fields(request: SamplingParams, resolved: SamplingParams) -> N
 
     (Parameters declared not `exclusive`, `threshold` and `factor`, predate this rule and stay lenient.)
     """
-    for name, (kind, method) in METHOD_FIELDS.items():
+    for name, (kind, methods) in METHOD_FIELDS.items():
         chosen = getattr(resolved, kind)
-        if getattr(request, name) is not None and chosen != method:
-            raise ParamError(name, f"{name} applies to {kind}={method!r}; this request uses {kind}={chosen!r}")
+        if getattr(request, name) is not None and chosen not in methods:
+            allowed = " or ".join(repr(m) for m in methods)
+            raise ParamError(name, f"{name} applies to {kind}={allowed}; this request uses {kind}={chosen!r}")
 
 
 def check_logprobs(value) -> None:

@@ -148,7 +148,7 @@ def _method_fields() -> dict[str, Any]:
     return {
         p.name: (
             (Int if p.kind is int else Float) | None,
-            Field(None, description=f"For {p.applies_to}: {p.help}. Server default: {p.default}.", **BOUNDS[p.name]),
+            Field(None, description=f"For {p.applies_to}: {p.help}. Server default: {'off' if p.default is None else p.default}.", **BOUNDS[p.name]),
         )
         for p in METHOD_PARAMS
     }

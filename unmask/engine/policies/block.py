@@ -37,6 +37,7 @@ from unmask.engine.sequence import Sequence
 class BlockCache(CachePolicy):
     name = "block"
     block_causal_only = True
+    reads_suffix_window = False
 
     def is_refresh(self, seq: Sequence) -> bool:
         return seq.steps_taken == 0

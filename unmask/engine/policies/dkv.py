@@ -30,9 +30,10 @@ class DKVDecode(CachePolicy):
         return seq.steps_taken % seq.params.dkv_refresh == 0
 
     def active_positions(self, seq: Sequence) -> torch.Tensor:
+        end = self.attended_end(seq)
         if self.is_refresh(seq):
-            return torch.arange(seq.length)
-        masked = torch.nonzero(seq.tokens == seq.mask_id).flatten()
+            return torch.arange(end)
+        masked = torch.nonzero(seq.tokens[:end] == seq.mask_id).flatten()
         return torch.unique(torch.cat([masked, seq.last_committed]))
 
 
@@ -52,12 +53,13 @@ class DKVGreedy(CachePolicy):
         return seq.steps_taken == 0
 
     def active_positions(self, seq: Sequence) -> torch.Tensor:
+        end = self.attended_end(seq)
         if self.is_refresh(seq):
-            return torch.arange(seq.length)
+            return torch.arange(end)
         if seq.step == 0:
-            return torch.arange(seq.prompt_len, seq.length)
+            return torch.arange(seq.prompt_len, end)
         assert seq.params.dkv_window is not None
-        near = _within(seq.masked_in_block(), seq.params.dkv_window, seq.length)
+        near = _within(seq.masked_in_block(), seq.params.dkv_window, end)
         near = near[near >= seq.prompt_len]
         return torch.unique(torch.cat([near, seq.last_committed]))
 

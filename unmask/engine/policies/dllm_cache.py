@@ -30,6 +30,7 @@ class DLLMCache(CachePolicy):
     name = "dllm-cache"
     requirements = (FEATURE_PAGES,)
     full_attention_only = True
+    reads_suffix_window = False
 
     @staticmethod
     def _refreshes(seq: Sequence) -> tuple[bool, bool]:

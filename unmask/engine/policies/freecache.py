@@ -27,6 +27,7 @@ from unmask.engine.sequence import Sequence
 class FreeCache(CachePolicy):
     name = "freecache"
     full_attention_only = True
+    reads_suffix_window = False
     infills = False  # its window drops the far part of the sequence from attention, an infill suffix too
 
     def is_refresh(self, seq: Sequence) -> bool:

@@ -96,7 +96,7 @@
       const hint = document.createElement("p");
       hint.className = "hint span";
       hint.id = `${id}-hint`;
-      hint.textContent = (props[field.name] && props[field.name].description) || `For ${field.kind} = ${field.method}.`;
+      hint.textContent = (props[field.name] && props[field.name].description) || `For ${field.kind} = ${field.methods.join(" / ")}.`;
       input.setAttribute("aria-describedby", hint.id);
       el.methodGrid.append(label, input, hint);
       return { field, input, parts: [label, input, hint] };
@@ -133,7 +133,7 @@
     const chosen = { cache: el.cache.value || d.cache, unmask: el.unmask.value || d.unmask };
     let any = false;
     for (const item of app.methodInputs) {
-      const active = chosen[item.field.kind] === item.field.method;
+      const active = item.field.methods.includes(chosen[item.field.kind]);
       item.parts.forEach((part) => { part.hidden = !active; });
       item.input.disabled = !active;
       any = any || active;

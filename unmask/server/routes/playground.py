@@ -113,8 +113,8 @@ async def config(request: Request) -> JSONResponse:
             },
             "examples": [asdict(example) for example in EXAMPLES],
             "method_fields": [
-                {"name": name, "kind": kind, "method": method, "default": getattr(d, name)}
-                for name, (kind, method) in METHOD_FIELDS.items()
+                {"name": name, "kind": kind, "methods": list(methods), "default": getattr(d, name)}
+                for name, (kind, methods) in METHOD_FIELDS.items()
             ],
         },
         headers={"Cache-Control": "no-cache"},
