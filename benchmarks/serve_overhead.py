@@ -17,7 +17,7 @@ stands between the two sides; `ignore_eos`, so every request writes exactly its
 2. stops the server (its memory is free again), then runs the same requests through
    the offline engine (`unmask.LLM`) with the engine configuration that command line
    gives the server, each with the `SamplingParams` the server would derive from its
-   body, again after a warm-up;
+   body, stepped on a worker thread as the server steps its engine, again after a warm-up;
 
 and prints the generated tokens/s of both and the ratio server / offline. The offline
 engine admits every request at once and keeps `max_num_seqs` running; the clients keep
@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -103,16 +104,23 @@ def sampling_params(plan: serve_load.RequestPlan) -> SamplingParams:
 
 
 def run_offline(config: EngineConfig, plans: list[serve_load.RequestPlan], warmup: int) -> Side:
+    """The plans through `LLM.generate`, stepped on a worker thread as the server steps its engine.
+
+    The thread matters on the CPU: torch's intra-op thread pool behaves differently when
+    driven from the main thread (on two busy cores, a matmul there ran several times slower
+    than the same matmul from another thread), so the offline side runs where the server's does.
+    """
     options = {f.name: getattr(config, f.name) for f in fields(EngineConfig) if f.name != "model_dir"}
-    llm = LLM(config.model_dir, **options)
-    try:
-        if warmup:
-            llm.generate(*_batch(warmup_plans(plans, warmup)))
-        start = time.perf_counter()
-        outputs = llm.generate(*_batch(plans))
-        seconds = time.perf_counter() - start
-    finally:
-        llm.close()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="offline-engine") as engine_thread:
+        llm = engine_thread.submit(LLM, config.model_dir, **options).result()
+        try:
+            if warmup:
+                engine_thread.submit(llm.generate, *_batch(warmup_plans(plans, warmup))).result()
+            start = time.perf_counter()
+            outputs = engine_thread.submit(llm.generate, *_batch(plans)).result()
+            seconds = time.perf_counter() - start
+        finally:
+            engine_thread.submit(llm.close).result()
     counts = tuple(len(out.token_ids) for out in outputs)
     return Side("offline", sum(counts), seconds, counts)
 
