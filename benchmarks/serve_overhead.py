@@ -23,6 +23,7 @@ and prints the generated tokens/s of both and the ratio server / offline. The of
 engine admits every request at once and keeps `max_num_seqs` running; the clients keep
 as many in flight, so both run the same batches, and what separates the figures is what
 the server adds: HTTP, JSON, the engine thread's hand-off to the event loop, streaming.
+Both sides run torch with one intra-op thread unless `OMP_NUM_THREADS` says otherwise.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# One intra-op thread on both sides (the server inherits it), unless the caller chose: with
+# OpenMP's spinning threads a CPU engine's speed depends on which thread drives it and on
+# the machine's other load, which is no part of the server's cost. On a GPU the engine
+# drives its host ops from one thread anyway.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import httpx
 
@@ -104,12 +111,8 @@ def sampling_params(plan: serve_load.RequestPlan) -> SamplingParams:
 
 
 def run_offline(config: EngineConfig, plans: list[serve_load.RequestPlan], warmup: int) -> Side:
-    """The plans through `LLM.generate`, stepped on a worker thread as the server steps its engine.
-
-    The thread matters on the CPU: torch's intra-op thread pool behaves differently when
-    driven from the main thread (on two busy cores, a matmul there ran several times slower
-    than the same matmul from another thread), so the offline side runs where the server's does.
-    """
+    """The plans through `LLM.generate`, built and stepped on a worker thread, as the server
+    builds and steps its engine off the main thread."""
     options = {f.name: getattr(config, f.name) for f in fields(EngineConfig) if f.name != "model_dir"}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="offline-engine") as engine_thread:
         llm = engine_thread.submit(LLM, config.model_dir, **options).result()
