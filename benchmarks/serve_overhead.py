@@ -52,15 +52,18 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import serve_load
 from unmask.engine.config import EngineConfig
 from unmask.engine.llm import LLM
 from unmask.engine.models.loader import load_tokenizer
+from unmask.engine.outputs import StepStats
 from unmask.engine.params import SamplingParams
 from unmask.server import cli, translate
 from unmask.server.protocol import CompletionRequest
 
+STEP_HISTOGRAM = "unmask_step_duration_seconds"  # the server's engine steps (unmask/server/metrics.py)
 WARMUP_MAX_TOKENS = 32  # a warm-up request writes one block of the usual size
 _SERVING_LINE = re.compile(r"Unmask is serving \S+ at (http://\S+)/v1")
 _STOP_SECONDS = 60.0
@@ -68,16 +71,26 @@ _STOP_SECONDS = 60.0
 
 @dataclass(frozen=True)
 class Side:
-    """One side's timed run: the tokens it generated and how long that took."""
+    """One side's timed run: the tokens it generated, how long that took, and the engine steps it ran.
+
+    The steps tell the two kinds of loss apart: more steps (the server's batches ran less
+    full) or slower steps (something beside the engine took its time).
+    """
 
     name: str
     generated_tokens: int
     seconds: float
     tokens_per_request: tuple[int, ...]
+    steps: int
+    step_seconds: float  # the steps' own time, summed
 
     @property
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1e3 * self.step_seconds / self.steps if self.steps else 0.0
 
 
 # --- the requests ------------------------------------------------------------------------------------
@@ -116,16 +129,18 @@ def run_offline(config: EngineConfig, plans: list[serve_load.RequestPlan], warmu
     options = {f.name: getattr(config, f.name) for f in fields(EngineConfig) if f.name != "model_dir"}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="offline-engine") as engine_thread:
         llm = engine_thread.submit(LLM, config.model_dir, **options).result()
+        steps: list[StepStats] = []
         try:
             if warmup:
                 engine_thread.submit(llm.generate, *_batch(warmup_plans(plans, warmup))).result()
+            llm.engine.step_listeners.append(steps.append)
             start = time.perf_counter()
             outputs = engine_thread.submit(llm.generate, *_batch(plans)).result()
             seconds = time.perf_counter() - start
         finally:
             engine_thread.submit(llm.close).result()
     counts = tuple(len(out.token_ids) for out in outputs)
-    return Side("offline", sum(counts), seconds, counts)
+    return Side("offline", sum(counts), seconds, counts, len(steps), sum(step.step_seconds for step in steps))
 
 
 def _batch(plans: list[serve_load.RequestPlan]) -> tuple[list[list[int]], list[SamplingParams]]:
@@ -204,13 +219,30 @@ async def _drive(
         if warmup:
             _check_all_ok(await serve_load.run_with_concurrency(client, warmup_plans(plans, warmup), concurrency,
                                                                 float("inf"), None))
+        steps_before = await _step_totals(client)
         start = time.perf_counter()
         measured = await serve_load.run_with_concurrency(client, plans, concurrency, float("inf"), None)
         seconds = time.perf_counter() - start
+        steps_after = await _step_totals(client)
     _check_all_ok(measured)
     counts = {m.plan.index: m.output_tokens for m in measured}
     per_request = tuple(counts[plan.index] for plan in plans)
-    return Side("server", sum(per_request), seconds, per_request)
+    steps, step_seconds = (after - before for after, before in zip(steps_after, steps_before))
+    return Side("server", sum(per_request), seconds, per_request, int(steps), step_seconds)
+
+
+async def _step_totals(client: httpx.AsyncClient) -> tuple[float, float]:
+    """(steps run, their seconds summed) so far, from the server's step-duration histogram."""
+    response = await client.get("/metrics")
+    response.raise_for_status()
+    totals = {"count": 0.0, "sum": 0.0}
+    for family in text_string_to_metric_families(response.text):
+        if family.name == STEP_HISTOGRAM:
+            for sample in family.samples:
+                kind = sample.name.removeprefix(STEP_HISTOGRAM + "_")
+                if kind in totals:
+                    totals[kind] += sample.value
+    return totals["count"], totals["sum"]
 
 
 def _check_all_ok(measured: list[serve_load.Measurement]) -> None:
@@ -227,7 +259,7 @@ def render(server: Side, offline: Side, concurrency: int, config: EngineConfig) 
         f"serving overhead: {len(server.tokens_per_request)} requests, concurrency {concurrency}, "
         f"max_num_seqs {config.max_num_seqs}, model {config.model_dir}",
         *(f"{side.name:<8} {side.tokens_per_second:10.1f} generated tok/s ({side.generated_tokens} tokens in "
-          f"{side.seconds:.2f} s)" for side in (server, offline)),
+          f"{side.seconds:.2f} s; {side.steps} steps, {side.ms_per_step:.1f} ms each)" for side in (server, offline)),
         f"server / offline: {server.tokens_per_second / offline.tokens_per_second:.3f}",
     ])
 

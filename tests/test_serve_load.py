@@ -79,6 +79,8 @@ def test_the_overhead_run_sends_the_same_token_ids_through_the_server_and_the_of
     expected = [plan.max_tokens for plan in plans]
     assert report["server"]["tokens_per_request"] == report["offline"]["tokens_per_request"] == expected
     assert report["concurrency"] == 3
+    for side in ("server", "offline"):  # every request took its max_tokens steps at least: one token per step
+        assert report[side]["steps"] >= max(expected) and report[side]["step_seconds"] > 0
     printed = capsys.readouterr().out
     assert f"server / offline: {report['ratio']:.3f}" in printed
     assert report["ratio"] == report["server"]["tokens_per_second"] / report["offline"]["tokens_per_second"]
