@@ -19,10 +19,13 @@ stands between the two sides; `ignore_eos`, so every request writes exactly its
    gives the server, each with the `SamplingParams` the server would derive from its
    body, stepped on a worker thread as the server steps its engine, again after a warm-up;
 
-and prints the generated tokens/s of both and the ratio server / offline. The offline
-engine admits every request at once and keeps `max_num_seqs` running; the clients keep
-as many in flight, so both run the same batches, and what separates the figures is what
-the server adds: HTTP, JSON, the engine thread's hand-off to the event loop, streaming.
+and prints the generated tokens/s of both, each side's engine steps and time per step,
+and the ratio server / offline. The offline engine admits every request at once and keeps
+`max_num_seqs` running; the clients keep as many in flight, so both run nearly the same
+batches (a finished request's slot stays empty until its client's next request arrives),
+and what separates the figures is what the server adds: HTTP, JSON, the engine thread's
+hand-off to the event loop, streaming. More steps on the server's side mean its batches
+ran less full; slower steps, that something beside the engine took its time.
 Both sides run torch with one intra-op thread unless `OMP_NUM_THREADS` says otherwise.
 """
 

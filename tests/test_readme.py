@@ -181,8 +181,9 @@ def test_the_serving_overhead_cpu_example_prints_both_sides_and_their_ratio(monk
     cpu_command = _overhead_commands()[0]
     assert serve_overhead.main(cpu_command) == 0
     printed = capsys.readouterr().out.splitlines()
-    shown = [line.split()[0] for line in _block_after("#### Serving overhead", "console").splitlines()[2:]]
-    assert [line.split()[0] for line in printed[-3:]] == shown  # server, offline, server / offline
+    shown = _block_after("#### Serving overhead", "console").splitlines()[2:]  # after the two command lines
+    assert [line.split()[0] for line in printed[-4:]] == [line.split()[0] for line in shown]
+    assert printed[-4] == shown[0]  # the settings line: requests, concurrency, max_num_seqs, model
     assert re.fullmatch(r"server / offline: \d+\.\d{3}", printed[-1])
 
 

@@ -475,8 +475,7 @@ class AsyncEngine(EngineClient):
 
         One `call_soon_threadsafe` per step, not per group: each such call writes to the
         loop's wake-up socket, a system call that gives up the GIL, and taking the GIL
-        back can wait for the event loop thread; with a full batch that was once per
-        request per step on the engine thread's critical path.
+        back can wait for the event loop thread, on the engine thread's critical path.
         """
         batches: dict[GroupStream, list[tuple[int, RequestOutput]]] = {}
         for out in outputs:
