@@ -69,6 +69,7 @@ class RequestPlan:
     chat: bool
     ignore_eos: bool = False
     answer: str | None = None  # the expected answer of a task problem (`--prompts tasks`)
+    token_ids: tuple[int, ...] | None = None  # the prompt as token ids (completions only), sent instead of the text
 
     def body(self, model: str | None) -> dict:
         body: dict = {"max_tokens": self.max_tokens, "temperature": 0, "stream": self.stream, **self.policy}
@@ -81,7 +82,7 @@ class RequestPlan:
         if self.chat:
             body["messages"] = [{"role": "user", "content": self.text}]
         else:
-            body["prompt"] = self.text
+            body["prompt"] = self.text if self.token_ids is None else list(self.token_ids)
         return body
 
 

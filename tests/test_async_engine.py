@@ -146,6 +146,43 @@ def test_a_groups_outputs_arrive_on_one_stream_until_every_member_has_finished(l
         assert "".join(out.delta_text for i, out in outputs if i == index) == finals[index].text == text
 
 
+async def _read_all(stream) -> list:
+    return [out async for out in stream]
+
+
+def test_the_event_loop_is_woken_once_per_step_however_many_requests_stream(llada_dir):
+    """Every step of a full batch has news for each of its requests (stream_blocks), and all of it
+    crosses to the event loop in one wake-up; the outputs still reach every request's own stream."""
+    params = SamplingParams(max_tokens=16, block_length=8, stream_blocks=True)
+    wakeups: list[int] = []
+    steps: list[int] = []
+
+    async def go():
+        engine = await _started(llada_dir, max_num_seqs=4)
+        loop = asyncio.get_running_loop()
+        wake = loop.call_soon_threadsafe
+
+        def counted(callback, *args, **kwargs):
+            wakeups.append(1)
+            return wake(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        engine.add_step_listener(lambda stats: steps.append(stats.batch_size))
+        streams = [await engine.add_request(f"r{i}", PROMPT, params) for i in range(4)]
+        wakeups.clear()  # from here on, only deliveries wake the loop (adding went through a worker thread)
+        steps.clear()
+        outputs = await asyncio.gather(*map(_read_all, streams))
+        counted_wakeups, counted_steps = len(wakeups), list(steps)
+        await engine.shutdown()
+        return outputs, counted_wakeups, counted_steps
+
+    outputs, wakeup_count, step_sizes = run(go())
+    assert all(outs[-1].finished and len(outs) == outs[-1].stats.forward_passes for outs in outputs)
+    assert max(step_sizes) == 4  # the requests shared steps
+    # at most one wake-up per step (+1: a step published before the count began may deliver after it)
+    assert wakeup_count <= len(step_sizes) + 1 < sum(step_sizes)
+
+
 def test_closing_a_group_stream_aborts_every_member_and_frees_their_pages(llada_dir):
     async def go():
         engine = await _started(llada_dir)

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from contextlib import redirect_stdout
@@ -15,9 +16,11 @@ import pytest
 import torch
 from server_fixtures import live_server  # noqa: F401  (pytest fixture)
 
+from benchmarks import serve_overhead
 from unmask.engine.models.arch import CheckpointError
 from unmask.engine.models.loader import read_dummy_config
 from unmask.engine.models.make_random import main as make_random
+from unmask.server import cli as unmask_cli
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
@@ -195,3 +198,35 @@ def test_the_suffix_window_example_prints_what_its_comments_show(monkeypatch):
     code, printed = _run_python_example("**The suffix window.**")
     shown = [line.removeprefix("# ") for line in code.splitlines() if line.startswith("# ")]
     assert printed.splitlines() == shown
+
+
+def _overhead_commands() -> list[list[str]]:
+    """The serve_overhead command lines of the README's serving-overhead section (console, then bash block)."""
+    heading = "#### Serving overhead"
+    blocks = [_block_after(heading, "console"), _block_after(heading, "bash")]
+    commands = []
+    for block in blocks:
+        joined = block.replace("\\\n", " ")
+        commands += [shlex.split(line.lstrip("$ "))[2:] for line in joined.splitlines() if "serve_overhead.py" in line]
+    return commands
+
+
+@pytest.mark.slow
+def test_the_serving_overhead_cpu_example_prints_both_sides_and_their_ratio(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)  # the example names the bundled model by its path in the checkout
+    cpu_command = _overhead_commands()[0]
+    assert serve_overhead.main(cpu_command) == 0
+    printed = capsys.readouterr().out.splitlines()
+    shown = _block_after("#### Serving overhead", "console").splitlines()[2:]  # after the two command lines
+    assert [line.split()[0] for line in printed[-4:]] == [line.split()[0] for line in shown]
+    assert printed[-4] == shown[0]  # the settings line: requests, concurrency, max_num_seqs, model
+    assert re.fullmatch(r"server / offline: \d+\.\d{3}", printed[-1])
+
+
+def test_the_serving_overhead_gpu_example_is_a_valid_command_line():
+    gpu_command = _overhead_commands()[1]
+    own, serve_argv = serve_overhead.split_argv(gpu_command)
+    args = serve_overhead.build_parser().parse_args(own)
+    serve_args = unmask_cli.build_parser().parse_args(["serve", *serve_argv])
+    assert args.num_requests == 128 and args.policy == [{"cache": "dual"}]
+    assert serve_args.load_format == "dummy" and serve_args.device == "cuda" and serve_args.max_num_seqs == 32

@@ -7,8 +7,9 @@ import json
 
 from server_fixtures import live_server  # noqa: F401  (a pytest fixture)
 
-from benchmarks import serve_load
+from benchmarks import serve_load, serve_overhead
 from training.tasks import FAMILIES, held_out_set
+from unmask.engine.models.loader import load_tokenizer
 
 
 def test_task_prompts_are_held_out_problems_with_the_families_in_turn():
@@ -61,3 +62,39 @@ def test_a_choice_is_read_whole_or_as_a_stream_delta():
     assert serve_load.Measurement(plan, text="".join(map(serve_load._choice_text, deltas))).correct
     assert not serve_load.Measurement(plan, text="Answer: a, b").correct
     assert serve_load.Measurement(serve_load.RequestPlan(1, "words", 8, False, {}, True), text="x").correct is None
+
+
+def test_the_overhead_run_sends_the_same_token_ids_through_the_server_and_the_offline_engine(
+    bundled_model_dir, tmp_path, capsys
+):
+    """One run: the server subprocess and the offline engine each generate every request's max_tokens,
+    and the report puts their tok/s side by side with the ratio."""
+    out = tmp_path / "overhead.json"
+    argv = ["--num-requests", "6", "--prompt-len", "4,8", "--max-tokens", "8,16", "--stream", "0.5",
+            "--json", str(out), "--", str(bundled_model_dir), "--max-num-seqs", "3", "--dtype", "float32"]
+    assert serve_overhead.main(argv) == 0
+    report = json.loads(out.read_text())
+    plans = serve_overhead.make_plans(serve_overhead.build_parser().parse_args(argv[: argv.index("--")]),
+                                      str(bundled_model_dir))
+    expected = [plan.max_tokens for plan in plans]
+    assert report["server"]["tokens_per_request"] == report["offline"]["tokens_per_request"] == expected
+    assert report["concurrency"] == 3
+    for side in ("server", "offline"):  # every request took its max_tokens steps at least: one token per step
+        assert report[side]["steps"] >= max(expected) and report[side]["step_seconds"] > 0
+    printed = capsys.readouterr().out
+    assert f"server / offline: {report['ratio']:.3f}" in printed
+    assert report["ratio"] == report["server"]["tokens_per_second"] / report["offline"]["tokens_per_second"]
+
+
+def test_overhead_plans_carry_the_prompt_as_the_engine_tokenizes_it(bundled_model_dir):
+    args = serve_overhead.build_parser().parse_args(["--num-requests", "4"])
+    plans = serve_overhead.make_plans(args, str(bundled_model_dir))
+    tokenizer = load_tokenizer(str(bundled_model_dir))
+    for plan in plans:
+        assert plan.ignore_eos and plan.token_ids
+        assert plan.body(None)["prompt"] == tokenizer.encode(plan.text, add_special_tokens=False)
+
+
+def test_overhead_options_split_at_the_double_dash_into_the_scripts_and_the_servers():
+    own, serve = serve_overhead.split_argv(["--num-requests", "4", "--", "models/unmask-tiny", "--max-num-seqs", "8"])
+    assert own == ["--num-requests", "4"] and serve == ["models/unmask-tiny", "--max-num-seqs", "8"]

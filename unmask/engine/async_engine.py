@@ -4,8 +4,9 @@ The model's forward pass blocks (CPU or GPU), so the loop runs on a
 dedicated thread and the event loop stays free for HTTP. Requests and aborts
 cross into the thread through a command queue. Outputs cross back through one
 `GroupStream` per request group (vLLM's output-collector pattern): after each
-step the thread hands every group its outputs in one `call_soon_threadsafe`,
-and the reader awaits a single queue, so there is no task per request.
+step the thread hands all groups their outputs in one `call_soon_threadsafe`
+(one wake-up of the event loop per step, however many requests run), and each
+reader awaits a single queue, so there is no task per request.
 
 Prompt scoring (`engine.scoring`) runs on the same thread, one chunk of the
 oldest scoring job after each step, so it never stalls generation for long;
@@ -470,7 +471,12 @@ class AsyncEngine(EngineClient):
         )
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        """Hand each group its outputs of this step in one hop to the event loop."""
+        """Hand every group its outputs of this step in one hop to the event loop.
+
+        One `call_soon_threadsafe` per step, not per group: each such call writes to the
+        loop's wake-up socket, a system call that gives up the GIL, and taking the GIL
+        back can wait for the event loop thread, on the engine thread's critical path.
+        """
         batches: dict[GroupStream, list[tuple[int, RequestOutput]]] = {}
         for out in outputs:
             target = self._channels.get(out.request_id)
@@ -480,8 +486,11 @@ class AsyncEngine(EngineClient):
             batches.setdefault(stream, []).append((index, out))
             if out.finished:
                 self._channels.pop(out.request_id, None)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GroupStream, list[tuple[int, RequestOutput]]]]] = {}
         for stream, items in batches.items():
-            stream._loop.call_soon_threadsafe(stream._push, items)
+            by_loop.setdefault(stream._loop, []).append((stream, items))
+        for loop, deliveries in by_loop.items():
+            loop.call_soon_threadsafe(_push_each, deliveries)
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         target = self._channels.pop(request_id, None)
@@ -495,6 +504,12 @@ class AsyncEngine(EngineClient):
             self._deliver(
                 [RequestOutput(request_id, [], finished=True, finish_reason=FinishReason.ERROR, error=message)]
             )
+
+
+def _push_each(deliveries: list[tuple[GroupStream, list[tuple[int, RequestOutput]]]]) -> None:
+    """On the event loop: queue each group's outputs of one step in its stream."""
+    for stream, items in deliveries:
+        stream._push(items)
 
 
 def _fewest_steps(seq: Sequence) -> int:

@@ -18,7 +18,7 @@ import socket
 import sys
 from dataclasses import fields
 
-from unmask.engine.config import DUMMY_NEEDS, LOAD_FORMATS, QUANTIZATIONS
+from unmask.engine.config import DUMMY_NEEDS, LOAD_FORMATS, QUANTIZATIONS, EngineConfig
 from unmask.engine.method_params import METHOD_PARAMS_BY_NAME
 from unmask.engine.params import (
     BLOCK_START_RULES,
@@ -193,48 +193,55 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine configuration that `unmask serve` with these options runs (the offline engine can
+    take the same, so the two are compared like with like).
+
+    Raises FileNotFoundError (no model directory), ParamError (a denoising default) or ValueError (an engine option).
+    """
+    return EngineConfig(
+        model_dir=str(resolve_model_dir(args.model_dir)),
+        dtype=args.dtype,
+        device=args.device,
+        page_size=args.page_size,
+        kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_score_tokens=args.max_score_tokens,
+        max_waiting=args.max_waiting,
+        feature_cache=args.feature_cache,
+        guide_model=args.guide_model,
+        tensor_parallel_size=args.tensor_parallel_size,
+        load_format=args.load_format,
+        quantization=args.quantization,
+        defaults=engine_defaults(args),
+    )
+
+
 def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
-        model_dir = resolve_model_dir(args.model_dir)
-        defaults = engine_defaults(args)
+        config = engine_config(args)
+        # Imported here: the check reads the device, which needs torch (`unmask --help` must not import it).
+        from unmask.engine.models.loader import check_engine_quantization
+
+        check_engine_quantization(config)  # a one-line refusal now, not a failed startup later
     except FileNotFoundError as exc:
         parser.error(f"{exc}. {DUMMY_NEEDS}" if args.load_format == "dummy" else str(exc))
     except ParamError as exc:
         parser.error(f"--{exc.param.replace('_', '-')}: {exc.message}")
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     # Imported late so `unmask --help` stays fast (the engine pulls in torch).
     from unmask.engine.async_engine import AsyncEngine
-    from unmask.engine.config import EngineConfig
-    from unmask.engine.models.loader import check_engine_quantization
     from unmask.server.app import create_app
 
-    try:
-        config = EngineConfig(
-            model_dir=str(model_dir),
-            dtype=args.dtype,
-            device=args.device,
-            page_size=args.page_size,
-            kv_cache_memory=args.kv_cache_memory,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_score_tokens=args.max_score_tokens,
-            max_waiting=args.max_waiting,
-            feature_cache=args.feature_cache,
-            guide_model=args.guide_model,
-            tensor_parallel_size=args.tensor_parallel_size,
-            load_format=args.load_format,
-            quantization=args.quantization,
-            defaults=defaults,
-        )
-        check_engine_quantization(config)  # a one-line refusal now, not a failed startup later
-    except ValueError as exc:
-        parser.error(str(exc))
     settings = ServerSettings(
         served_model_names=args.served_model_name or [],
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_request_bytes=args.max_request_bytes,
-        defaults=defaults,
+        defaults=config.defaults,
     )
     app = create_app(AsyncEngine(config), settings)
     sock = _bind(args.host, args.port)

@@ -12,7 +12,7 @@ from typing import AsyncIterator, ClassVar
 
 from pydantic import BaseModel
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from unmask.engine.outputs import RequestOutput
 from unmask.server import translate
@@ -74,7 +74,13 @@ async def respond(
     finally:
         gen.close()
         watcher.stop()
-    return JSONResponse(reply.response(finals).model_dump(mode="json"), headers=headers)
+    return json_response(reply.response(finals), headers)
+
+
+def json_response(payload: BaseModel, headers: dict[str, str]) -> Response:
+    """`payload` as a JSON body, encoded once by pydantic's serializer (not dumped to dicts and
+    then encoded again by `json`, which for a long completion with logprobs costs the event loop)."""
+    return Response(payload.model_dump_json(), media_type="application/json", headers=headers)
 
 
 async def _stream(

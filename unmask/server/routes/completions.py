@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from unmask.engine.infill import Infill
 from unmask.engine.outputs import FinishReason, PromptScores, RequestOutput
@@ -22,7 +22,7 @@ from unmask.server.protocol import (
     CompletionRequest,
     CompletionResponse,
 )
-from unmask.server.reply import Reply, respond
+from unmask.server.reply import Reply, json_response, respond
 from unmask.server.routes.docs import GENERATION_ERRORS, streaming_200
 from unmask.server.scoring import check_scoring_request, score_prompts
 from unmask.server.state import ServerState, get_state, new_request_id
@@ -59,7 +59,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     if max_tokens == 0:
         reply = _reply(state, body, request_id, model, choices, scores)
         finals = [_nothing_generated(c, scores[i // body.n]) for i, c in enumerate(choices)]  # type: ignore[index]
-        return JSONResponse(reply.response(finals).model_dump(mode="json"), headers={"X-Request-Id": request_id})
+        return json_response(reply.response(finals), {"X-Request-Id": request_id})
     gen = await Generation.start(state.engine, choices, state.metrics, arrival, state.settings.retry_after_seconds)
     return await respond(request, gen, _reply(state, body, request_id, model, choices, scores), body)
 
