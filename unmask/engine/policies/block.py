@@ -37,6 +37,7 @@ from unmask.engine.sequence import Sequence
 class BlockCache(CachePolicy):
     name = "block"
     block_causal_only = True
+    keeps_edits = True  # the current block at every step; a block is final when the next one starts
 
     def is_refresh(self, seq: Sequence) -> bool:
         return seq.steps_taken == 0
