@@ -9,6 +9,8 @@ rewrote tokens, so it cannot pass trivially).
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import torch
 from block_reference import QwenReference
 from llada2_reference import llada2_generate
 from moe_reference import MoEReference
+from server_fixtures import live_server  # noqa: F401  (pytest fixture)
 
 from unmask.engine.config import EngineConfig
 from unmask.engine.engine import LLMEngine
@@ -24,6 +27,7 @@ from unmask.engine.models.make_random import make_random_checkpoint
 from unmask.engine.params import EngineDefaults, ParamError, SamplingParams
 from unmask.engine.policies import UNMASK_POLICIES
 from unmask.engine.sequence import BlockLayout, Sequence
+from unmask.server.cli import build_parser, engine_defaults
 
 MASK, EOS = 99, 98
 EDITING = {"edit_threshold": 0.05, "max_post_edit_steps": 3}
@@ -173,3 +177,36 @@ def test_edit_threshold_is_refused_on_another_unmask_policy():
     with pytest.raises(ParamError) as err:
         SamplingParams(max_tokens=8, unmask="threshold", edit_threshold=0.5).resolve(EngineDefaults())
     assert err.value.param == "edit_threshold"
+
+
+def test_the_readmes_editing_command_serves_llada2_with_editing_on(tmp_path):
+    """The README's `unmask serve` line for LLaDA2.1, its model path replaced by a random LLaDA2 checkpoint."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("#### LLaDA2.x decoding and token editing") :]
+    command = re.search(r"```bash\n(.*?)\n```", section, re.DOTALL).group(1)
+    argv = shlex.split(command)
+    assert argv[:2] == ["unmask", "serve"]
+    args = build_parser().parse_args(argv[1:])
+    model_dir = make_random_checkpoint(tmp_path, arch="llada2", layers=1, hidden=32, heads=2)
+    config = EngineConfig(model_dir=str(model_dir), kv_cache_memory=4 * 2**20, defaults=engine_defaults(args))
+    seq = LLMEngine(config).make_sequence("r", _prompt(6), SamplingParams(max_tokens=8))
+    assert seq.editing and (seq.params.unmask, seq.params.threshold, seq.params.edit_threshold) == ("joint_threshold", 0.7, 0.5)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"unmask": "joint_threshold", "edit_threshold": 0.5, "cache": "dkv"},  # dKV keeps K/V an edit may rewrite
+        {"unmask": "threshold", "edit_threshold": 0.5},  # a parameter of another policy
+        {"unmask": "joint_threshold", "edit_threshold": 1.5},
+    ],
+)
+def test_an_editing_request_the_engine_cannot_serve_is_a_400_naming_edit_threshold(live_server, fields):
+    body = {"model": live_server.model, "prompt": "The quick brown fox", "max_tokens": 8, "block_length": 8, **fields}
+    with live_server.http() as http:
+        response = http.post("/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == "edit_threshold"
+    with live_server.http() as http:  # the engine goes on serving
+        assert http.post("/v1/completions", json={**body, "unmask": "joint_threshold", "edit_threshold": 0.5, "cache": "none"}).status_code == 200
