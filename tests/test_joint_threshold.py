@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,17 @@ def test_llada2_with_token_editing_decodes_like_the_reference(tmp_path):
     assert expected.edits > 0
     out = LLM(str(model_dir)).generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True, **{**EDITING, "max_post_edit_steps": 2}))[0]
     assert out.token_ids == expected.tokens
+
+
+def test_logprobs_of_an_edited_request_describe_the_tokens_it_ends_with(sdar_dir):
+    """Each token's logprob is from the step that last wrote it: at temperature 0 it is that step's top token."""
+    params = SamplingParams(max_tokens=21, unmask="joint_threshold", threshold=0.3, ignore_eos=True, **EDITING)
+    llm = LLM(str(sdar_dir))
+    plain = llm.generate(_prompt(6), params)[0]
+    out = llm.generate(_prompt(6), replace(params, logprobs=1))[0]
+    assert out.token_ids == plain.token_ids and out.stats.tokens_committed > 21  # edits happened
+    assert [lp.token_id for lp in out.logprobs] == out.token_ids
+    assert [lp.top[0][0] for lp in out.logprobs] == out.token_ids
 
 
 def test_streamed_text_is_never_revised_by_an_edit(sdar_dir):
