@@ -224,10 +224,9 @@ def test_an_editing_request_the_engine_cannot_serve_is_a_400_naming_edit_thresho
         assert http.post("/v1/completions", json={**body, "unmask": "joint_threshold", "edit_threshold": 0.5, "cache": "none"}).status_code == 200
 
 
-@pytest.mark.gpu
-def test_cuda_editing_decodes_like_the_dense_reference(sdar_dir, reference):
-    """Token editing on CUDA (block-causal kernels, fused proposals, CUDA graphs), fp32, batched with a
-    request that does not edit, against the reference of each."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_an_editing_request_batched_with_one_that_does_not_edit_decodes_like_the_reference(sdar_dir, reference, device):
+    """On CUDA: the block-causal kernels, fused proposals and CUDA graphs, in fp32."""
     prompts = [_prompt(6), _prompt(8)]
     editing = SamplingParams(max_tokens=21, unmask="joint_threshold", threshold=0.3, ignore_eos=True, **EDITING)
     plain = SamplingParams(max_tokens=21, unmask="joint_threshold", threshold=0.3, ignore_eos=True)
@@ -235,5 +234,5 @@ def test_cuda_editing_decodes_like_the_dense_reference(sdar_dir, reference):
         llada2_generate(reference, prompts[0], 21, threshold=0.3, edit_threshold=0.05, max_post_steps=3).tokens,
         llada2_generate(reference, prompts[1], 21, threshold=0.3).tokens,
     ]
-    cuda = LLM(str(sdar_dir), device="cuda", dtype="float32", kv_cache_memory=64 * 2**20).generate(prompts, [editing, plain])
-    assert [o.token_ids for o in cuda] == expected
+    llm = LLM(str(sdar_dir), device=device, dtype="float32", kv_cache_memory=64 * 2**20)
+    assert [o.token_ids for o in llm.generate(prompts, [editing, plain])] == expected
