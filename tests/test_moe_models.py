@@ -274,10 +274,12 @@ def test_a_scaled_down_dummy_moe_directory_generates(tmp_path, preset):
     assert len(out.token_ids) == 10
 
 
-def test_llada2_commits_by_its_references_threshold_of_0_95_by_default(tmp_path_factory):
+def test_llada2_commits_by_its_references_threshold_rule_of_0_95_by_default(tmp_path_factory):
     engine = _engine(_llada2_dir(tmp_path_factory))
     seq = engine.make_sequence("r", _prompt(5), SamplingParams(max_tokens=8))
-    assert (seq.params.unmask, seq.params.threshold, seq.params.cache, seq.params.block_length) == ("threshold", 0.95, "block", 32)
+    params = seq.params
+    assert (params.unmask, params.threshold, params.cache, params.block_length) == ("joint_threshold", 0.95, "block", 32)
+    assert not seq.editing  # LLaDA2.0's rule: editing only when a request asks for it
 
 
 def test_a_request_choosing_its_unmask_policy_overrides_llada2s_default(tmp_path_factory):

@@ -13,8 +13,9 @@ A server option changes these only when it differs from the built-in default
 (`EngineDefaults()`), so an explicit `--confidence` wins over the checkpoint.
 LLaDA checkpoints keep LLaDA's even schedule; their reference reads no
 generation config. A LLaDA2 checkpoint commits as its reference generation
-does: `unmask=threshold` with `threshold=0.95` (every token of the block whose
-confidence reaches it, at least the most confident one per step). Under Fast-dLLM's caches (`prefix`, `dual`) with
+does: `unmask=joint_threshold` with `threshold=0.95` (every masked token of the
+block whose confidence is above it, at least the most confident one per step;
+`policies.joint_threshold`), without editing unless a request asks for it. Under Fast-dLLM's caches (`prefix`, `dual`) with
 `unmask=threshold`, a Dream request commits each block's first position as
 Fast-dLLM's Dream code does (`block_start=first`, see `policies.block_start`).
 """
@@ -32,7 +33,7 @@ log = logging.getLogger("unmask.engine")
 
 DREAM_ALGS = {"maskgit_plus": "prob", "topk_margin": "margin", "entropy": "entropy"}
 FAST_DLLM_CACHES = ("prefix", "dual")
-LLADA2_DEFAULTS = {"unmask": "threshold", "threshold": 0.95}  # LLaDA2's reference generate()
+LLADA2_DEFAULTS = {"unmask": "joint_threshold", "threshold": 0.95}  # LLaDA2's reference generate()
 
 
 def read_generation_config(model_dir: str | Path) -> dict:

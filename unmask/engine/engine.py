@@ -37,6 +37,7 @@ from unmask.engine.parallel import ShardLoader, TensorParallelGroup
 from unmask.engine.params import ParamError, SamplingParams, check_logprobs, check_text
 from unmask.engine.policies import CACHE_POLICIES, UNMASK_POLICIES
 from unmask.engine.policies.block_start import block_start_commit
+from unmask.engine.policies.joint_threshold import check_edit_fit
 from unmask.engine.policies.resources import PolicyResources
 from unmask.engine.policies.unmask import Drafts
 from unmask.engine.runner import ModelRunner
@@ -162,10 +163,13 @@ class LLMEngine:
         cfg, blocks = self.model_config, block_layout(self.model_config)
         self._check_context(len(prompt_ids), resolved.max_tokens, len(suffix_ids), blocks)
         seed = resolved.seed if resolved.seed is not None else secrets.randbits(63)
-        state = UNMASK_POLICIES[resolved.unmask].new_state()
+        unmask = UNMASK_POLICIES[resolved.unmask]
+        if unmask.edits(resolved):
+            check_edit_fit(resolved, CACHE_POLICIES[resolved.cache], blocks)
         return Sequence(
             request_id, prompt_ids, resolved, cfg.mask_token_id, cfg.eos_token_id, seed,
-            unmask_state=state, layout=blocks, canvas_ids=canvas_ids, suffix_ids=suffix_ids,
+            unmask_state=unmask.new_state(), layout=blocks, canvas_ids=canvas_ids, suffix_ids=suffix_ids,
+            editing=unmask.edits(resolved),
         )
 
     def encode(self, text: str) -> list[int]:
@@ -337,7 +341,7 @@ class LLMEngine:
         """Commit the proposals (one per `w.targets`) that the block-start rule, else the unmask policy, chooses."""
         chosen = block_start_commit(w.seq, w.targets)
         if chosen is None:
-            chosen = UNMASK_POLICIES[w.seq.params.unmask].choose(w.seq, confidence)
+            chosen = UNMASK_POLICIES[w.seq.params.unmask].select(w.seq, w.targets, tokens, confidence)
         committed = tokens[chosen]
         return w.seq.commit(w.targets[chosen], committed, chosen_logprobs(w.row_logprobs, chosen, committed))
 

@@ -59,8 +59,14 @@ class MethodParam:
 
 
 METHOD_PARAMS: tuple[MethodParam, ...] = (
-    MethodParam("threshold", float, 0.9, ("unmask", "threshold"), "commit every token whose confidence is at least it",
+    MethodParam("threshold", float, 0.9, ("unmask", "threshold"),
+                "commit every token whose confidence is at least it (joint_threshold: above it)",
                 low=0.0, high=1.0, low_open=True, exclusive=False),
+    MethodParam("edit_threshold", float, 1.0, ("unmask", "joint_threshold"),
+                "rewrite a written token of the current block whose proposal differs with confidence above it "
+                "(1: no editing)", low=0.0, high=1.0),
+    MethodParam("max_post_edit_steps", int, 16, ("unmask", "joint_threshold"),
+                "editing steps a block may take once nothing in it is masked", low=0, high=1024),
     MethodParam("factor", float, 1.0, ("unmask", "factor"), "factor f: commit the largest n with (n + 1)(1 - c_n) < f",
                 low=0.0, high=1e6, low_open=True, exclusive=False),
     MethodParam("dkv_refresh", int, 8, ("cache", "dkv"), "full refresh every N steps of the request", low=1),

@@ -17,7 +17,7 @@ from unmask.engine.method_params import METHOD_FIELDS, METHOD_PARAMS, add_method
 # in `engine.policies` (which need torch), so that the CLI parser and the protocol load
 # without it; tests/test_methods.py checks that the registries implement exactly these.
 CACHE_POLICIES = ("none", "prefix", "dual", "dkv", "dkv-greedy", "dllm-cache", "freecache", "block", "block-dual")
-UNMASK_POLICIES = ("low_confidence", "random", "threshold", "factor", "guided")
+UNMASK_POLICIES = ("low_confidence", "random", "threshold", "factor", "guided", "joint_threshold")
 CONFIDENCE_KINDS = ("prob", "margin", "entropy")
 # How many tokens each step of a block commits under the fixed-step policies; "auto" is the
 # checkpoint family's own rule (`engine.checkpoint_defaults`).

@@ -2,6 +2,9 @@
 
 Its fields change only through its own methods: `admit` and `release` (the
 scheduler's), `record_work` and `commit` (a step's), `finish` (the engine's).
+With `editing` (an unmask policy that may re-decide written tokens, such as
+LLaDA2.1's), a commit may also rewrite tokens of the current block, so the
+current block's text is not final until the block ends.
 `steps_taken` is its clock: the denoising steps it has committed, which the
 cache policies' refresh schedules count (never the metrics in `stats`).
 """
@@ -60,7 +63,7 @@ class UnmaskState:
 class Commit:
     """What one `Sequence.commit` did."""
 
-    tokens: int  # tokens committed
+    tokens: int  # tokens committed (edits of written tokens included)
     finished_block_steps: int | None  # the steps the block took, if this commit finished it
 
 
@@ -111,6 +114,10 @@ class Sequence:
     suffix_ids: list[int] = field(default_factory=list)  # infill: fixed tokens after the canvas
     initially_masked: torch.Tensor = field(init=False)  # bool per position: the model writes it
     has_inner_text: bool = field(init=False)  # the canvas holds fixed tokens between spans (infill of several)
+    # The unmask policy may rewrite the current block's written tokens (`UnmaskPolicy.edits`); the block then
+    # ends by the editing rule (`_block_ends`), and `post_edit_steps` counts its steps that began with no mask.
+    editing: bool = False
+    post_edit_steps: int = 0
     # The committed run (`committed_prefix`) ends at `_run_end`; `_run_eos` is its first end-of-text, if any.
     # Kept up to date by `commit` (the only writer of `tokens`), so the per-step outputs do not rescan the canvas.
     _run_end: int = field(init=False)
@@ -164,13 +171,19 @@ class Sequence:
         self.stats.active_positions += recomputed
 
     def commit(self, targets: torch.Tensor, tokens: torch.Tensor, logprobs: list[TokenLogprob] | None = None) -> Commit:
-        """Write `tokens` at the masked positions `targets` of the current block, and advance the clock.
+        """Write `tokens` at the positions `targets` of the current block, and advance the clock.
 
+        The targets are masked positions, or with `editing` also written ones (an edit).
         `logprobs` (one per target, when the request asks for them) are kept by position.
-        The block ends when nothing in it is left masked; the next step starts the next block
-        with something to write. `targets` may be empty (a schedule step that commits nothing).
+        The block ends when nothing in it is left masked (with `editing`: by `_block_ends`); the
+        next step starts the next block with something to write. `targets` may be empty (a
+        schedule step that commits nothing).
         """
+        began_masked = self.block_has_masks()
+        edited = targets[self.tokens[targets] != self.mask_id]
         self.tokens[targets] = tokens
+        if edited.numel():
+            self._revise_run(int(edited.min()))
         self._extend_run()
         if logprobs is not None:
             self.token_logprobs.update(zip(targets.tolist(), logprobs))
@@ -180,7 +193,9 @@ class Sequence:
         self.steps_taken += 1
         self.stats.forward_passes += 1
         self.stats.tokens_committed += targets.numel()
-        if self.block_has_masks():
+        if self.editing and not began_masked:
+            self.post_edit_steps += 1
+        if not self._block_ends(began_masked, edited.numel() > 0):
             return Commit(targets.numel(), None)
         self.stats.steps_per_block.append(self.step)
         finished = self.step
@@ -236,6 +251,24 @@ class Sequence:
             masked = masked[masked < int(masked[0]) // sub * sub + sub]
         return masked
 
+    def proposal_targets(self) -> torch.Tensor:
+        """Absolute positions this step proposes tokens for, ascending: `masked_in_block`, or with `editing`
+        every position of the current block the model writes (its written tokens may be re-decided)."""
+        if not self.editing:
+            return self.masked_in_block()
+        start, end = self.block_bounds()
+        return start + torch.nonzero(self.initially_masked[start:end]).flatten()
+
+    def _block_ends(self, began_masked: bool, edited: bool) -> bool:
+        """Nothing in the block is left masked and, with `editing`, the block is settled: LLaDA2.1's rule, a
+        step that began with nothing masked rewrote nothing, or `max_post_edit_steps` such steps were taken."""
+        if self.block_has_masks():
+            return False
+        if not self.editing:
+            return True
+        assert self.params.max_post_edit_steps is not None
+        return (not began_masked and not edited) or self.post_edit_steps >= self.params.max_post_edit_steps
+
     def block_has_masks(self) -> bool:
         """Some position of the current block is still masked (its sub-blocks and first token included)."""
         start, end = self.block_bounds()
@@ -248,7 +281,7 @@ class Sequence:
 
     def _next_block(self) -> None:
         """Move to the next block that has something to write."""
-        self.block, self.step = self.block + 1, 0
+        self.block, self.step, self.post_edit_steps = self.block + 1, 0, 0
         self._skip_written_blocks()
 
     def _skip_written_blocks(self) -> None:
@@ -286,22 +319,44 @@ class Sequence:
             if eos.numel():
                 self._run_eos = start + int(eos[0])
 
+    def _revise_run(self, first_edit: int) -> None:
+        """Tokens from `first_edit` on were rewritten: find the run's first end-of-text again if it may have moved.
+
+        The run's end stays (an edit never writes a mask); an end-of-text before the edit stays the first.
+        """
+        if first_edit >= self._run_end or (self._run_eos is not None and self._run_eos < first_edit):
+            return
+        eos = torch.nonzero(self.tokens[first_edit : self._run_end] == self.eos_id).flatten()
+        self._run_eos = first_edit + int(eos[0]) if eos.numel() else None
+
+    def _final_end(self) -> int:
+        """Where the text no later step can change ends: the run's end, and with `editing` at most the
+        current block's start (its written tokens may still be re-decided)."""
+        if not self.editing or self.canvas_done:
+            return self._run_end
+        return min(self._run_end, self.block_bounds()[0])
+
     def committed_prefix(self) -> list[int]:
         """The canvas tokens committed contiguously from its start (up to the first mask, at most
-        `max_tokens`), cut before end-of-text (unless the request ignores it).
+        `max_tokens`, with `editing` up to the current block), cut before end-of-text (unless the
+        request ignores it).
 
-        Commits are never revised, so this prefix is final text.
+        No later step changes these tokens, so this prefix is final text.
         """
-        end = self._run_end if self.params.ignore_eos or self._run_eos is None else self._run_eos
+        end = self._final_end()
+        if not self.params.ignore_eos and self._run_eos is not None:
+            end = min(end, self._run_eos)
         return self.tokens[self.prompt_len : end].tolist()
 
     def hit_eos(self) -> bool:
-        """End-of-text lies in the committed run, so nothing after it can matter.
+        """End-of-text lies in the final part of the committed run, so nothing after it can matter.
 
         Never with `ignore_eos`, nor when the canvas holds fixed text between spans: the
         spans after an end-of-text still have to be written.
         """
-        return not (self.params.ignore_eos or self.has_inner_text) and self._run_eos is not None
+        if self.params.ignore_eos or self.has_inner_text or self._run_eos is None:
+            return False
+        return self._run_eos < self._final_end()
 
     @property
     def canvas_done(self) -> bool:

@@ -26,7 +26,7 @@ class SequenceWork:
     logit_positions: torch.Tensor  # positions whose output rows feed the logits; a subset of `positions`
     key_length: int | None = None  # keys attended are positions [0, key_length); None: the whole sequence
     features: FeatureUse | None = None  # per-layer feature reuse (dLLM-Cache); None: recompute all `positions`
-    targets: torch.Tensor | None = None  # the block's masked positions the logits propose for; None: logit_positions
+    targets: torch.Tensor | None = None  # the positions the logits propose for (`Sequence.proposal_targets`); None: logit_positions
     row_logprobs: RowLogprobs | None = None  # set by the proposal when the request asks for logprobs
 
     def __post_init__(self) -> None:
@@ -51,7 +51,7 @@ def plan_work(seq: Sequence, logits_shift: int) -> SequenceWork:
     With `logits_shift` (Dream) the logit of position i is read from output i - shift,
     so those positions enter the forward too.
     """
-    targets = seq.masked_in_block()
+    targets = seq.proposal_targets()
     sources = targets - logits_shift
     policy = CACHE_POLICIES[seq.params.cache]
     positions = policy.active_positions(seq)

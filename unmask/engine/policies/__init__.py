@@ -10,6 +10,7 @@ from unmask.engine.policies.dkv import DKVDecode, DKVGreedy
 from unmask.engine.policies.dllm_cache import DLLMCache
 from unmask.engine.policies.freecache import FreeCache
 from unmask.engine.policies.guided import Guided
+from unmask.engine.policies.joint_threshold import JointThreshold
 from unmask.engine.policies.unmask import Factor, LowConfidence, RandomOrder, Threshold, UnmaskPolicy
 
 CACHE_POLICIES: dict[str, CachePolicy] = {
@@ -20,7 +21,7 @@ CACHE_POLICIES: dict[str, CachePolicy] = {
     )
 }
 UNMASK_POLICIES: dict[str, UnmaskPolicy] = {
-    p.name: p for p in (LowConfidence(), RandomOrder(), Threshold(), Factor(), Guided())
+    p.name: p for p in (LowConfidence(), RandomOrder(), Threshold(), Factor(), Guided(), JointThreshold())
 }
 
 __all__ = ["CACHE_POLICIES", "UNMASK_POLICIES", "CachePolicy", "UnmaskPolicy"]

@@ -38,6 +38,7 @@ class BlockCache(CachePolicy):
     name = "block"
     block_causal_only = True
     reads_suffix_window = False
+    keeps_edits = True  # the current block at every step; a block is final when the next one starts
 
     def is_refresh(self, seq: Sequence) -> bool:
         return seq.steps_taken == 0

@@ -33,6 +33,14 @@ class CachePolicy:
     block_causal_only = False
     infills = True  # False: it assumes the canvas ends the sequence (infill requests with fixed text are refused)
     reads_suffix_window = True  # it stops at `suffix_window` (the method table lists exactly these policies)
+    # True: every step recomputes the whole current block and earlier blocks are final where it reuses their
+    # K/V, so an unmask policy may rewrite the current block's written tokens (`UnmaskPolicy.edits`).
+    # A subclass is False unless it says so itself (`__init_subclass__`): a new cache is not assumed to fit.
+    keeps_edits = True
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.keeps_edits = cls.__dict__.get("keeps_edits", False)
 
     def active_positions(self, seq: Sequence) -> torch.Tensor:
         """Sorted absolute positions whose K/V (and hidden states) are recomputed this step."""
@@ -61,6 +69,7 @@ class PrefixCache(CachePolicy):
 
     name = "prefix"
     full_attention_only = True
+    keeps_edits = True  # refreshed at each block start; the current block is recomputed at every step
 
     def is_refresh(self, seq: Sequence) -> bool:
         return seq.step == 0
@@ -76,6 +85,7 @@ class DualCache(PrefixCache):
     """Fast-dLLM dual cache: full refresh at each block start, then the current block only."""
 
     name = "dual"
+    keeps_edits = True  # as prefix
 
     def active_positions(self, seq: Sequence) -> torch.Tensor:
         if self.is_refresh(seq):

@@ -14,7 +14,10 @@ whose `prepare` may replace proposed tokens says so (`keeps_proposals`), and
 its requests cannot have commit-time logprobs. It also says whether it can
 write around fixed text (`infills`: an infill request's suffix or pieces
 between spans) and whether it lets the block-start rule commit a block's first
-position for it (`allows_block_start`).
+position for it (`allows_block_start`). One that may rewrite the current
+block's written tokens says so for a request (`edits`): its steps then propose
+for those positions too (`Sequence.proposal_targets`) and it picks among all
+of them (`select`).
 """
 
 from __future__ import annotations
@@ -57,9 +60,20 @@ class UnmaskPolicy:
         (the others of the step go on).
         """
 
+    def edits(self, params: SamplingParams) -> bool:
+        """The request's steps may rewrite written tokens of the current block (`Sequence.editing`)."""
+        return False
+
     def choose(self, seq: Sequence, confidence: torch.Tensor) -> torch.Tensor:
         """Indices into `confidence` (the block's masked positions) to commit this step."""
         raise NotImplementedError
+
+    def select(self, seq: Sequence, targets: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+        """Indices into `targets` (`Sequence.proposal_targets`, with their proposed `tokens`) to write this step.
+
+        Without editing the targets are the block's masked positions and this is `choose`.
+        """
+        return self.choose(seq, confidence)
 
     def fewest_steps(self, params: SamplingParams) -> int:
         """A lower bound on the steps this policy takes to fill the whole canvas: one per block."""
