@@ -447,8 +447,7 @@ def print_gemm_table(rows: list[GemmRow]) -> None:
         f"\n{'gemm':<8s} {'T':>5s} {'bf16 us':>8s} {'floor':>7s} {'fp8 us':>8s} {'floor':>7s} {'fp8/bf16':>8s} "
         f"{'quant us':>8s} {'mm us':>8s} {'mm exact':>8s}"
     )
-    print(header)
-    print("-" * len(header))
+    _print_header(header)
     for r in rows:
         print(
             f"{r.name:<8s} {r.tokens:5d} {r.bf16_us:8.1f} {r.bf16_floor_us:7.1f} {r.fp8_us:8.1f} {r.fp8_floor_us:7.1f} "
@@ -474,6 +473,11 @@ def sweep_gemms() -> None:
 # ----------------------------------------------------------------------------- report
 
 
+def _print_header(header: str) -> None:
+    print(header)
+    print("-" * len(header.strip("\n")))
+
+
 def _fmt(value: float | None, spec: str = "9.1f") -> str:
     return format(value, spec) if value is not None else " " * (int(spec.split(".")[0]) - 1) + "-"
 
@@ -484,8 +488,7 @@ def print_table(rows: list[Row], copy_bw: float) -> None:
         f"{'kernel':<17s} {'case':<27s} {'triton us':>9s} {'eager us':>9s} {'base us':>9s} {'x base':>7s} "
         f"{'ref us':>9s} {'x ref':>7s} {'GB/s':>7s} {'%copy':>6s} {'%3TB/s':>6s} {'TFLOP/s':>7s} {'floor us':>8s} {'%floor':>6s}"
     )
-    print(header)
-    print("-" * len(header))
+    _print_header(header)
     for r in rows:
         gbs = r.bytes_moved / (r.triton_us * 1e-6) / 1e9
         x_base = r.baseline_us / r.triton_us if r.baseline_us else None
