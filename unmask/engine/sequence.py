@@ -179,8 +179,9 @@ class Sequence:
         next step starts the next block with something to write. `targets` may be empty (a
         schedule step that commits nothing).
         """
-        began_masked = self.block_has_masks()
-        edited = targets[self.tokens[targets] != self.mask_id]
+        # What the editing rule reads; without editing every target is masked (no per-step cost there).
+        began_masked = not self.editing or self.block_has_masks()
+        edited = targets[self.tokens[targets] != self.mask_id] if self.editing else targets[:0]
         self.tokens[targets] = tokens
         if edited.numel():
             self._revise_run(int(edited.min()))
