@@ -22,7 +22,8 @@ from torch import nn
 
 from unmask.engine.models.arch import CheckpointError
 from unmask.engine.models.config import ModelConfig
-from unmask.engine.models.transformer import DiffusionTransformer, FusedRows, SwiGLU
+from unmask.engine.models.swiglu import FusedRows, SwiGLU
+from unmask.engine.models.transformer import DiffusionTransformer
 from unmask.kernels.fp8_linear import fp8_linear
 from unmask.kernels.fp8_quant import quantize_rows
 

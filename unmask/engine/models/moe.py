@@ -5,12 +5,12 @@ checkpoint's `MoEConfig` says (`route`); the experts' computation is one call
 of `kernels.moe.moe_experts` over their stacked weights; the shared expert, if
 any, is a SwiGLU every token goes through, added to the routed sum.
 
-Weights: each expert is an `Expert` whose linear layers carry the checkpoint's
+Weights: each expert is a `SwiGLU` whose linear layers carry the checkpoint's
 per-expert tensor names (`mlp.experts.{e}.gate_proj.weight`, ...), so the
 loader reads them unchanged. `fuse_projections` then stacks them into the
 [E, 2 * I, D] (gate rows, then up rows) and [E, D, I] tensors the kernel reads
 and makes the experts' parameters views of those (the pattern of
-`transformer.FusedRows`): the weights exist once, and loading into the
+`swiglu.FusedRows`): the weights exist once, and loading into the
 per-expert parameters fills the stacks.
 
 Under tensor parallelism (`engine.parallel.layers`) every expert and the
@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from unmask.engine.models.config import ModelConfig, MoEConfig
+from unmask.engine.models.swiglu import SwiGLU
 from unmask.kernels.moe import moe_experts
-from unmask.kernels.silu_mul import silu_mul
 
 GROUP_SCORE_TOP = 2  # a group of experts is scored by the sum of its two best scores (LLaDA2's router)
 NORMALIZE_EPS = 1e-20  # LLaDA2's guard against a zero sum; below float32 resolution for any real sum
@@ -80,19 +80,6 @@ class Router(nn.Module):
         return ids, weights.to(x.dtype).float()
 
 
-class Expert(nn.Module):
-    """One SwiGLU of width `width`: a routed expert (computed through the stacks) or the shared expert."""
-
-    def __init__(self, hidden: int, width: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, width, bias=False)
-        self.up_proj = nn.Linear(hidden, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
-
-
 class MoEFeedForward(nn.Module):
     """Routed experts plus an optional shared expert, in place of a layer's dense SwiGLU."""
 
@@ -102,15 +89,18 @@ class MoEFeedForward(nn.Module):
         assert moe is not None, "a dense model has no MoE layers"
         d = cfg.hidden_size
         self.gate = Router(cfg, moe)
-        self.experts = nn.ModuleList(Expert(d, moe.expert_intermediate_size) for _ in range(moe.num_experts))
-        self.shared_expert = Expert(d, moe.shared_intermediate_size) if moe.shared_intermediate_size else None
+        self.experts = nn.ModuleList(SwiGLU(d, moe.expert_intermediate_size) for _ in range(moe.num_experts))
+        self.shared_expert = SwiGLU(d, moe.shared_intermediate_size) if moe.shared_intermediate_size else None
         self.gate_up: torch.Tensor | None = None  # [E, 2 * I, D], set by `fuse_projections`
         self.down: torch.Tensor | None = None  # [E, D, I]
         self.reduce: Callable[[torch.Tensor], torch.Tensor] = _unchanged  # an all-reduce under tensor parallelism
 
     def fuse_projections(self) -> None:
-        """Stack the experts' weights for the kernel; their parameters become views of the stacks."""
+        """Stack the experts' weights for the kernel (their parameters become views of the stacks) and
+        the shared expert's gate/up as one GEMM."""
         self.gate.keep_float32()
+        if self.shared_expert is not None:
+            self.shared_expert.fuse_projections()
         with torch.no_grad():
             self.gate_up, self.down = self.stacked_weights()
         width = self.gate_up.shape[1] // 2

@@ -10,7 +10,6 @@ attention to an `AttentionBackend`, so the same weights serve the paged engine
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 
 from unmask.engine.models.config import ModelConfig
 from unmask.engine.models.moe import MoEFeedForward
+from unmask.engine.models.swiglu import FusedRows, SwiGLU
 from unmask.kernels.rms_norm import add_rms_norm, rms_norm
 from unmask.kernels.rotary import rotary, rotary_table
 from unmask.kernels.silu_mul import silu_mul
@@ -106,39 +106,6 @@ class Rotary(nn.Module):
         return torch.cat([rotated, x[..., self.rotary_dim :]], dim=-1)
 
 
-@dataclass
-class FusedRows:
-    """Several linear layers on one input as one GEMM: their weights stacked row-wise in one tensor.
-
-    At batch 1 a step is bound by reading the weights, and one wide GEMM reads them
-    faster than two or three narrow ones (LLaDA-8B shapes on an H200: a batch-1
-    dual step's GEMMs went from 4.75 to 4.06 ms). The layers' parameters
-    become views of the stacked tensor, so the weights exist once and loading
-    into the layers' parameters fills it.
-    """
-
-    weight: torch.Tensor  # [sum of out_features, in_features]
-    bias: torch.Tensor | None
-    sizes: list[int]  # out_features of each layer, in order
-
-    @classmethod
-    def of(cls, *linears: nn.Linear) -> FusedRows:
-        with torch.no_grad():
-            weight = torch.cat([layer.weight for layer in linears])
-            has_bias = linears[0].bias is not None
-            bias = torch.cat([layer.bias for layer in linears]) if has_bias else None
-        sizes = [layer.out_features for layer in linears]
-        for layer, w, b in zip(linears, weight.split(sizes), bias.split(sizes) if has_bias else [None] * len(sizes)):
-            layer.weight = nn.Parameter(w, requires_grad=False)
-            if b is not None:
-                layer.bias = nn.Parameter(b, requires_grad=False)
-        return cls(weight, bias, sizes)
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Each layer's output: strided views of the one [T, sum of sizes] product."""
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
-
-
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -180,22 +147,6 @@ def _per_head(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     return norm(x.reshape(-1, x.shape[-1])).view(x.shape)
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up: FusedRows | None = None  # set by `fuse_projections`
-
-    def fuse_projections(self) -> None:
-        self.gate_up = FusedRows.of(self.gate_proj, self.up_proj)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = (self.gate_proj(x), self.up_proj(x)) if self.gate_up is None else self.gate_up(x)
-        return self.down_proj(silu_mul(gate, up))
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
@@ -203,7 +154,8 @@ class Block(nn.Module):
         self.attn = SelfAttention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # A mixture-of-experts model's layers route each token to experts, but those its config keeps dense.
-        self.mlp: SwiGLU | MoEFeedForward = MoEFeedForward(cfg) if cfg.is_moe_layer(layer) else SwiGLU(cfg)
+        dense = not cfg.is_moe_layer(layer)
+        self.mlp: SwiGLU | MoEFeedForward = SwiGLU(cfg.hidden_size, cfg.intermediate_size) if dense else MoEFeedForward(cfg)
 
     def forward(
         self,

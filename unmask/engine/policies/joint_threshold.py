@@ -50,12 +50,13 @@ class JointThreshold(UnmaskPolicy):
 
     def select(self, seq: Sequence, targets: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
         """`choose` among the masked targets, and with `editing` the edits among the written ones."""
-        written = seq.tokens[targets] != seq.mask_id
+        current = seq.tokens[targets]
+        written = current != seq.mask_id
         masked = torch.nonzero(~written).flatten()
         chosen = masked[self.choose(seq, confidence[masked])] if masked.numel() else masked
         if not seq.editing:
             return chosen
-        changed = written & (tokens != seq.tokens[targets]) & (confidence > seq.params.edit_threshold)
+        changed = written & (tokens != current) & (confidence > seq.params.edit_threshold)
         return torch.sort(torch.cat([chosen, torch.nonzero(changed).flatten()])).values
 
 
